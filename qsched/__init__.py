@@ -1,0 +1,41 @@
+"""qsched: quantization-aware scheduling (Q-Sched, arXiv 2509.01624) for few-step diffusion models.
+
+Public API (imported lazily so that ``import qsched`` stays fast):
+
+    Schedule, QSchedScheduler, apply_schedule          -- per-step coefficients (schedule.py, scheduler.py)
+    quantize, save_quantized, load_quantized, QuantSpec -- denoiser quantization (quantization.py)
+    load_pipeline, MODELS                              -- diffusers pipelines and the testbed (pipelines.py)
+    JAQ, calibrate, CalibrationResult                  -- scoring and search (scoring.py, calibrate.py)
+    evaluate                                           -- side-by-side evaluation (evaluate.py)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Schedule": "qsched.schedule",
+    "QSchedScheduler": "qsched.scheduler",
+    "apply_schedule": "qsched.scheduler",
+    "QuantSpec": "qsched.quantization",
+    "quantize": "qsched.quantization",
+    "save_quantized": "qsched.quantization",
+    "load_quantized": "qsched.quantization",
+    "load_pipeline": "qsched.pipelines",
+    "MODELS": "qsched.pipelines",
+    "JAQ": "qsched.scoring",
+    "calibrate": "qsched.calibrate",
+    "CalibrationResult": "qsched.calibrate",
+    "evaluate": "qsched.evaluate",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qsched' has no attribute {name!r}")

@@ -1,0 +1,124 @@
+"""Fashion-MNIST images and free-text captions for the embedded testbed.
+
+Images come from the Debian package ``dataset-fashion-mnist`` (idx files). Captions are built from class
+synonyms and sentence templates; a held-out set of synonyms *and* templates is never seen in training and
+is used for every evaluation, so that scores measure generalisation to new wording, not memorised strings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_DIR_ENV = "QSCHED_FASHION_MNIST"
+DEFAULT_DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+CLASS_NAMES: tuple[str, ...] = (
+    "t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+
+# Synonyms per class: (seen in training, held out for evaluation).
+SYNONYMS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    0: (("t-shirt", "tee", "t-shirt top", "short sleeve top", "tee shirt"), ("crew neck tee", "top")),
+    1: (("trousers", "pants", "pair of trousers", "slacks", "jeans"), ("pair of pants", "chinos")),
+    2: (("pullover", "sweater", "jumper", "knit sweater", "long sleeve pullover"), ("woolly jumper", "knitwear")),
+    3: (("dress", "gown", "summer dress", "frock", "long dress"), ("evening dress", "sundress")),
+    4: (("coat", "jacket", "winter coat", "overcoat", "parka"), ("trench coat", "anorak")),
+    5: (("sandal", "sandals", "flip flop", "open toe shoe", "strappy sandal"), ("beach sandal", "slipper")),
+    6: (("shirt", "button-up shirt", "collared shirt", "blouse", "dress shirt"), ("button-down shirt", "flannel shirt")),
+    7: (("sneaker", "sneakers", "running shoe", "trainer", "sports shoe"), ("pair of running shoes", "athletic shoe")),
+    8: (("bag", "handbag", "purse", "tote bag", "shoulder bag"), ("backpack", "satchel")),
+    9: (("ankle boot", "boot", "boots", "leather boot", "chelsea boot"), ("short boot", "hiking boot")),
+}
+
+TRAIN_TEMPLATES: tuple[str, ...] = (
+    "{}", "a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "a black and white photo of a {}",
+    "a product photo of a {}", "a grayscale image of a {}", "a small photo of the {}", "a {} on a dark background",
+)
+HELDOUT_TEMPLATES: tuple[str, ...] = (
+    "a catalogue shot of a {}", "my favourite {}", "a low resolution picture of a {}", "a close-up of the {}",
+)
+
+# Quality words for the tiny CLIP's image-quality training (a CLIP-IQA style antonym pair uses the first two).
+GOOD_QUALITY = ("a good photo", "a sharp clean photo", "a high quality photo", "a clear picture")
+BAD_QUALITY = ("a bad photo", "a noisy blurry photo", "a low quality photo", "a corrupted picture")
+
+
+def captions_for(label: int, split: str = "train") -> list[str]:
+    """All captions of one class for ``split`` ("train" or "heldout")."""
+    syn_train, syn_held = SYNONYMS[label]
+    if split == "train":
+        syns, temps = syn_train, TRAIN_TEMPLATES
+    elif split == "heldout":
+        syns, temps = syn_held, HELDOUT_TEMPLATES
+    else:
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return [t.format(s) for t in temps for s in syns]
+
+
+def all_captions(split: str = "train") -> tuple[list[str], list[int]]:
+    """Every caption of ``split`` with its class label."""
+    caps: list[str] = []
+    labels: list[int] = []
+    for c in range(len(CLASS_NAMES)):
+        cs = captions_for(c, split)
+        caps += cs
+        labels += [c] * len(cs)
+    return caps, labels
+
+
+def heldout_prompts(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
+    """``n`` held-out prompts with labels, classes balanced (round robin), deterministic for ``seed``."""
+    rng = random.Random(seed)
+    per_class = {c: captions_for(c, "heldout") for c in range(len(CLASS_NAMES))}
+    for c in per_class:
+        rng.shuffle(per_class[c])
+    prompts, labels = [], []
+    for i in range(n):
+        c = i % len(CLASS_NAMES)
+        prompts.append(per_class[c][(i // len(CLASS_NAMES)) % len(per_class[c])])
+        labels.append(c)
+    return prompts, labels
+
+
+def data_dir() -> Path:
+    """Where the Fashion-MNIST idx files live (``$QSCHED_FASHION_MNIST`` overrides the Debian path)."""
+    d = Path(os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR))
+    if not (d / "train-images-idx3-ubyte.gz").exists():
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {d}. Install it with `apt-get install dataset-fashion-mnist` "
+            f"or point ${DATA_DIR_ENV} at a folder holding the four *-ubyte.gz files."
+        )
+    return d
+
+
+def _read_idx(path: Path, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+
+
+@dataclass
+class FashionMNIST:
+    """Images as float tensor (N, 1, 32, 32) in [0, 1] (zero-padded from 28x28) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def load_fashion_mnist(split: str = "train", limit: int | None = None) -> FashionMNIST:
+    """Load the ``train`` (60k) or ``test`` (10k) split, padded to 32x32."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    d = data_dir()
+    imgs = _read_idx(d / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
+    labels = _read_idx(d / f"{prefix}-labels-idx1-ubyte.gz", 8)
+    if limit is not None:
+        imgs, labels = imgs[:limit], labels[:limit]
+    x = torch.from_numpy(imgs.astype(np.float32) / 255.0).unsqueeze(1)
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    return FashionMNIST(x, torch.from_numpy(labels.astype(np.int64)))
