@@ -255,9 +255,15 @@ def build_metrics(model: str, names: Sequence[str], device: str | torch.device =
             if n in names:
                 notes.append(f"metric {n!r} is testbed-only (classifier features); skipped for {model}")
     if "clipscore" in names or "jaq" in names:
-        from qsched.scoring import make_jaq
+        from qsched.scoring import MissingWeightsError, make_jaq
 
-        out.append(JAQMetric(make_jaq(_jaq_preset(model), device=device)))
+        preset = _jaq_preset(model)
+        try:
+            out.append(JAQMetric(make_jaq(preset, device=device)))
+        except (MissingWeightsError, ImportError) as e:
+            if testbed:
+                raise
+            notes.append(f"clipscore/jaq skipped: the {preset!r} scorer weights are not available ({e})")
     if "fid" in names:
         from qsched.testbed.metrics import InceptionFID
 

@@ -159,6 +159,9 @@ def test_skips_and_errors(pipe, tmp_path):
         build_metrics("testbed", ["fdd"])
     notes = []
     assert build_metrics("pcm", ["fd", "accuracy"], notes=notes) == [] and len(notes) == 2
+    notes = []
+    assert build_metrics("pcm", ["jaq"], notes=notes) == []  # offline: no CLIP ViT-L/14 weights
+    assert "clipscore/jaq skipped" in notes[0] and "sd15" in notes[0]
     with pytest.raises(ValueError, match="reference statistics"):
         build_metrics("pcm", ["fid"])
     with pytest.raises(FileNotFoundError):
