@@ -1,0 +1,910 @@
+"""Post-training quantization of a diffusion denoiser (UNet / DiT): simulated W{b}A{a} and packed storage.
+
+What it does
+------------
+``quantize(pipe, "w4a8")`` swaps the denoiser's ``nn.Linear`` / ``nn.Conv2d`` layers, in place, for
+:class:`QuantLinear` / :class:`QuantConv2d`. Quantization is round-to-nearest and data-free: no calibration
+data and no full-precision statistics are used, as in Q-Sched (arXiv 2509.01624).
+
+* **Weights** are quantized once. A Linear weight ``(out, in)`` is split along the input dimension into groups
+  of ``group_size`` values with one scale per (output channel, group); ``group_size=None`` means one scale per
+  output channel. A Conv2d weight ``(out, in/groups, kh, kw)`` is flattened per output channel to
+  ``(out, in/groups*kh*kw)`` and grouped the same way. When the group size does not divide that length, the
+  last group is padded with zeros (zeros never change a group's range, so the padding is free).
+  Symmetric: ``scale = max|w| / (2^(b-1)-1)``, codes in ``[-(2^(b-1)-1), 2^(b-1)-1]`` stored offset by
+  ``2^(b-1)``. Asymmetric: ``scale = (max-min) / (2^b-1)`` with the range widened to include 0, an integer
+  zero point in ``[0, 2^b-1]``. Scales are computed in float32 and rounded to float16 *before* the codes are
+  computed (they are stored in fp16), clamped to ``[2^-24, 65504]``.
+* **Activations** are fake-quantized dynamically per token with symmetric int{a}: Linear inputs per row of
+  the last dimension; Conv2d inputs per spatial position across channels (the ``C`` values at each ``(n, h, w)``
+  form one "token", which is what a 1x1 conv / Linear over channels would see). ``a16`` = no activation
+  quantization. Computation in float32, result cast back to the input dtype.
+* The layer then runs the ordinary float op (``F.linear`` / ``F.conv2d``) with the dequantized weight.
+
+Storage. Every quantized layer keeps its weight as *integer codes*, packed two per byte (uint8) for <= 4 bits
+and one per byte for 5..8 bits (buffer ``qweight``), float16 scales (``weight_scale``) and, for asymmetric
+specs, uint8 zero points (``weight_zero``). These buffers are exactly what :func:`save_quantized` writes
+(safetensors), so a reloaded model reproduces the in-memory one bit for bit. By default the dequantized
+weight is cached in the layer's dtype (non-persistent buffer ``weight_dq``); ``keep_packed=True`` drops the
+cache and dequantizes during every forward (same numbers, less memory, slower).
+
+Spec grammar (``QuantSpec.parse``), case-insensitive::
+
+    spec    := "w" WBITS "a" ABITS option*
+    WBITS   := 2..8          weight bits
+    ABITS   := 4..16         activation bits (16 = activations are not quantized)
+    option  := "-g" N        groups of N input values per scale (N >= 1)
+             | "-pc"         one scale per output channel (no groups)
+             | "-asym"       asymmetric weights (scale + zero point)
+             | "-sym"        symmetric weights (the default)
+
+Defaults: groups of 32 for weight bits <= 4, per output channel for 5..8 bits; symmetric. Examples: "w4a8"
+(int4 sym g32 weights, int8 per-token activations), "w8a8" (int8 per-channel weights), "w4a4", "w4a16",
+"w8a16", "w4a8-g64", "w4a8-asym", "w4a16-g128-asym", "w4a8-pc".
+
+Layers kept in full precision by default (``DEFAULT_SKIPS``, fnmatch patterns on module names): the input and
+output projections (``conv_in``/``conv_out`` of a UNet, ``x_embedder``/``pos_embed.proj``/``proj_out`` of a
+transformer; tiny and very sensitive, as in SVDQuant/MixDQ practice), the timestep / added-condition embedding
+MLPs (``time_embedding``, ``add_embedding``, ``time_text_embed``, ...: tiny, and every feature of every block
+depends on them), and any layer whose per-channel input length is shorter than the group size (a group would
+be mostly padding; these are tiny layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import json
+import logging
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "QuantSpec",
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantSummary",
+    "DEFAULT_SKIPS",
+    "quantize",
+    "quant_spec_of",
+    "quantized_layers",
+    "save_quantized",
+    "load_quantized",
+    "fake_quant_per_token",
+    "quantize_weight",
+    "dequantize_weight",
+]
+
+FORMAT_NAME = "qsched-quantized"
+FORMAT_VERSION = 1
+META_FILE = "qsched_quantization.json"
+WEIGHTS_FILE = "qsched_quantized.safetensors"
+SPEC_ATTR = "qsched_quant_spec"
+BACKEND_ATTR = "qsched_quant_backend"
+
+_EXAMPLES = "w4a8, w8a8, w4a4, w4a16, w8a16, w4a8-g64, w4a8-asym, w4a16-g128-asym, w4a8-pc"
+_DEFAULT = "default"  # sentinel for QuantSpec.group_size
+_SCALE_MIN = 2.0**-24  # smallest positive float16 (subnormal)
+_SCALE_MAX = 65504.0  # largest float16
+
+
+# ----------------------------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """A quantization recipe: weight/activation bit widths, weight group size, weight symmetry.
+
+    ``group_size`` left at its default resolves to 32 for ``weight_bits <= 4`` and ``None`` (one scale per
+    output channel) otherwise. ``act_bits=16`` disables activation quantization.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 8
+    group_size: int | None | str = _DEFAULT
+    symmetric: bool = True
+    act_granularity: str = "per-token"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight_bits, bool) or not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:
+            raise ValueError(f"weight_bits must be an int in 2..8, got {self.weight_bits!r}. Examples: {_EXAMPLES}")
+        if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 4 <= self.act_bits <= 16:
+            raise ValueError(f"act_bits must be an int in 4..16 (16 = no activation quantization), got "
+                             f"{self.act_bits!r}. Examples: {_EXAMPLES}")
+        if self.group_size == _DEFAULT:
+            object.__setattr__(self, "group_size", self.default_group_size(self.weight_bits))
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise ValueError(f"group_size must be a positive int or None (per output channel), got {g!r}")
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
+        if self.act_granularity != "per-token":
+            raise ValueError(f"act_granularity must be 'per-token' (dynamic), got {self.act_granularity!r}")
+
+    @staticmethod
+    def default_group_size(weight_bits: int) -> int | None:
+        """32 for <= 4-bit weights, None (per output channel) for 5..8-bit weights."""
+        return 32 if weight_bits <= 4 else None
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """False for a16 specs (weight-only quantization)."""
+        return self.act_bits < 16
+
+    @property
+    def name(self) -> str:
+        """Canonical string, e.g. ``"w4a8"``, ``"w4a8-g64-asym"``; ``QuantSpec.parse(spec.name) == spec``."""
+        s = f"w{self.weight_bits}a{self.act_bits}"
+        if self.group_size != self.default_group_size(self.weight_bits):
+            s += "-pc" if self.group_size is None else f"-g{self.group_size}"
+        if not self.symmetric:
+            s += "-asym"
+        return s
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, spec: "str | QuantSpec") -> "QuantSpec":
+        """Parse a spec string (grammar in the module docstring); a QuantSpec is returned unchanged."""
+        if isinstance(spec, QuantSpec):
+            return spec
+        if not isinstance(spec, str):
+            raise ValueError(f"quantization spec must be a string like 'w4a8', got {type(spec).__name__}. "
+                             f"Examples: {_EXAMPLES}")
+        text = spec.strip().lower()
+        m = re.fullmatch(r"w(\d+)a(\d+)((?:-[a-z0-9]+)*)", text)
+        if m is None:
+            raise ValueError(f"ill-formed quantization spec {spec!r}; expected w<2..8>a<4..16>[-g<N>|-pc][-asym]. "
+                             f"Examples: {_EXAMPLES}")
+        wb, ab = int(m.group(1)), int(m.group(2))
+        group: int | None | str = _DEFAULT
+        symmetric = True
+        seen: set[str] = set()
+        for opt in filter(None, m.group(3).split("-")):
+            kind = "g" if re.fullmatch(r"g\d+|pc", opt) else "sym" if opt in ("asym", "sym") else None
+            if kind is None:
+                raise ValueError(f"unknown option {opt!r} in quantization spec {spec!r}; options are -g<N>, -pc, "
+                                 f"-asym, -sym. Examples: {_EXAMPLES}")
+            if kind in seen:
+                raise ValueError(f"option given twice in quantization spec {spec!r}. Examples: {_EXAMPLES}")
+            seen.add(kind)
+            if kind == "g":
+                group = None if opt == "pc" else int(opt[1:])
+            else:
+                symmetric = opt == "sym"
+        try:
+            return cls(weight_bits=wb, act_bits=ab, group_size=group, symmetric=symmetric)
+        except ValueError as e:
+            raise ValueError(f"invalid quantization spec {spec!r}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields."""
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------ numeric kernels
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
+    """Symmetric dynamic fake quantization: one scale ``max|x| / (2^(bits-1)-1)`` per slice along ``dim``.
+
+    Computed in float32, returned in ``x.dtype``. ``bits >= 16`` returns ``x`` unchanged.
+    """
+    if bits >= 16 or x.numel() == 0:
+        return x
+    qmax = 2 ** (bits - 1) - 1
+    x32 = x.float()
+    scale = x32.abs().amax(dim=dim, keepdim=True).div(qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(x32 / scale).clamp_(-qmax, qmax) * scale).to(x.dtype)
+
+
+def _groups(k: int, group_size: int | None) -> tuple[int, int]:
+    """(group length, number of groups) for a row of length k."""
+    g = k if group_size is None else group_size
+    return g, math.ceil(k / g)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes (rows, n) -> packed uint8: two per byte (low nibble first) for <= 4 bits, else as is."""
+    if bits > 4:
+        return codes.contiguous()
+    if codes.shape[1] % 2:
+        codes = F.pad(codes, (0, 1))
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+
+
+def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack`: (rows, n) uint8 codes."""
+    if bits > 4:
+        return packed[:, :n]
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)[:, :n]
+
+
+def _packed_cols(n: int, bits: int) -> int:
+    return n if bits > 4 else (n + 1) // 2
+
+
+def quantize_weight(w2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest quantization of a 2-D weight ``(out, k)`` -> (packed codes, fp16 scales, zero points).
+
+    Scales have shape ``(out, n_groups)``; zero points (uint8, same shape) only for asymmetric specs.
+    """
+    if w2d.dim() != 2:
+        raise ValueError(f"quantize_weight expects a 2-D (out, in) weight, got shape {tuple(w2d.shape)}")
+    out, k = w2d.shape
+    g, ng = _groups(k, spec.group_size)
+    b = spec.weight_bits
+    w = F.pad(w2d.detach().float(), (0, ng * g - k)).reshape(out, ng, g)
+    if spec.symmetric:
+        qmax = 2 ** (b - 1) - 1
+        scale16 = (w.abs().amax(-1) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).half()
+        q = torch.round(w / scale16.float().unsqueeze(-1)).clamp_(-qmax, qmax) + 2 ** (b - 1)
+        zero = None
+    else:
+        levels = 2**b - 1
+        lo = w.amin(-1).clamp(max=0.0)
+        hi = w.amax(-1).clamp(min=0.0)
+        scale16 = ((hi - lo) / levels).clamp(_SCALE_MIN, _SCALE_MAX).half()
+        s = scale16.float()
+        zero_f = torch.round(-lo / s).clamp_(0, levels)
+        q = (torch.round(w / s.unsqueeze(-1)) + zero_f.unsqueeze(-1)).clamp_(0, levels)
+        zero = zero_f.to(torch.uint8)
+    codes = q.to(torch.uint8).reshape(out, ng * g)
+    return _pack(codes, b), scale16, zero
+
+
+def dequantize_weight(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec,
+                      k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize_weight`: the ``(out, k)`` weight in ``dtype`` (computed in float32)."""
+    out, ng = scale.shape
+    g, _ = _groups(k, spec.group_size)
+    b = spec.weight_bits
+    codes = _unpack(packed, b, ng * g).float().reshape(out, ng, g)
+    offset = zero.float().unsqueeze(-1) if zero is not None else 2 ** (b - 1)
+    w = (codes - offset) * scale.float().unsqueeze(-1)
+    return w.reshape(out, ng * g)[:, :k].to(dtype)
+
+
+# ------------------------------------------------------------------------------------------- layers
+
+
+class _QuantBase(nn.Module):
+    """Shared storage / dequantization logic of QuantLinear and QuantConv2d."""
+
+    qweight: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def _init_storage(self, spec: QuantSpec, out: int, k: int, weight_shape: tuple[int, ...],
+                      dtype: torch.dtype, device: torch.device | str | None, keep_packed: bool) -> None:
+        self.spec = spec
+        self.weight_shape = tuple(weight_shape)
+        self._k = k
+        self._dtype = dtype
+        self.keep_packed = keep_packed
+        g, ng = _groups(k, spec.group_size)
+        self.register_buffer("qweight", torch.zeros(out, _packed_cols(ng * g, spec.weight_bits), dtype=torch.uint8,
+                                                     device=device))
+        self.register_buffer("weight_scale", torch.ones(out, ng, dtype=torch.float16, device=device))
+        if not spec.symmetric:
+            self.register_buffer("weight_zero", torch.zeros(out, ng, dtype=torch.uint8, device=device))
+        else:
+            self.weight_zero = None
+        self.register_buffer("weight_dq", None, persistent=False)
+
+    def _set_quantized(self, w: torch.Tensor) -> None:
+        packed, scale, zero = quantize_weight(w.reshape(w.shape[0], -1), self.spec)
+        self.qweight, self.weight_scale = packed, scale
+        if zero is not None:
+            self.weight_zero = zero
+        self.refresh()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight, in its original shape, in ``dtype`` (default: the layer's dtype)."""
+        w = dequantize_weight(self.qweight, self.weight_scale, self.weight_zero, self.spec, self._k,
+                              dtype or self._dtype)
+        return w.reshape(self.weight_shape)
+
+    def refresh(self) -> None:
+        """Rebuild (or drop, when ``keep_packed``) the cached dequantized weight from the stored codes."""
+        self.weight_dq = None if self.keep_packed else self.dequantize()
+
+    def set_keep_packed(self, keep_packed: bool) -> None:
+        """Switch between cached float weights (fast) and per-forward dequantization (small)."""
+        self.keep_packed = bool(keep_packed)
+        self.refresh()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (cached, or computed on access when ``keep_packed``)."""
+        return self.weight_dq if self.weight_dq is not None else self.dequantize()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the layer (that of the original float weight, following ``.to()``)."""
+        return self._dtype
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Keep fp16 scales exact (``.to(bfloat16)`` must not round them) and rebuild the cached weight from the
+        # codes at the new dtype instead of converting the old cache, so it always equals dequantize().
+        keep = {n: self._buffers.pop(n) for n in ("weight_scale", "weight_zero") if self._buffers.get(n) is not None}
+        self._buffers.pop("weight_dq", None)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self.qweight.device
+            for n, t in keep.items():
+                self._buffers[n] = t.to(device)
+        probe = fn(torch.empty(0, dtype=self._dtype, device=device))
+        if probe.is_floating_point():
+            self._dtype = probe.dtype
+        self._buffers["weight_dq"] = None
+        self.refresh()
+        return self
+
+    def packed_nbytes(self) -> int:
+        """Bytes of the stored (packed) representation: codes, scales, zero points and bias."""
+        n = sum(t.numel() * t.element_size() for t in (self.qweight, self.weight_scale, self.weight_zero)
+                if t is not None)
+        bias = getattr(self, "bias", None)
+        return n + (bias.numel() * bias.element_size() if bias is not None else 0)
+
+    def _quant_repr(self) -> str:
+        return f"spec={self.spec.name}, dtype={str(self._dtype).replace('torch.', '')}, keep_packed={self.keep_packed}"
+
+
+class QuantLinear(_QuantBase):
+    """Fake-quantized ``nn.Linear``: packed int weights + per-token dynamic activation fake quantization."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, spec: QuantSpec | str = "w4a8",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 keep_packed: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_storage(QuantSpec.parse(spec), out_features, in_features, (out_features, in_features), dtype,
+                           device, keep_packed)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, spec: QuantSpec | str, keep_packed: bool = False) -> "QuantLinear":
+        """Quantize a float ``nn.Linear`` (round-to-nearest; scales computed in float32)."""
+        w = layer.weight
+        q = cls(layer.in_features, layer.out_features, bias=False, spec=spec, dtype=w.dtype, device=w.device,
+                keep_packed=keep_packed)
+        q.bias = layer.bias
+        q._set_quantized(w)
+        return q
+
+    @classmethod
+    def empty_like(cls, layer: nn.Linear, spec: QuantSpec, dtype: torch.dtype) -> "QuantLinear":
+        """A shell with the right buffer shapes, to be filled by ``load_state_dict``."""
+        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None, spec=spec, dtype=dtype,
+                   device="cpu", keep_packed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fake_quant_per_token(x, self.spec.act_bits, dim=-1)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " \
+               f"bias={self.bias is not None}, {self._quant_repr()}"
+
+
+class QuantConv2d(_QuantBase):
+    """Fake-quantized ``nn.Conv2d``. Weights grouped over (in_channels/groups x kh x kw) per output channel;
+    activations quantized per spatial position across channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 spec: QuantSpec | str = "w4a8", dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, keep_packed: bool = False) -> None:
+        super().__init__()
+        kh, kw = nn.modules.utils._pair(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, (kh, kw)
+        self.stride = nn.modules.utils._pair(stride)
+        self.padding = padding if isinstance(padding, str) else nn.modules.utils._pair(padding)
+        self.dilation = nn.modules.utils._pair(dilation)
+        self.groups, self.padding_mode = groups, padding_mode
+        shape = (out_channels, in_channels // groups, kh, kw)
+        self._init_storage(QuantSpec.parse(spec), out_channels, shape[1] * kh * kw, shape, dtype, device,
+                           keep_packed)
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
+
+    @staticmethod
+    def _conv_kwargs(layer: nn.Conv2d) -> dict[str, Any]:
+        return dict(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=layer.kernel_size,
+                    stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+                    padding_mode=layer.padding_mode)
+
+    @classmethod
+    def from_float(cls, layer: nn.Conv2d, spec: QuantSpec | str, keep_packed: bool = False) -> "QuantConv2d":
+        """Quantize a float ``nn.Conv2d``."""
+        w = layer.weight
+        q = cls(**cls._conv_kwargs(layer), bias=False, spec=spec, dtype=w.dtype, device=w.device,
+                keep_packed=keep_packed)
+        q.bias = layer.bias
+        q._set_quantized(w)
+        return q
+
+    @classmethod
+    def empty_like(cls, layer: nn.Conv2d, spec: QuantSpec, dtype: torch.dtype) -> "QuantConv2d":
+        """A shell with the right buffer shapes, to be filled by ``load_state_dict``."""
+        return cls(**cls._conv_kwargs(layer), bias=layer.bias is not None, spec=spec, dtype=dtype, device="cpu",
+                   keep_packed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fake_quant_per_token(x, self.spec.act_bits, dim=1 if x.dim() == 4 else 0)
+        w = self.weight
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), w, self.bias, self.stride, 0, self.dilation,
+                            self.groups)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
+               f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, {self._quant_repr()}"
+
+
+_QUANT_TYPES = (QuantLinear, QuantConv2d)
+
+
+# ----------------------------------------------------------------------------------- model surgery
+
+DEFAULT_SKIPS: tuple[tuple[str, str], ...] = (
+    ("conv_in", "UNet input conv: tiny and very sensitive (kept full precision, as in SVDQuant/MixDQ)"),
+    ("conv_out", "UNet output conv: tiny and very sensitive (kept full precision, as in SVDQuant/MixDQ)"),
+    ("x_embedder", "transformer input projection: tiny and very sensitive (as in SVDQuant/MixDQ)"),
+    ("pos_embed.proj", "transformer patch-embedding input projection: tiny and very sensitive"),
+    ("proj_out", "transformer output projection: tiny and very sensitive (as in SVDQuant/MixDQ)"),
+    ("time_embedding.*", "timestep-embedding MLP: tiny, conditions every block"),
+    ("time_embed.*", "timestep-embedding MLP: tiny, conditions every block"),
+    ("add_embedding.*", "added-condition (SDXL time-id / pooled text) embedding MLP: tiny, conditions every block"),
+    ("class_embedding.*", "class-embedding MLP: tiny, conditions every block"),
+    ("time_text_embed.*", "timestep/guidance/pooled-text embedding MLPs: tiny, condition every block"),
+    ("adaln_single.*", "timestep embedding (AdaLN-single): tiny, conditions every block"),
+)
+
+
+def _denoiser_fallback(pipe: Any) -> tuple[str, nn.Module]:
+    for attr in ("unet", "transformer"):
+        m = getattr(pipe, attr, None)
+        if isinstance(m, nn.Module):
+            return attr, m
+    raise ValueError(f"{type(pipe).__name__} has no denoiser: expected an nn.Module, or a pipeline with a "
+                     f"'unet' or 'transformer' component")
+
+
+def _resolve_denoiser(obj: Any) -> tuple[str | None, nn.Module]:
+    """(attribute name or None for a bare module, denoiser module)."""
+    if isinstance(obj, nn.Module):
+        return None, obj
+    try:
+        from qsched.pipelines import denoiser_of  # written by helper core-sched
+    except (ImportError, AttributeError):
+        return _denoiser_fallback(obj)
+    return denoiser_of(obj)
+
+
+def quantized_layers(module: nn.Module) -> dict[str, _QuantBase]:
+    """Name -> QuantLinear/QuantConv2d of every quantized layer in ``module``."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, _QUANT_TYPES)}
+
+
+def _state_bytes(module: nn.Module) -> int:
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in module.state_dict().values():
+        key = (t.data_ptr(), t.numel())
+        if t.data_ptr() and key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _layer_in_len(m: nn.Module) -> int:
+    if isinstance(m, nn.Conv2d):
+        return (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+    return m.in_features
+
+
+@dataclass
+class QuantSummary:
+    """What :func:`quantize` did: spec, quantized and skipped layers, storage bytes before and after."""
+
+    spec: QuantSpec
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    backend: str = "qsched"
+    denoiser: str | None = None
+
+    @property
+    def ratio(self) -> float:
+        """bytes_after / bytes_before."""
+        return self.bytes_after / self.bytes_before if self.bytes_before else float("nan")
+
+    def __str__(self) -> str:
+        mib = 1024**2
+        where = f"{self.denoiser} " if self.denoiser else ""
+        lines = [f"QuantSummary {self.spec.name} ({self.backend}) of {where}denoiser: "
+                 f"{len(self.quantized)} layers quantized, {len(self.skipped)} kept in full precision",
+                 f"  storage: {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB "
+                 f"({self.ratio:.3f}x)"]
+        if self.skipped:
+            lines.append("  kept in full precision:")
+            lines += [f"    {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _select_layers(denoiser: nn.Module, spec: QuantSpec, skip: list[str], include_conv: bool,
+                   linear_only_reason: str | None = None) -> tuple[list[str], dict[str, str]]:
+    chosen: list[str] = []
+    skipped: dict[str, str] = {}
+    inside_mha: list[str] = [n for n, m in denoiser.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    for name, m in denoiser.named_modules():
+        if not isinstance(m, (nn.Linear, nn.Conv2d)) or not name:
+            continue
+        reason = None
+        if isinstance(m, nn.Conv2d) and linear_only_reason:
+            reason = linear_only_reason
+        elif isinstance(m, nn.Conv2d) and not include_conv:
+            reason = "Conv2d layers excluded (include_conv=False)"
+        elif any(name.startswith(p + ".") for p in inside_mha):
+            reason = "inside nn.MultiheadAttention (its weights are read directly, not through forward)"
+        else:
+            for pat, why in DEFAULT_SKIPS:
+                if fnmatch.fnmatchcase(name, pat):
+                    reason = why
+                    break
+            for pat in skip:
+                if reason is None and fnmatch.fnmatchcase(name, pat):
+                    reason = f"matches skip pattern {pat!r}"
+            if reason is None and spec.group_size is not None and _layer_in_len(m) < spec.group_size:
+                reason = f"input length {_layer_in_len(m)} < group size {spec.group_size}"
+        if reason is None:
+            chosen.append(name)
+        else:
+            skipped[name] = reason
+    return chosen, skipped
+
+
+def quantize(pipe_or_module: Any, spec: QuantSpec | str = "w4a8", skip: list[str] | str | None = None,
+             backend: str = "qsched", include_conv: bool = True, keep_packed: bool = False) -> QuantSummary:
+    """Quantize the denoiser of a pipeline (``pipe.unet`` / ``pipe.transformer``) or a bare module, in place.
+
+    ``skip``: extra fnmatch patterns on module names, added to :data:`DEFAULT_SKIPS`. ``backend="torchao"``
+    uses torchao's ``quantize_`` on Linear layers (w8a16, w8a8; w4a16 on CUDA only; torchao must be installed).
+    ``keep_packed=True`` drops the cached float weights (dequantize during each forward).
+    Raises ValueError if the denoiser is already quantized or the spec/backend is invalid.
+    """
+    spec = QuantSpec.parse(spec)
+    if backend not in ("qsched", "torchao"):
+        raise ValueError(f"backend must be 'qsched' or 'torchao', got {backend!r}")
+    skip_list = [skip] if isinstance(skip, str) else list(skip or [])
+    name, denoiser = _resolve_denoiser(pipe_or_module)
+    prior = getattr(denoiser, SPEC_ATTR, None)
+    if prior is not None or quantized_layers(denoiser):
+        raise ValueError(f"the denoiser is already quantized ({prior or 'contains quantized layers'}); "
+                         f"re-quantizing is not supported: reload the full-precision model and quantize it once")
+    before = _state_bytes(denoiser)
+    if backend == "torchao":
+        return _quantize_torchao(denoiser, name, spec, skip_list, before)
+
+    chosen, skipped = _select_layers(denoiser, spec, skip_list, include_conv)
+    memo: dict[int, nn.Module] = {}
+    for lname in chosen:
+        layer = denoiser.get_submodule(lname)
+        if id(layer) not in memo:
+            cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
+            memo[id(layer)] = cls.from_float(layer, spec, keep_packed=keep_packed)
+        _set_submodule(denoiser, lname, memo[id(layer)])
+    setattr(denoiser, SPEC_ATTR, spec.name)
+    setattr(denoiser, BACKEND_ATTR, "qsched")
+    return QuantSummary(spec=spec, quantized=chosen, skipped=skipped, bytes_before=before,
+                        bytes_after=_state_bytes(denoiser), backend="qsched", denoiser=name)
+
+
+def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, skip: list[str],
+                      before: int) -> QuantSummary:
+    """torchao backend: int8 weight-only (w8a16), int8 dynamic (w8a8), int4 weight-only (w4a16, CUDA)."""
+    supported = "w8a16 (int8 weight-only), w8a8 (int8 dynamic activations + int8 weights), w4a16 (CUDA only)"
+    if not spec.symmetric or spec.act_granularity != "per-token":
+        raise ValueError(f"backend='torchao' does not support {spec.name}: only symmetric specs; supported: {supported}")
+    key = (spec.weight_bits, spec.act_bits)
+    if key not in ((8, 16), (8, 8), (4, 16)) or (spec.weight_bits == 8 and spec.group_size is not None):
+        raise ValueError(f"backend='torchao' does not support {spec.name}; supported: {supported}. "
+                         f"Use backend='qsched' (simulated, any spec) instead")
+    try:
+        p = next(denoiser.parameters())
+        device = p.device
+    except StopIteration:
+        device = torch.device("cpu")
+    if key == (4, 16):
+        if device.type != "cuda":
+            raise ValueError(f"backend='torchao' w4a16 (int4 weight-only) needs a CUDA device; the denoiser is on "
+                             f"{device}. Move it to CUDA first, or use backend='qsched'")
+        if spec.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"torchao int4 weight-only supports group sizes 32, 64, 128, 256; got {spec.name}")
+    try:
+        tq = importlib.import_module("torchao.quantization")
+    except ImportError as e:
+        raise ImportError("backend='torchao' needs the optional package torchao, which is not installed "
+                          "(pip install 'qsched[torchao]'); the default backend='qsched' needs nothing extra") from e
+    if key == (8, 16):
+        config = tq.Int8WeightOnlyConfig()
+    elif key == (8, 8):
+        config = tq.Int8DynamicActivationInt8WeightConfig()
+    else:
+        config = tq.Int4WeightOnlyConfig(group_size=spec.group_size)
+    chosen, skipped = _select_layers(denoiser, spec, skip, include_conv=False,
+                                     linear_only_reason="torchao backend quantizes Linear layers only")
+    selected = set(chosen)
+    tq.quantize_(denoiser, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in selected)
+    setattr(denoiser, SPEC_ATTR, spec.name)
+    setattr(denoiser, BACKEND_ATTR, "torchao")
+    # torchao tensor subclasses do not report packed sizes uniformly: estimate from the spec.
+    after = before
+    for lname in chosen:
+        m = denoiser.get_submodule(lname)
+        n = m.out_features * m.in_features
+        _, ng = _groups(m.in_features, spec.group_size)
+        after += -n * 4 + n * spec.weight_bits // 8 + m.out_features * ng * 2
+    return QuantSummary(spec=spec, quantized=chosen, skipped=skipped, bytes_before=before, bytes_after=after,
+                        backend="torchao", denoiser=name)
+
+
+def quant_spec_of(pipe_or_module: Any) -> str | None:
+    """Canonical spec string (e.g. ``"w4a8"``) of a quantized denoiser, None for full precision."""
+    _, denoiser = _resolve_denoiser(pipe_or_module)
+    return getattr(denoiser, SPEC_ATTR, None)
+
+
+# ----------------------------------------------------------------------------------- save / load
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for mod in ("qsched", "diffusers", "transformers", "safetensors"):
+        try:
+            out[mod] = getattr(importlib.import_module(mod), "__version__", "unknown")
+        except ImportError:
+            pass
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in {META_FILE}")
+    return dtype
+
+
+def _nonpersistent_float_buffers(module: nn.Module) -> dict[str, str]:
+    out = {}
+    for mname, m in module.named_modules():
+        if isinstance(m, _QUANT_TYPES):
+            continue
+        for bname in m._non_persistent_buffers_set:
+            b = m._buffers.get(bname)
+            if b is not None and b.is_floating_point():
+                out[f"{mname}.{bname}" if mname else bname] = _dtype_name(b.dtype)
+    return out
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _save_module(denoiser: nn.Module, folder: Path) -> str:
+    """Config + packed safetensors of the quantized denoiser into ``folder``; returns the weights file name."""
+    from safetensors.torch import save_file
+
+    if not hasattr(denoiser, "save_config"):
+        raise ValueError(f"save_quantized needs a config-based (diffusers ModelMixin/ConfigMixin) denoiser so it "
+                         f"can be rebuilt from its config; got {type(denoiser).__name__}")
+    folder.mkdir(parents=True, exist_ok=True)
+    denoiser.save_config(folder)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, t in denoiser.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen and t.numel():
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[k] = t
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "qsched_format": FORMAT_NAME,
+                                                               "spec": getattr(denoiser, SPEC_ATTR)})
+    return WEIGHTS_FILE
+
+
+def save_quantized(pipe_or_module: Any, directory: str | Path) -> Path:
+    """Save a quantized pipeline (or bare denoiser) with packed integer weights. Returns the directory.
+
+    Pipeline layout: ``qsched_quantization.json`` (format, spec, denoiser name and class, layer list,
+    versions); ``<denoiser>/config.json`` + ``<denoiser>/qsched_quantized.safetensors`` (packed codes, fp16
+    scales, zero points, and all other parameters in their current dtype); everything else as written by
+    ``pipe.save_pretrained`` (which is told to skip the denoiser). A bare module is saved at the top level.
+    """
+    directory = Path(directory)
+    name, denoiser = _resolve_denoiser(pipe_or_module)
+    spec_name = getattr(denoiser, SPEC_ATTR, None)
+    if spec_name is None:
+        raise ValueError("save_quantized needs a quantized denoiser: call qsched.quantization.quantize(...) first")
+    if getattr(denoiser, BACKEND_ATTR, "qsched") != "qsched":
+        raise ValueError("save_quantized supports backend='qsched' only; torchao-quantized models are not saved")
+    spec = QuantSpec.parse(spec_name)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = [{"name": n, "kind": "conv2d" if isinstance(m, QuantConv2d) else "linear",
+               "dtype": _dtype_name(m.dtype), "weight_shape": list(m.weight_shape)}
+              for n, m in quantized_layers(denoiser).items()]
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "spec": spec.name,
+        "spec_fields": spec.to_dict(),
+        "denoiser": name,
+        "denoiser_class": f"{type(denoiser).__module__}:{type(denoiser).__qualname__}",
+        "weights_file": f"{name}/{WEIGHTS_FILE}" if name else WEIGHTS_FILE,
+        "pipeline_class": None,
+        "layers": layers,
+        "nonpersistent_buffer_dtypes": _nonpersistent_float_buffers(denoiser),
+        "versions": _versions(),
+    }
+    if name is None:
+        _save_module(denoiser, directory)
+    else:
+        pipe = pipe_or_module
+        meta["pipeline_class"] = type(pipe).__name__
+        original = pipe.config[name]
+        pipe.__dict__[name] = None  # bypass DiffusionPipeline.__setattr__: the config entry is restored below
+        try:
+            with _quiet("diffusers.pipelines.pipeline_utils"):
+                pipe.save_pretrained(directory)
+        finally:
+            pipe.__dict__[name] = denoiser
+            pipe.register_to_config(**{name: original})
+        index_path = directory / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index[name] = list(original)
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        _save_module(denoiser, directory / name)
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def _import_class(path: str, what: str) -> type:
+    module_name, _, qualname = path.partition(":")
+    if not module_name.split(".")[0] in ("diffusers", "qsched", "transformers"):
+        raise ValueError(f"refusing to import {what} class {path!r}: only diffusers, transformers and qsched "
+                         f"classes are rebuilt")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _resolve_pipeline_class(name: str) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        try:
+            cls = getattr(importlib.import_module("qsched.testbed.pipeline"), name, None)
+        except ImportError:
+            cls = None
+    if cls is None:
+        raise ValueError(f"unknown pipeline class {name!r}: neither diffusers nor qsched.testbed.pipeline has it")
+    return cls
+
+
+def _load_module(folder: Path, meta: dict[str, Any], keep_packed: bool, device: str | torch.device) -> nn.Module:
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"missing quantized weights {weights}")
+    spec = QuantSpec.parse(meta["spec"])
+    cls = _import_class(meta["denoiser_class"], "denoiser")
+    config = cls.load_config(folder)
+    with init_empty_weights(include_buffers=False), _quiet("diffusers.configuration_utils"):
+        model = cls.from_config(config)
+    for entry in meta["layers"]:
+        layer = model.get_submodule(entry["name"])
+        qcls = QuantConv2d if entry["kind"] == "conv2d" else QuantLinear
+        _set_submodule(model, entry["name"], qcls.empty_like(layer, spec, _dtype_from_name(entry["dtype"])))
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        # Fresh allocations: tensors straight from the file can be misaligned, and CPU matmul kernels round
+        # differently on misaligned memory, which would break bit-exact reproduction.
+        state = {k: f.get_tensor(k).clone() for k in f.keys()}
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    for bname, dt in meta.get("nonpersistent_buffer_dtypes", {}).items():
+        mname, _, leaf = bname.rpartition(".")
+        owner = model.get_submodule(mname) if mname else model
+        owner._buffers[leaf] = owner._buffers[leaf].to(_dtype_from_name(dt))
+    meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta_left:
+        raise ValueError(f"{weights} does not cover the rebuilt model: {meta_left[:5]} were not loaded")
+    setattr(model, SPEC_ATTR, spec.name)
+    setattr(model, BACKEND_ATTR, "qsched")
+    model.eval()
+    model.to(device)
+    for m in quantized_layers(model).values():
+        m.set_keep_packed(keep_packed)
+    return model
+
+
+def load_quantized(directory: str | Path, keep_packed: bool = False, device: str | torch.device = "cpu") -> Any:
+    """Load what :func:`save_quantized` wrote: a pipeline (or a bare denoiser module), in eval mode.
+
+    The denoiser is rebuilt from its config, its quantized layers swapped in and filled from the packed codes;
+    outputs equal the in-memory quantized model's exactly. ``keep_packed=True`` keeps uint8 codes + fp16 scales
+    in memory and dequantizes per layer during each forward (identical outputs, smaller, slower).
+    """
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: {directory} is not a directory written by save_quantized")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{meta_path} is not a {FORMAT_NAME} file")
+    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format version {meta.get('format_version')}; this qsched reads up to "
+                         f"{FORMAT_VERSION}: upgrade qsched")
+    name = meta.get("denoiser")
+    if name is None:
+        return _load_module(directory, meta, keep_packed, device)
+    denoiser = _load_module(directory / name, meta, keep_packed, device)
+    index = json.loads((directory / "model_index.json").read_text())
+    pipe_cls = _resolve_pipeline_class(meta.get("pipeline_class") or index["_class_name"])
+    pipe = pipe_cls.from_pretrained(directory, **{name: denoiser})
+    for comp_name, comp in pipe.components.items():
+        if isinstance(comp, nn.Module) and comp_name != name:
+            _realign(comp)
+    pipe.to(device)
+    return pipe
+
+
+def _realign(module: nn.Module, alignment: int = 64) -> None:
+    """Copy parameters/buffers whose memory is not ``alignment``-byte aligned (as loaded from a file) into
+    fresh allocations, so CPU kernels produce the same bits as on a model built in memory."""
+    with torch.no_grad():
+        for m in module.modules():
+            for store in (m._parameters, m._buffers):
+                for k, t in store.items():
+                    if t is not None and t.numel() and t.data_ptr() % alignment:
+                        if isinstance(t, nn.Parameter):
+                            t.data = t.data.clone()
+                        else:
+                            store[k] = t.clone()

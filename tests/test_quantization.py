@@ -1,0 +1,417 @@
+"""Tests for qsched.quantization: specs, fake-quant layers, in-place quantization, packed save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qsched.quantization import (
+    META_FILE,
+    WEIGHTS_FILE,
+    QuantConv2d,
+    QuantLinear,
+    QuantSpec,
+    dequantize_weight,
+    fake_quant_per_token,
+    load_quantized,
+    quant_spec_of,
+    quantize,
+    quantize_weight,
+    quantized_layers,
+    save_quantized,
+)
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def tiny_unet(seed: int = 0, channels=(32, 64), cross_dim: int = 32, sample_size: int = 16, in_ch: int = 4):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=channels, layers_per_block=1, cross_attention_dim=cross_dim, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=sample_size, attention_head_dim=4, in_channels=in_ch, out_channels=in_ch,
+    ).eval()
+
+
+def unet_inputs(seed: int = 1, in_ch: int = 4, size: int = 16, cross_dim: int = 32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, in_ch, size, size, generator=g), torch.tensor([10, 700]),
+            torch.randn(2, 5, cross_dim, generator=g))
+
+
+def run_unet(model, inputs):
+    with torch.no_grad():
+        return model(*inputs).sample
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tiny_sd_pipeline(tmp_path):
+    """A tiny random StableDiffusionPipeline (TCD scheduler, as PCM uses), fully offline."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, TCDScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in letters + [c + "</w>" for c in letters]:
+        vocab[tok] = len(vocab)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=32).eval()
+    scheduler = TCDScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                             timestep_spacing="trailing")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def run_pipe(pipe):
+    out = pipe(["a cat", "dog"], num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    return out.images
+
+
+# ---------------------------------------------------------------------------------------------- spec
+
+
+@pytest.mark.parametrize("text, wb, ab, g, sym, name", [
+    ("w4a8", 4, 8, 32, True, "w4a8"),
+    ("W8A8", 8, 8, None, True, "w8a8"),
+    ("w4a4", 4, 4, 32, True, "w4a4"),
+    ("w4a16", 4, 16, 32, True, "w4a16"),
+    ("w8a16", 8, 16, None, True, "w8a16"),
+    ("w3a6", 3, 6, 32, True, "w3a6"),
+    (" w4a8-g64 ", 4, 8, 64, True, "w4a8-g64"),
+    ("w4a8-asym", 4, 8, 32, False, "w4a8-asym"),
+    ("w4a16-g128-asym", 4, 16, 128, False, "w4a16-g128-asym"),
+    ("w4a8-asym-g128", 4, 8, 128, False, "w4a8-g128-asym"),
+    ("w4a8-pc", 4, 8, None, True, "w4a8-pc"),
+    ("w8a8-g64", 8, 8, 64, True, "w8a8-g64"),
+    ("w4a8-g32-sym", 4, 8, 32, True, "w4a8"),
+])
+def test_spec_parse(text, wb, ab, g, sym, name):
+    s = QuantSpec.parse(text)
+    assert (s.weight_bits, s.act_bits, s.group_size, s.symmetric) == (wb, ab, g, sym)
+    assert s.name == name
+    assert QuantSpec.parse(s.name) == s
+    assert s.quantizes_activations == (ab < 16)
+
+
+@pytest.mark.parametrize("bad", ["", "w4", "a8w4", "w1a8", "w9a8", "w4a3", "w4a17", "w4a8-g0", "w4a8-foo",
+                                 "w4a8-g32-g64", "w4a8-asym-sym", "int4", "w4a8g32"])
+def test_spec_parse_rejects(bad):
+    with pytest.raises(ValueError, match="w4a8"):  # the message lists valid examples
+        QuantSpec.parse(bad)
+
+
+def test_spec_constructor_defaults_and_validation():
+    assert QuantSpec(4, 8).group_size == 32
+    assert QuantSpec(8, 8).group_size is None
+    assert QuantSpec(4, 8, group_size=None).name == "w4a8-pc"
+    assert QuantSpec() == QuantSpec.parse("w4a8")
+    with pytest.raises(ValueError):
+        QuantSpec(4, 8, group_size=0)
+    with pytest.raises(ValueError):
+        QuantSpec(4, 8, act_granularity="per-tensor")
+    with pytest.raises(ValueError):
+        QuantSpec.parse(48)
+
+
+# ------------------------------------------------------------------------------------ numeric kernels
+
+
+@pytest.mark.parametrize("spec", ["w2a8", "w3a8", "w4a8", "w5a8", "w8a8", "w4a8-asym", "w3a8-g7-asym", "w8a8-g16"])
+def test_weight_roundtrip_error_bounded(spec):
+    s = QuantSpec.parse(spec)
+    w = torch.randn(6, 40) * torch.linspace(0.1, 3, 6)[:, None]  # 40 is not a multiple of 32: padded last group
+    packed, scale, zero = quantize_weight(w, s)
+    g = s.group_size or 40
+    ng = -(-40 // g)
+    assert scale.dtype == torch.float16 and scale.shape == (6, ng)
+    assert (zero is None) == s.symmetric
+    assert packed.dtype == torch.uint8
+    assert packed.shape == (6, (ng * g + 1) // 2 if s.weight_bits <= 4 else ng * g)
+    deq = dequantize_weight(packed, scale, zero, s, 40)
+    assert deq.shape == w.shape
+    # round-to-nearest: every value within half a step of its group's scale (plus fp16 slack)
+    step = scale.float().repeat_interleave(g, dim=1)[:, :40]
+    assert ((deq - w).abs() <= 0.5 * step * (1 + 1e-3) + 1e-6).all()
+    # at most 2^bits distinct values per (row, group): the bit width is real
+    for r in range(6):
+        for j in range(ng):
+            assert torch.unique(deq[r, j * g:(j + 1) * g]).numel() <= 2 ** s.weight_bits
+
+
+def test_more_bits_smaller_error():
+    w = torch.randn(16, 64)
+    errs = [(dequantize_weight(*quantize_weight(w, QuantSpec(b, 8)), QuantSpec(b, 8), 64) - w).norm().item()
+            for b in (2, 3, 4, 6, 8)]
+    assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 20
+
+
+def test_asymmetric_beats_symmetric_on_shifted_weights():
+    w = torch.rand(8, 64) + 0.5  # all positive: symmetric wastes half its levels
+    err = {sym: (dequantize_weight(*quantize_weight(w, QuantSpec(4, 8, symmetric=sym)),
+                                   QuantSpec(4, 8, symmetric=sym), 64) - w).norm().item() for sym in (True, False)}
+    assert err[False] < 0.7 * err[True]
+
+
+def test_zero_weight_group_is_safe():
+    w = torch.zeros(2, 32)
+    w[1, 3] = 1e-12  # below the smallest fp16 scale
+    s = QuantSpec.parse("w4a8")
+    deq = dequantize_weight(*quantize_weight(w, s), s, 32)
+    assert torch.isfinite(deq).all() and deq.abs().max() < 1e-6
+
+
+def test_fake_quant_per_token():
+    x = torch.randn(3, 5, 16)
+    x[0, 0] *= 1000  # one loud token must not change the others' scales
+    q = fake_quant_per_token(x, 8)
+    assert torch.equal(fake_quant_per_token(x[1:], 8), q[1:])
+    # per-token max is representable exactly; error within half a step
+    assert torch.allclose(q.abs().amax(-1), x.abs().amax(-1), rtol=1e-6)
+    step = x.abs().amax(-1, keepdim=True) / 127
+    assert ((q - x).abs() <= step / 2 + 1e-6).all()
+    assert torch.unique(torch.round(q[1, 1] / step[1, 1])).numel() <= 255
+    assert fake_quant_per_token(x, 16) is x
+    assert rel_err(fake_quant_per_token(x, 4), x) > rel_err(q, x)
+    h = x.to(torch.bfloat16)
+    assert fake_quant_per_token(h, 8).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+def test_quant_linear_matches_reference():
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    spec = QuantSpec.parse("w4a8")
+    q = QuantLinear.from_float(lin, spec)
+    x = torch.randn(2, 7, 40)
+    w = dequantize_weight(*quantize_weight(lin.weight, spec), spec, 40)
+    assert torch.equal(q.weight, w)
+    ref = F.linear(fake_quant_per_token(x, 8), w, lin.bias)
+    assert torch.equal(q(x), ref)
+    assert 1e-4 < rel_err(q(x), lin(x)) < 0.3
+    assert q.qweight.numel() == 24 * 64 // 2  # 40 inputs -> 2 groups of 32 (padded), two codes per byte
+
+
+def test_quant_conv_per_position_activations():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    q = QuantConv2d.from_float(conv, "w4a8")
+    assert q.weight.shape == conv.weight.shape and q.weight_scale.shape == (16, 3)  # 8*9=72 -> 3 groups of 32
+    x = torch.randn(1, 8, 6, 6)
+    w = q.weight
+    xq = fake_quant_per_token(x, 8, dim=1)
+    assert torch.equal(q(x), F.conv2d(xq, w, conv.bias, padding=1))
+    # a loud position changes only its own quantization, i.e. only outputs in its 3x3 neighbourhood
+    x2 = x.clone()
+    x2[0, :, 0, 0] *= 100
+    diff = (q(x2) - q(x)).abs().sum(1)[0]
+    assert diff[3:, 3:].max() == 0 and diff[0, 0] > 0
+    # non-default padding modes follow nn.Conv2d
+    conv_r = nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect")
+    qr = QuantConv2d.from_float(conv_r, "w8a16")
+    assert torch.equal(qr(x), F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), qr.weight, conv_r.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_layers(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).to(dtype)
+    q = QuantLinear.from_float(lin, "w4a8")
+    ref = QuantLinear.from_float(nn.Linear(64, 32), "w4a8")
+    ref_w = dequantize_weight(*quantize_weight(lin.weight.float(), ref.spec), ref.spec, 64)
+    assert q.weight.dtype == dtype and torch.equal(q.weight, ref_w.to(dtype))  # scales computed in float32
+    x = torch.randn(3, 64, dtype=dtype)
+    if dtype == torch.bfloat16:  # CPU fp16 matmul is not universally available; bf16 is
+        assert q(x).dtype == dtype
+    # .to() keeps the fp16 scales exact and rebuilds the cache from the codes
+    scale = q.weight_scale.clone()
+    q.to(torch.bfloat16).float()
+    assert q.weight_scale.dtype == torch.float16 and torch.equal(q.weight_scale, scale)
+    assert q.weight.dtype == torch.float32 and torch.equal(q.weight, ref_w)
+
+
+def test_keep_packed_layer_same_output_no_cache():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    q = QuantLinear.from_float(lin, "w4a8")
+    x = torch.randn(5, 64)
+    y = q(x)
+    q.set_keep_packed(True)
+    assert q.weight_dq is None and all(b.dtype in (torch.uint8, torch.float16) for b in q.buffers())
+    assert torch.equal(q(x), y)
+
+
+# ------------------------------------------------------------------------------------ model surgery
+
+
+def test_quantize_module_defaults_and_summary():
+    unet = tiny_unet()
+    n_lin_conv = sum(isinstance(m, (nn.Linear, nn.Conv2d)) for m in unet.modules())
+    assert quant_spec_of(unet) is None
+    summary = quantize(unet, "w4a8")
+    assert quant_spec_of(unet) == "w4a8"
+    assert unet.qsched_quant_spec == "w4a8"
+    for name in ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"):
+        assert name in summary.skipped and not isinstance(unet.get_submodule(name), (QuantLinear, QuantConv2d))
+    assert len(summary.quantized) + len(summary.skipped) == n_lin_conv
+    assert set(summary.quantized) == set(quantized_layers(unet))
+    assert any(isinstance(unet.get_submodule(n), QuantConv2d) for n in summary.quantized)
+    assert summary.bytes_after < 0.35 * summary.bytes_before
+    text = str(summary)
+    assert "w4a8" in text and "conv_in" in text and str(len(summary.quantized)) in text
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(unet, "w8a8")
+
+
+def test_quantize_skip_patterns_conv_and_group_size():
+    unet = tiny_unet()
+    s = quantize(unet, "w4a8", skip=["*.attn2.*", "down_blocks.0.*"], include_conv=False)
+    assert all(not isinstance(unet.get_submodule(n), QuantConv2d) for n in s.quantized)
+    assert "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k" in s.skipped
+    assert not any(n.startswith("down_blocks.0.") for n in s.quantized)
+    assert any("attn1" in n for n in s.quantized)
+    assert s.skipped["down_blocks.1.resnets.0.conv1"] == "Conv2d layers excluded (include_conv=False)"
+    # layers whose input is shorter than a group are kept (input length 32 < 64)
+    unet2 = tiny_unet()
+    s2 = quantize(unet2, "w4a8-g64")
+    assert "group size" in s2.skipped["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    with pytest.raises(ValueError, match="backend"):
+        quantize(tiny_unet(), "w4a8", backend="bitsandbytes")
+
+
+def test_quantize_pipeline_object_uses_denoiser():
+    class FakePipe:  # anything with a .unet / .transformer
+        def __init__(self, m):
+            self.transformer = m
+
+    m = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64))
+    pipe = FakePipe(m)
+    s = quantize(pipe, "w8a8")
+    assert s.quantized == ["0", "2"] and quant_spec_of(pipe) == "w8a8"
+
+
+def test_error_grows_with_lower_precision():
+    unet = tiny_unet()
+    inputs = unet_inputs()
+    ref = run_unet(unet, inputs)
+    errs = {}
+    for spec in ("w8a8", "w4a8", "w4a4"):
+        q = tiny_unet()
+        quantize(q, spec)
+        errs[spec] = rel_err(run_unet(q, inputs), ref)
+    assert 0 < errs["w8a8"] < errs["w4a8"] < errs["w4a4"], errs
+
+
+# ------------------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("spec", ["w4a8", "w3a8-g16-asym", "w8a8"])
+def test_module_save_load_exact(tmp_path, spec):
+    unet = tiny_unet()
+    quantize(unet, spec)
+    inputs = unet_inputs()
+    out = run_unet(unet, inputs)
+    save_quantized(unet, tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    assert meta["spec"] == QuantSpec.parse(spec).name and meta["denoiser"] is None
+    assert {e["name"] for e in meta["layers"]} == set(quantized_layers(unet))
+    assert "torch" in meta["versions"] and meta["format_version"] == 1
+    assert not [p for p in os.listdir(tmp_path) if p.endswith((".bin", ".pt", ".pkl", ".ckpt"))]
+    for keep_packed in (False, True):
+        loaded = load_quantized(tmp_path, keep_packed=keep_packed)
+        assert quant_spec_of(loaded) == QuantSpec.parse(spec).name and not loaded.training
+        assert torch.equal(run_unet(loaded, inputs), out)
+        layers = quantized_layers(loaded)
+        assert all((m.weight_dq is None) == keep_packed for m in layers.values())
+
+
+def test_packed_file_ratio_w4(tmp_path):
+    from safetensors.torch import save_file
+
+    # a small UNet whose Linear/Conv weights dominate, in fp16 so both files hold the leftovers in fp16
+    unet = tiny_unet(channels=(32, 128), cross_dim=64).half()
+    fp16_file = tmp_path / "fp16.safetensors"
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(fp16_file))
+    quantize(unet, "w4a8")
+    save_quantized(unet, tmp_path / "q")
+    ratio = os.path.getsize(tmp_path / "q" / WEIGHTS_FILE) / os.path.getsize(fp16_file)
+    assert ratio <= 0.30, ratio
+    # packed codes really are 4 bits: two per byte
+    layer = next(iter(quantized_layers(unet).values()))
+    assert layer.qweight.numel() * 2 >= layer.weight.numel() > layer.qweight.numel()
+
+
+def test_pipeline_save_load_exact(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path)
+    summary = quantize(pipe, "w4a8")
+    assert summary.denoiser == "unet" and quant_spec_of(pipe) == "w4a8"
+    images = run_pipe(pipe)
+    def components():
+        return {k: v for k, v in pipe.config.items() if not k.startswith("_")}
+
+    config_before = components()
+    out_dir = tmp_path / "saved"
+    save_quantized(pipe, out_dir)
+    assert components() == config_before and pipe.unet is not None
+    index = json.loads((out_dir / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    unet_files = sorted(os.listdir(out_dir / "unet"))
+    assert unet_files == ["config.json", WEIGHTS_FILE]  # no full-precision copy of the denoiser
+    assert (out_dir / "text_encoder").is_dir() and (out_dir / "vae").is_dir()
+    loaded = load_quantized(out_dir)
+    assert type(loaded).__name__ == "StableDiffusionPipeline" and quant_spec_of(loaded) == "w4a8"
+    assert np.array_equal(run_pipe(loaded), images)
+    packed = load_quantized(out_dir, keep_packed=True)
+    assert np.array_equal(run_pipe(packed), images)
+
+
+def test_save_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="quantize"):
+        save_quantized(tiny_unet(), tmp_path / "x")
+    with pytest.raises(FileNotFoundError):
+        load_quantized(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="config"):
+        plain = nn.Sequential(nn.Linear(64, 64))
+        quantize(plain, "w4a8")
+        save_quantized(plain, tmp_path / "y")
+
+
+# ------------------------------------------------------------------------------------ torchao backend
+
+
+def test_torchao_backend_errors(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import fails as if torchao were not installed
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)
+    unet = tiny_unet()
+    with pytest.raises(ImportError, match="torchao"):
+        quantize(unet, "w8a8", backend="torchao")
+    assert quant_spec_of(unet) is None and not quantized_layers(unet)
+    with pytest.raises(ValueError, match="does not support w4a8"):
+        quantize(unet, "w4a8", backend="torchao")
+    with pytest.raises(ValueError, match="CUDA"):
+        quantize(unet, "w4a16", backend="torchao")
