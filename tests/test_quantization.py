@@ -415,3 +415,25 @@ def test_torchao_backend_errors(monkeypatch):
         quantize(unet, "w4a8", backend="torchao")
     with pytest.raises(ValueError, match="CUDA"):
         quantize(unet, "w4a16", backend="torchao")
+
+
+@pytest.mark.parametrize("family", ["flux", "testbed"])
+def test_tiny_pipeline_families_roundtrip(tmp_path, family):
+    """Transformer denoisers (FLUX) and the custom TestbedPipeline class reload exactly, Q-Sched scheduler too."""
+    from qsched.schedule import Schedule
+    from qsched.scheduler import apply_schedule
+    from qsched.testing import tiny_pipeline
+
+    pipe = apply_schedule(tiny_pipeline(family), Schedule.linear(0.9, 1.05, 2))
+    summary = quantize(pipe, "w4a8")
+    if family == "flux":
+        assert summary.denoiser == "transformer"
+        assert {"x_embedder", "proj_out"} <= set(summary.skipped)
+    kw = dict(num_inference_steps=2, output_type="np")
+    if family != "testbed":
+        kw.update(height=32, width=32)
+    images = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+    save_quantized(pipe, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert type(loaded) is type(pipe) and type(loaded.scheduler).__name__ == "QSchedScheduler"
+    assert np.array_equal(loaded("a red cat", generator=torch.Generator().manual_seed(0), **kw).images, images)
