@@ -1,0 +1,768 @@
+"""Q-Sched calibration: search the per-step scheduler coefficients that maximise JAQ on a few prompts.
+
+Only the pipeline passed in is run (the quantized one): there is no full-precision forward anywhere. Every
+candidate schedule generates images for the same prompts with the same seeds (one CPU ``torch.Generator`` per
+image, seeded ``seed * 100003 + i`` for prompt ``i``), so candidates differ only by their coefficients.
+
+Search runs in an Optuna study (TPE, CMA-ES or the paper's exhaustive grid through ``GridSampler``) kept in
+durable storage (SQLite in the output directory by default; any Optuna storage URL works, so several workers
+can share one study). Calling again with the same arguments resumes the study: completed trials are kept,
+a killed run loses at most the trial in flight. The identity schedule (all coefficients 1) is always the first
+trial, so the naive quantized model is measured exactly like the candidates.
+
+Model evaluations are counted and the work that cannot change is not redone: the coefficients act inside the
+scheduler step, after the denoiser call, so the first step's denoiser output and the text embeddings are the
+same for every candidate. :class:`ForwardCache` memoises those forwards on an exact key of their inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from qsched.schedule import Schedule
+from qsched.scoring import JAQ, JAQScore, to_tensor
+
+__all__ = [
+    "calibrate",
+    "CalibrationResult",
+    "ForwardCache",
+    "generate_images",
+    "grid_candidates",
+    "search_space",
+    "save_schedule",
+    "load_schedule",
+    "read_schedules",
+    "image_seed",
+    "PARAMETRIZATIONS",
+    "STRATEGIES",
+]
+
+PARAMETRIZATIONS = ("linear", "ramp", "per-step")
+STRATEGIES = ("optuna", "grid")
+SAMPLERS = ("tpe", "cmaes")
+SCHEDULES_FILE = "schedules.json"
+SCHEDULES_FORMAT = "qsched.schedules/1"
+FP_SPEC = "none"
+ROLE_IDENTITY = "identity"
+_SEED_STRIDE = 100003
+MAX_GRID = 1_000_000
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of the generator of image ``index`` for base seed ``seed`` (``seed * 100003 + index``)."""
+    return int(seed) * _SEED_STRIDE + int(index)
+
+
+# ============================================================================================== forward cache
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _hash_into(h: "hashlib._Hash", obj: Any) -> None:
+    """Feed an exact, type-tagged description of ``obj`` (tensors by bytes, shape, dtype) into ``h``."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(f"T{tuple(t.shape)}{t.dtype}".encode())
+        if t.numel():
+            flat = t.contiguous().reshape(-1)
+            if flat.device.type != "cpu":
+                flat = flat.cpu()
+            h.update(flat.view(torch.uint8).numpy().tobytes())
+    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        h.update(f"P{type(obj).__name__}:{obj!r};".encode())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"N{obj.shape}{obj.dtype}".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{type(obj).__name__}{len(obj)}[".encode())
+        for v in obj:
+            _hash_into(h, v)
+        h.update(b"]")
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}{{".encode())
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _hash_into(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, torch.dtype | torch.device):
+        h.update(f"X{obj};".encode())
+    else:
+        raise _Uncacheable(type(obj).__name__)
+
+
+def input_key(args: tuple, kwargs: dict) -> str:
+    """Exact key of a forward's inputs: a BLAKE2 hash of every tensor's bytes, shape and dtype, and the kwargs."""
+    h = hashlib.blake2b(digest_size=20)
+    _hash_into(h, list(args))
+    _hash_into(h, dict(kwargs))
+    return h.hexdigest()
+
+
+def _clone(obj: Any) -> Any:
+    """Deep-copy the tensors of a forward output (tuples, lists, dicts, diffusers/transformers outputs)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_clone(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    if isinstance(obj, dict):
+        items = {k: _clone(v) for k, v in obj.items()}
+        if type(obj) is dict:
+            return items
+        try:
+            return type(obj)(**items)  # diffusers BaseOutput / transformers ModelOutput dataclasses
+        except TypeError:
+            out = type(obj)()
+            out.update(items)
+            return out
+    return obj
+
+
+class ForwardCache:
+    """Memoise a module's forward on an exact key of its inputs (bounded, with a protected segment).
+
+    Entries that were hit at least once (the first denoising step, the text embeddings: inputs identical for
+    every candidate) are kept; entries never hit are evicted first, least recently used, so later steps
+    (whose inputs change with the coefficients) cannot push the useful entries out. Outputs are cloned on
+    the way in and out, so callers that modify them in place cannot corrupt the cache.
+
+    ``evals`` counts forwards actually executed, ``hits`` those served from the cache.
+    """
+
+    def __init__(self, max_entries: int = 64, name: str = "module", enabled: bool = True):
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = int(max_entries)
+        self.name = name
+        self.enabled = enabled
+        self.entries: OrderedDict[str, list] = OrderedDict()  # key -> [output, hits]
+        self.evals = 0
+        self.hits = 0
+        self.uncacheable = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def call(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """Run ``forward(*args, **kwargs)`` or return the cached output for identical inputs."""
+        if not self.enabled:  # counting only
+            self.evals += 1
+            return forward(*args, **kwargs)
+        try:
+            key = input_key(args, kwargs)
+        except _Uncacheable:
+            self.uncacheable += 1
+            self.evals += 1
+            return forward(*args, **kwargs)
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry[1] += 1
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return _clone(entry[0])
+        out = forward(*args, **kwargs)
+        self.evals += 1
+        self._insert(key, _clone(out))
+        return out
+
+    def _insert(self, key: str, out: Any) -> None:
+        while len(self.entries) >= self.max_entries:
+            victim = next((k for k, e in self.entries.items() if e[1] == 0), None)
+            if victim is None:
+                victim = next(iter(self.entries))
+            del self.entries[victim]
+        self.entries[key] = [out, 0]
+
+    @contextlib.contextmanager
+    def attach(self, module: torch.nn.Module) -> Iterator["ForwardCache"]:
+        """Route ``module``'s forward through the cache inside the ``with`` block (restored afterwards)."""
+        had = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        inner = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.call(inner, args, kwargs)
+
+        forward.__wrapped__ = inner  # keeps inspect.signature(module.forward) truthful
+        module.forward = forward
+        try:
+            yield self
+        finally:
+            if had:
+                module.forward = previous
+            else:
+                del module.forward
+
+
+# ============================================================================================== search space
+
+
+def _check_parametrization(p: str) -> str:
+    p = {"per_step": "per-step", "perstep": "per-step"}.get(p, p)
+    if p not in PARAMETRIZATIONS:
+        raise ValueError(f"unknown parametrization {p!r}; choose one of {', '.join(PARAMETRIZATIONS)}")
+    return p
+
+
+def _check_range(grid_range: Sequence[float]) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in grid_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid_range must be two numbers (low, high), got {grid_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise ValueError(f"grid_range must satisfy 0 < low < high (finite coefficients), got {grid_range!r}")
+    return lo, hi
+
+
+def search_space(parametrization: str, steps: int, grid_range: Sequence[float] = (0.8, 1.2),
+                 grid_points: int = 10) -> dict[str, list[float]]:
+    """Grid values per parameter: ``np.linspace(low, high, grid_points)`` on every axis."""
+    kind = _check_parametrization(parametrization)
+    lo, hi = _check_range(grid_range)
+    if int(grid_points) < 1:
+        raise ValueError(f"grid_points must be >= 1, got {grid_points}")
+    axis = [float(v) for v in np.linspace(lo, hi, int(grid_points))]
+    return {name: list(axis) for name in Schedule.param_names(kind, steps)}
+
+
+def grid_candidates(parametrization: str, steps: int, grid_range: Sequence[float] = (0.8, 1.2),
+                    grid_points: int = 10) -> list[dict[str, float]]:
+    """Every grid candidate (the Cartesian product of :func:`search_space`), in a fixed order."""
+    space = search_space(parametrization, steps, grid_range, grid_points)
+    names = list(space)
+    return [dict(zip(names, combo)) for combo in itertools.product(*(space[n] for n in names))]
+
+
+# ============================================================================================== generation
+
+
+def _denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
+    try:
+        from qsched.pipelines import denoiser_of
+    except ImportError:  # pragma: no cover - core-sched's module
+        denoiser_of = None
+    if denoiser_of is not None:
+        return denoiser_of(pipe)
+    for name in ("unet", "transformer"):
+        m = getattr(pipe, name, None)
+        if isinstance(m, torch.nn.Module):
+            return name, m
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+def _text_encoders(pipe: Any) -> list[torch.nn.Module]:
+    out = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        m = getattr(pipe, name, None)
+        if isinstance(m, torch.nn.Module):
+            out.append(m)
+    return out
+
+
+def _quant_spec(pipe: Any) -> str | None:
+    from qsched.quantization import quant_spec_of
+
+    return quant_spec_of(pipe)
+
+
+@torch.no_grad()
+def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, *,
+                    guidance_scale: float | None = None, call_kwargs: dict[str, Any] | None = None,
+                    batch_size: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Generate one image per (seed, prompt) with per-image generators; returns ((N, C, H, W) in [0, 1], prompts).
+
+    Images are ordered seed-major (all prompts for ``seeds[0]``, then ``seeds[1]``...). The initial noise and any
+    sampler noise of image ``i`` come from ``torch.Generator("cpu").manual_seed(image_seed(seed, i))``, so they
+    are identical across calls and independent of ``batch_size``.
+    """
+    prompts = list(prompts)
+    bs = len(prompts) if not batch_size else int(batch_size)
+    kw: dict[str, Any] = {"output_type": "pt", **(call_kwargs or {})}
+    if guidance_scale is not None:
+        kw["guidance_scale"] = float(guidance_scale)
+    kw["num_inference_steps"] = int(steps)
+    images: list[torch.Tensor] = []
+    rep: list[str] = []
+    for seed in seeds:
+        for start in range(0, len(prompts), bs):
+            chunk = prompts[start : start + bs]
+            gens = [torch.Generator("cpu").manual_seed(image_seed(seed, start + j)) for j in range(len(chunk))]
+            out = pipe(prompt=chunk, generator=gens, **kw)
+            imgs = out.images if hasattr(out, "images") else out[0]
+            images.append(to_tensor(imgs).cpu())
+            rep += chunk
+    return torch.cat(images), rep
+
+
+# ============================================================================================== result
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("qsched", "torch", "diffusers", "transformers", "optuna", "numpy"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@dataclass
+class CalibrationResult:
+    """Outcome of :func:`calibrate` (all JSON-able except the base scheduler used by :meth:`save`)."""
+
+    schedule: Schedule
+    best: dict[str, Any]
+    naive: dict[str, Any] | None
+    trials: list[dict[str, Any]]
+    prompts: list[str]
+    seeds: list[int]
+    model: str | None
+    quant_spec: str | None
+    steps: int
+    parametrization: str
+    strategy: str
+    sampler: str | None
+    k: float
+    grid_range: list[float]
+    guidance_scale: float | None
+    model_evals: int
+    cache_hits: int
+    text_encoder_evals: int
+    text_encoder_hits: int
+    n_images: int
+    wall_time_s: float
+    study_name: str | None = None
+    storage: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    base_scheduler: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def improvement(self) -> float | None:
+        """Best JAQ minus the naive (identity schedule) JAQ."""
+        return None if self.naive is None else self.best["jaq"] - self.naive["jaq"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (the schedule as its dict)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "base_scheduler"}
+        d["schedule"] = self.schedule.to_dict()
+        d["improvement"] = self.improvement
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CalibrationResult":
+        """Inverse of :meth:`to_dict`."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["schedule"] = Schedule.from_dict(d["schedule"])
+        return cls(**kw)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``calibration.json``, a ``scheduler/`` directory (QSchedScheduler.from_pretrained loads it) and
+        merge the schedule into ``schedules.json``. Returns the directory."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "calibration.json").write_text(json.dumps(self.to_dict(), indent=2))
+        if self.base_scheduler is not None:
+            from qsched.scheduler import QSchedScheduler
+
+            QSchedScheduler.from_scheduler(self.base_scheduler, self.schedule).save_pretrained(str(d / "scheduler"))
+        save_schedule(d, self.quant_spec, self.schedule, self.model, self.steps,
+                      extra={"jaq": self.best.get("jaq"), "naive_jaq": (self.naive or {}).get("jaq")})
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CalibrationResult":
+        """Read ``calibration.json`` (and the saved scheduler, when present, as ``base_scheduler``)."""
+        d = Path(directory)
+        f = d / "calibration.json" if d.is_dir() else d
+        if not f.exists():
+            raise FileNotFoundError(f"no calibration.json in {d}")
+        res = cls.from_dict(json.loads(f.read_text()))
+        if (f.parent / "scheduler").is_dir():
+            from qsched.scheduler import QSchedScheduler
+
+            res.base_scheduler = QSchedScheduler.from_pretrained(str(f.parent / "scheduler")).base_scheduler
+        return res
+
+
+# ============================================================================================== schedules.json
+
+
+def _schedules_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / SCHEDULES_FILE if p.is_dir() or not p.suffix else p
+
+
+def read_schedules(path_or_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``schedules.json`` (or the one inside a directory)."""
+    p = _schedules_path(path_or_dir)
+    if not p.exists():
+        raise FileNotFoundError(f"no schedule file at {p}")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("schedules"), dict):
+        raise ValueError(f"{p} is not a qsched schedules file (no 'schedules' mapping)")
+    return data
+
+
+def save_schedule(path: str | os.PathLike, spec: str | None, schedule: Schedule, model: str | None, steps: int,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Merge ``schedule`` for quantization ``spec`` (None = full precision, stored as "none") into a
+    ``schedules.json`` (a file path, or a directory that gets ``schedules.json``). Other specs are kept; the
+    same spec is replaced. A file for another model is refused (ValueError)."""
+    p = _schedules_path(path)
+    if int(steps) != schedule.steps:
+        raise ValueError(f"schedule has {schedule.steps} steps, not {steps}")
+    data: dict[str, Any] = {"format": SCHEDULES_FORMAT, "model": model, "schedules": {}}
+    if p.exists():
+        data = read_schedules(p)
+        if model is not None and data.get("model") not in (None, model):
+            raise ValueError(f"{p} holds schedules for model {data.get('model')!r}, not {model!r}")
+        data["model"] = data.get("model") or model
+    entry = {"steps": int(steps), "schedule": schedule.to_dict()}
+    entry.update(extra or {})
+    data["schedules"][spec or FP_SPEC] = entry
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, p)
+    return p
+
+
+def load_schedule(path_or_dir: str | os.PathLike, pipe: Any = None, *, spec: str | None = None,
+                  steps: int | None = None) -> Schedule:
+    """Pick the schedule matching ``quant_spec_of(pipe)`` (or ``spec``) from a ``schedules.json``.
+
+    Raises ValueError listing the available specs when there is none for this one, or when ``steps`` is given
+    and differs from the stored schedule's.
+    """
+    data = read_schedules(path_or_dir)
+    if spec is None:
+        spec = (_quant_spec(pipe) if pipe is not None else None) or FP_SPEC
+    table = data["schedules"]
+    if spec not in table:
+        have = ", ".join(f"{k} ({v.get('steps')} steps)" for k, v in table.items()) or "nothing"
+        raise ValueError(f"no schedule for quantization spec {spec!r} in {_schedules_path(path_or_dir)}; "
+                         f"it holds: {have}")
+    sched = Schedule.from_dict(table[spec]["schedule"])
+    if steps is not None and sched.steps != int(steps):
+        raise ValueError(f"the {spec!r} schedule has {sched.steps} steps, but {steps} were asked for")
+    return sched
+
+
+# ============================================================================================== calibrate
+
+
+def _default_steps(model: str | None) -> int:
+    try:
+        from qsched.pipelines import MODELS
+    except ImportError:  # pragma: no cover
+        return 4
+    info = MODELS.get(model) if model is not None and hasattr(MODELS, "get") else None
+    for attr in ("steps", "default_steps", "num_inference_steps"):
+        v = info.get(attr) if isinstance(info, dict) else getattr(info, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+        if isinstance(v, (list, tuple)) and v and isinstance(v[0], int):
+            return int(v[-1] if 4 not in v else 4)
+    return 4
+
+
+def _model_name(pipe: Any) -> str | None:
+    name = getattr(pipe, "name_or_path", None)
+    if not name:
+        cfg = getattr(pipe, "config", None)
+        name = cfg.get("_name_or_path") if hasattr(cfg, "get") else None
+    return str(name) if name else type(pipe).__name__
+
+
+def _make_sampler(strategy: str, sampler: str, space: dict[str, list[float]], seed: int) -> Any:
+    import optuna
+
+    if strategy == "grid":
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    if sampler == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError as e:
+            raise ImportError("the CMA-ES sampler needs the cmaes package: pip install cmaes") from e
+        x0 = {n: 1.0 for n in space}
+        return optuna.samplers.CmaEsSampler(x0=x0, sigma0=0.1, seed=seed, warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def _storage(storage: str | Any | None, out_dir: Path | None) -> Any:
+    import optuna
+
+    if storage is None:
+        if out_dir is None:
+            return optuna.storages.InMemoryStorage()
+        storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    if isinstance(storage, str):
+        if storage.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they fail dead workers' trials
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
+        return storage  # journal files etc.: let optuna parse it
+    return storage
+
+
+def _redact(url: Any) -> str | None:
+    if url is None:
+        return None
+    s = str(url) if isinstance(url, str) else type(url).__name__
+    if "@" in s and "://" in s:
+        scheme, rest = s.split("://", 1)
+        s = f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return s
+
+
+def _trial_record(t: Any) -> dict[str, Any]:
+    ua = t.user_attrs
+    return {"number": t.number, "params": dict(t.params), "jaq": t.value, "tc": ua.get("tc"), "iq": ua.get("iq"),
+            "n_invalid": ua.get("n_invalid"), "state": t.state.name, "role": ua.get("role", "search"),
+            "model_evals": ua.get("model_evals"), "cache_hits": ua.get("cache_hits")}
+
+
+def calibrate(
+    pipe: Any,
+    prompts: Sequence[str],
+    steps: int | None = None,
+    *,
+    jaq: JAQ | None = None,
+    k: float = 2.0,
+    parametrization: str = "linear",
+    strategy: str = "optuna",
+    n_trials: int | None = None,
+    sampler: str = "tpe",
+    grid_range: Sequence[float] = (0.8, 1.2),
+    grid_points: int = 10,
+    seeds: Sequence[int] = (0,),
+    guidance_scale: float | None = None,
+    storage: str | Any | None = None,
+    study_name: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    call_kwargs: dict[str, Any] | None = None,
+    model_name: str | None = None,
+    batch_size: int | None = None,
+    sampler_seed: int = 0,
+    cache: bool = True,
+) -> CalibrationResult:
+    """Search Q-Sched coefficients for ``pipe`` (already quantized) maximising JAQ on ``prompts``.
+
+    Args:
+        pipe: the quantized pipeline; it is the only model run. Its scheduler is restored afterwards.
+        prompts: calibration prompts (disjoint from evaluation prompts).
+        steps: denoising steps (default: the model table's, else 4).
+        jaq: the score (default ``make_jaq("testbed", k=k)``); selection is the argmax of JAQ itself.
+        parametrization: "linear" (2 params, the paper), "ramp" (4) or "per-step" (2T).
+        strategy: "optuna" (``sampler`` "tpe" or "cmaes", ``n_trials`` default 40) or "grid" (``grid_points``
+            per axis over ``grid_range``; ``n_trials`` defaults to the whole grid plus the identity trial).
+        seeds: one image per (seed, prompt); identical noise for every candidate.
+        storage / study_name: Optuna storage (URL or object; default SQLite ``out_dir/study.db``, in memory
+            without ``out_dir``) and study name; the same call resumes the study.
+        out_dir: where the result, ``scheduler/`` and ``schedules.json`` are written (nothing when None).
+        call_kwargs: extra pipeline call arguments (e.g. height/width).
+        cache: memoise the denoiser and text-encoder forwards (identical results; False only counts them).
+        n_trials counts completed trials in the study, the identity trial included.
+
+    Returns:
+        A :class:`CalibrationResult`.
+    """
+    import optuna
+
+    t0 = time.perf_counter()
+    kind = _check_parametrization(parametrization)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    lo, hi = _check_range(grid_range)
+    prompts = [str(p) for p in prompts]
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("calibrate needs at least one non-empty prompt")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("calibrate needs at least one seed")
+    model = model_name or _model_name(pipe)
+    if steps is None:
+        steps = _default_steps(model_name)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    space = search_space(kind, steps, (lo, hi), grid_points)
+    names = list(space)
+    grid_size = int(grid_points) ** len(names)
+    if strategy == "grid" and grid_size > MAX_GRID:
+        raise ValueError(f"a {kind} grid with {grid_points} points per axis has {grid_size:,} candidates "
+                         f"(more than {MAX_GRID:,}); use fewer grid points or strategy='optuna'")
+    if n_trials is None:
+        n_trials = 1 + grid_size if strategy == "grid" else 40
+    if int(n_trials) < 1:
+        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    n_trials = int(n_trials)
+    if jaq is None:
+        from qsched.scoring import make_jaq
+
+        jaq = make_jaq("testbed", k=k)
+    spec = _quant_spec(pipe)
+    if spec is None:
+        warnings.warn("calibrate: the pipeline is not quantized (full-precision tuning)", UserWarning, stacklevel=2)
+
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create output directory {out}: {e}") from e
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"output directory {out} is not writable")
+
+    config = {"model": model, "quant_spec": spec, "steps": steps, "parametrization": kind, "strategy": strategy,
+              "grid_range": [lo, hi], "seeds": seeds, "k": float(jaq.k),
+              "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest()}
+    if strategy == "grid":
+        config["grid_points"] = int(grid_points)
+    study_name = study_name or f"qsched-{kind}-{strategy}-{steps}steps"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    store = _storage(storage, out)
+    sampler_obj = _make_sampler(strategy, sampler, space, sampler_seed)
+    study = optuna.create_study(study_name=study_name, storage=store, sampler=sampler_obj, direction="maximize",
+                                load_if_exists=True)
+    old = study.user_attrs.get("qsched_config")
+    if old is None:
+        study.set_user_attr("qsched_config", config)
+    elif old != config:
+        diff = {key: (old.get(key), config.get(key)) for key in set(old) | set(config) if old.get(key) != config.get(key)}
+        raise ValueError(f"study {study_name!r} in this storage was created with other settings {diff}; "
+                         "use another study name or output directory")
+    identity_params = {n: 1.0 for n in names}
+    # a RUNNING identity trial may be one a killed run left behind: enqueue another (a duplicate is harmless)
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
+    if not any(t.user_attrs.get("role") == ROLE_IDENTITY for t in study.get_trials(deepcopy=False, states=live)):
+        study.enqueue_trial(identity_params, user_attrs={"role": ROLE_IDENTITY})
+
+    name_d, denoiser = _denoiser(pipe)
+    encoders = _text_encoders(pipe)
+    n_calls = len(seeds) * math.ceil(len(prompts) / (batch_size or len(prompts)))
+    dcache = ForwardCache(max_entries=n_calls * (steps + 2) + 8, name=name_d, enabled=cache)
+    tcache = ForwardCache(max_entries=4 * n_calls + 8, name="text_encoder", enabled=cache)
+    base_scheduler = pipe.scheduler
+    from qsched.scheduler import QSchedScheduler, apply_schedule
+
+    base_unwrapped = base_scheduler.base_scheduler if isinstance(base_scheduler, QSchedScheduler) else base_scheduler
+
+    def run_schedule(schedule: Schedule) -> JAQScore:
+        apply_schedule(pipe, schedule)
+        images, rep = generate_images(pipe, prompts, seeds, steps, guidance_scale=guidance_scale,
+                                      call_kwargs=call_kwargs, batch_size=batch_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # invalid images are counted in the score
+            return jaq.score(images, rep)
+
+    def objective(trial: Any) -> float:
+        params = {n: trial.suggest_float(n, lo, hi) for n in names}
+        schedule = Schedule.from_params(kind, params, steps)
+        e0, h0 = dcache.evals, dcache.hits
+        s = run_schedule(schedule)
+        trial.set_user_attr("tc", s.tc)
+        trial.set_user_attr("iq", s.iq)
+        trial.set_user_attr("n_invalid", s.n_invalid)
+        trial.set_user_attr("model_evals", dcache.evals - e0)
+        trial.set_user_attr("cache_hits", dcache.hits - h0)
+        trial.set_user_attr("per_prompt_jaq", {p: v["jaq"] for p, v in s.per_prompt.items()})
+        return s.jaq
+
+    def n_complete() -> int:
+        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+    remaining = n_trials - n_complete()
+    with contextlib.ExitStack() as stack:
+        stack.callback(setattr, pipe, "scheduler", base_scheduler)
+        stack.enter_context(dcache.attach(denoiser))
+        for enc in encoders:
+            stack.enter_context(tcache.attach(enc))
+        if remaining > 0:
+            callbacks: list[Any] = [optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))]
+            if progress:
+                callbacks.append(stack.enter_context(_Progress(n_trials, n_complete(), study)))
+            study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=())
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise RuntimeError(f"study {study_name!r} has no completed trial")
+    best_t = max(complete, key=lambda t: (t.value, -t.number))
+    best_schedule = Schedule.from_params(kind, {n: best_t.params[n] for n in names}, steps)
+    ident = [t for t in complete if t.user_attrs.get("role") == ROLE_IDENTITY]
+    naive = None
+    if ident:
+        t = ident[0]
+        naive = {"jaq": t.value, "tc": t.user_attrs.get("tc"), "iq": t.user_attrs.get("iq"),
+                 "n_invalid": t.user_attrs.get("n_invalid"), "trial": t.number}
+    if naive is not None and best_t.user_attrs.get("role") == ROLE_IDENTITY:
+        best_schedule = Schedule.identity(steps)
+    best = {"jaq": best_t.value, "tc": best_t.user_attrs.get("tc"), "iq": best_t.user_attrs.get("iq"),
+            "n_invalid": best_t.user_attrs.get("n_invalid"), "trial": best_t.number, "params": dict(best_t.params)}
+    result = CalibrationResult(
+        schedule=best_schedule, best=best, naive=naive,
+        trials=[_trial_record(t) for t in study.get_trials(deepcopy=False)],
+        prompts=prompts, seeds=seeds, model=model, quant_spec=spec, steps=steps, parametrization=kind,
+        strategy=strategy, sampler=None if strategy == "grid" else sampler, k=float(jaq.k), grid_range=[lo, hi],
+        guidance_scale=guidance_scale, model_evals=dcache.evals, cache_hits=dcache.hits,
+        text_encoder_evals=tcache.evals, text_encoder_hits=tcache.hits,
+        n_images=len(prompts) * len(seeds), wall_time_s=time.perf_counter() - t0, study_name=study_name,
+        storage=_redact(storage if storage is not None else (f"sqlite:///{out / 'study.db'}" if out else "memory")),
+        versions=_versions(), base_scheduler=base_unwrapped,
+    )
+    if out is not None:
+        result.save(out)
+    return result
+
+
+class _Progress:
+    """A rich progress bar over trials showing the best JAQ so far (an Optuna callback)."""
+
+    def __init__(self, total: int, done: int, study: Any):
+        self.total, self.done, self.study = total, done, study
+
+    def __enter__(self) -> "_Progress":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("[bold]calibrate[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.description}"), TimeElapsedColumn())
+        self.bar.start()
+        self.task = self.bar.add_task(self._desc(), total=self.total, completed=self.done)
+        return self
+
+    def _desc(self) -> str:
+        try:
+            return f"best JAQ {self.study.best_value:.4f}"
+        except ValueError:
+            return "best JAQ -"
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.bar.update(self.task, advance=1, description=self._desc())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()

@@ -1,0 +1,171 @@
+"""Tests for the qsched command line (typer CliRunner) on a tiny random testbed pipeline and stand-in scorers."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import qsched
+from qsched import cli
+from qsched.scoring import JAQ, to_tensor
+
+runner = CliRunner()
+
+
+class BrightTC:
+    def __call__(self, images, prompts):
+        return 100 * to_tensor(images).mean(dim=(1, 2, 3))
+
+
+class ContrastIQ:
+    def __call__(self, images):
+        return 10 * to_tensor(images).std(dim=(1, 2, 3))
+
+
+@pytest.fixture(scope="module")
+def base_pipe():
+    from qsched.testbed.pipeline import tiny_testbed_pipeline
+
+    return tiny_testbed_pipeline(seed=0)
+
+
+@pytest.fixture
+def tiny(monkeypatch, base_pipe):
+    """Route model loading to fresh copies of a tiny testbed pipeline and JAQ to cheap stand-in scorers."""
+    loaded = []
+
+    def load(model, device):
+        from qsched.pipelines import MODELS
+
+        if model not in MODELS:  # the real loader's validation, without loading anything
+            return cli.__dict__["_real_load"](model, device)
+        loaded.append(model)
+        return copy.deepcopy(base_pipe)
+
+    monkeypatch.setitem(cli.__dict__, "_real_load", cli._load_pipeline)
+    monkeypatch.setattr(cli, "_load_pipeline", load)
+    monkeypatch.setattr(cli, "_make_jaq", lambda preset, device, k: JAQ(BrightTC(), ContrastIQ(), k=k))
+    return loaded
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    assert "Traceback" not in result.output
+    return err
+
+
+def test_help_and_version():
+    r = runner.invoke(cli.app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("calibrate", "generate", "quantize", "evaluate", "report"):
+        assert cmd in r.output
+    r = runner.invoke(cli.app, ["--version"])
+    assert r.exit_code == 0 and qsched.__version__ in r.output
+    r = runner.invoke(cli.app, ["calibrate", "--help"])
+    assert r.exit_code == 0 and "--parametrization" in r.output
+
+
+def test_calibrate_end_to_end_then_generate_and_report(tiny, tmp_path):
+    out = tmp_path / "calib"
+    r = runner.invoke(cli.app, ["calibrate", "--trials", "3", "--n-prompts", "4", "--steps", "2", "--out", str(out),
+                                "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "naive" in r.output and "Q-Sched" in r.output and "model evaluations" in r.output
+    assert tiny == ["testbed"]
+    data = json.loads((out / "calibration.json").read_text())
+    assert len(data["trials"]) == 3 and data["quant_spec"] == "w4a8" and data["steps"] == 2
+    assert data["model"] == "testbed" and len(data["prompts"]) == 4
+    # calibration prompts use training wording, disjoint from the held-out evaluation prompts
+    from qsched.testbed.data import all_captions
+
+    assert not set(data["prompts"]) & set(all_captions("heldout")[0])
+    assert set(data["prompts"]) <= set(all_captions("train")[0])
+    # 1 evaluation per step for the first trial, the first step cached afterwards
+    assert data["model_evals"] == 2 + 2 * 1 and data["cache_hits"] == 2
+    assert (out / "schedules.json").exists() and (out / "scheduler" / "scheduler_config.json").exists()
+    assert (out / "report" / "report.html").exists()
+
+    img = tmp_path / "img.png"
+    r = runner.invoke(cli.app, ["generate", "a photo of a bag", "--schedule", str(out), "--out", str(img)])
+    assert r.exit_code == 0, r.output
+    assert "Q-Sched schedule" in r.output
+    assert Image.open(img).size == (32, 32)
+
+    img2 = tmp_path / "img2.png"
+    r = runner.invoke(cli.app, ["generate", "a photo of a bag", "--out", str(img2), "--steps", "2",
+                                "--model-coeff", "1.1,1", "--sample-coeff", "0.95,1"])
+    assert r.exit_code == 0, r.output
+
+    rep = tmp_path / "rep"
+    r = runner.invoke(cli.app, ["report", "--calibration", str(out), "--out", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert (rep / "report.html").exists()
+
+    ev = tmp_path / "ev"
+    r = runner.invoke(cli.app, ["evaluate", "--schedule", str(out), "--steps", "2", "--n-images", "2", "--metrics", "",
+                                "--out", str(ev), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((ev / "evaluation.json").read_text())["rows"]
+    assert {"fp-original", "quant-naive", "quant-qsched"} <= set(rows)
+
+    # the same command resumes (nothing left to run) and reports the same best schedule
+    r = runner.invoke(cli.app, ["calibrate", "--trials", "3", "--n-prompts", "4", "--steps", "2", "--out", str(out),
+                                "--no-progress"])
+    assert r.exit_code == 0, r.output
+    again = json.loads((out / "calibration.json").read_text())
+    assert again["schedule"] == data["schedule"] and again["model_evals"] == 0
+
+
+def test_quantize_command(tiny, tmp_path):
+    r = runner.invoke(cli.app, ["quantize", "--spec", "w8a8", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    assert "w8a8" in r.output and "saved" in r.output
+    assert any((tmp_path / "q").iterdir())
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny, tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    cases = [
+        (["calibrate", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")], "not found"),
+        (["calibrate", "--prompts", str(empty), "--out", str(tmp_path / "o")], "empty"),
+        (["calibrate", "--model", "no-such-model", "--out", str(tmp_path / "o")], "no-such-model"),
+        (["calibrate", "--spec", "w4a99", "--out", str(tmp_path / "o")], "spec"),
+        (["calibrate", "--spec", "banana", "--out", str(tmp_path / "o")], "banana"),
+        (["calibrate", "--out", str(a_file / "sub")], "cannot create"),
+        (["calibrate", "--grid-range", "0,1.2", "--out", str(tmp_path / "o")], "grid-range"),
+        (["calibrate", "--grid-range", "1.2,0.8", "--out", str(tmp_path / "o")], "grid-range"),
+        (["calibrate", "--parametrization", "cubic", "--out", str(tmp_path / "o")], "cubic"),
+        (["calibrate", "--seeds", "a,b", "--out", str(tmp_path / "o")], "seeds"),
+        (["generate", "a bag", "--model-coeff", "0.9,-1", "--out", str(tmp_path / "i.png")], "model-coeff"),
+        (["generate", "a bag", "--model-coeff", "nan,1", "--out", str(tmp_path / "i.png")], "model-coeff"),
+        (["generate", "a bag", "--schedule", str(tmp_path / "nope"), "--out", str(tmp_path / "i.png")], "not found"),
+        (["generate", "a bag", "--out", str(a_file / "i.png")], "cannot create"),
+        (["quantize", "--spec", "w4a99", "--out", str(tmp_path / "q")], "spec"),
+        (["quantize", "--model", "no-such-model", "--out", str(tmp_path / "q")], "no-such-model"),
+        (["report", "--calibration", str(tmp_path / "nothing")], "not found"),
+    ]
+    for args, needle in cases:
+        r = runner.invoke(cli.app, args)
+        line = _error_line(r)
+        assert needle in line, (args, line)
+    assert tiny == []  # every check failed before a pipeline was built, or in the loader itself
+
+
+def test_generate_schedule_for_missing_spec_is_a_clear_error(tiny, tmp_path):
+    from qsched.calibrate import save_schedule
+    from qsched.schedule import Schedule
+
+    save_schedule(tmp_path, "w8a8", Schedule.linear(0.9, 1.1, 4), "testbed", 4)
+    r = runner.invoke(cli.app, ["generate", "a bag", "--schedule", str(tmp_path), "--out", str(tmp_path / "i.png")])
+    line = _error_line(r)
+    assert "w4a8" in line and "w8a8" in line
