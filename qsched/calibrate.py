@@ -26,7 +26,7 @@ import os
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -654,7 +654,8 @@ def calibrate(
     if old is None:
         study.set_user_attr("qsched_config", config)
     elif old != config:
-        diff = {key: (old.get(key), config.get(key)) for key in set(old) | set(config) if old.get(key) != config.get(key)}
+        diff = {key: (old.get(key), config.get(key))
+                for key in sorted(set(old) | set(config)) if old.get(key) != config.get(key)}
         raise ValueError(f"study {study_name!r} in this storage was created with other settings {diff}; "
                          "use another study name or output directory")
     identity_params = {n: 1.0 for n in names}
@@ -704,7 +705,8 @@ def calibrate(
         for enc in encoders:
             stack.enter_context(tcache.attach(enc))
         if remaining > 0:
-            callbacks: list[Any] = [optuna.study.MaxTrialsCallback(n_trials, states=(optuna.trial.TrialState.COMPLETE,))]
+            done_states = (optuna.trial.TrialState.COMPLETE,)
+            callbacks: list[Any] = [optuna.study.MaxTrialsCallback(n_trials, states=done_states)]
             if progress:
                 callbacks.append(stack.enter_context(_Progress(n_trials, n_complete(), study)))
             study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=())

@@ -54,6 +54,10 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except _USER_ERRORS as e:
             _fail(_one_line(e))
+        except ImportError as e:
+            if "pip install" not in str(e):  # a missing optional extra is a user-facing error; anything else a bug
+                raise
+            _fail(_one_line(e))
         except Exception as e:  # noqa: BLE001 - only a few named classes are user errors
             if type(e).__name__ in _USER_ERROR_NAMES or any(c.__name__ in _USER_ERROR_NAMES for c in type(e).__mro__):
                 _fail(_one_line(e))
@@ -141,7 +145,8 @@ def _check_spec(spec: str) -> str | None:
     try:
         return QuantSpec.parse(spec).name
     except ValueError as e:
-        raise UsageError(f"unknown quantization spec {spec!r}: {_one_line(e)}") from None
+        msg = _one_line(e)
+        raise UsageError(msg if spec in msg else f"unknown quantization spec {spec!r}: {msg}") from None
 
 
 def _writable_dir(path: Path, what: str = "output directory") -> Path:

@@ -6,7 +6,6 @@ import copy
 import json
 
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
