@@ -25,7 +25,7 @@ _OUR_KEYS = ("base_scheduler_class", "schedule")
 
 
 class _Mirror:
-    """Callable forwarding to ``owner.<impl>`` whose ``inspect.signature`` is the base method's."""
+    """Callable forwarding to ``owner.<impl>`` whose ``inspect.signature`` is the base's ``<name>``."""
 
     __slots__ = ("_owner", "_name", "_impl")
 
@@ -38,10 +38,6 @@ class _Mirror:
     @property
     def __signature__(self) -> inspect.Signature:
         return inspect.signature(getattr(self._owner._base, self._name))
-
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        return getattr(self._owner._base, self._name).__doc__
 
 
 class _mirrored:
@@ -86,7 +82,6 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
         """Wrap ``base`` (a QSchedScheduler is unwrapped first, never wrapped twice)."""
         return cls(base, schedule)
 
-    # ------------------------------------------------------------------ schedule
     @property
     def schedule(self) -> Schedule | None:
         """The current :class:`Schedule` (None: pass-through)."""
@@ -103,7 +98,6 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
         """The wrapped, unmodified diffusers scheduler."""
         return self._base
 
-    # ------------------------------------------------------------------ the two wrapped methods
     def _set_timesteps(self, *args: Any, **kwargs: Any) -> Any:
         out = self._base.set_timesteps(*args, **kwargs)
         object.__setattr__(self, "_count", 0)
@@ -132,7 +126,6 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
                 sample = sample * cx
         return base.step(model_output, timestep, sample, *args, **kwargs)
 
-    # ------------------------------------------------------------------ transparent delegation
     def __getattr__(self, name: str) -> Any:
         base = self.__dict__.get("_base")
         if base is None or name.startswith("__") or name in _OWN:
@@ -148,9 +141,7 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return len(self._base)
 
-    @property
-    def compatibles(self) -> list:
-        return self._base.compatibles
+    compatibles = property(lambda self: self._base.compatibles)
 
     @property
     def _internal_dict(self) -> FrozenDict:
@@ -162,16 +153,11 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
     def _internal_dict(self, value: Any) -> None:  # pipelines rewrite scheduler._internal_dict: forward to the base
         self._base._internal_dict = FrozenDict({k: v for k, v in dict(value).items() if k not in _OUR_KEYS})
 
-    # ------------------------------------------------------------------ config (save / load)
     def to_json_string(self) -> str:
         """JSON of {base_scheduler_class, base_config (full), schedule}; written as scheduler_config.json."""
-        d = {
-            "_class_name": type(self).__name__,
-            "_diffusers_version": diffusers.__version__,
-            "base_scheduler_class": type(self._base).__name__,
-            "base_config": json.loads(self._base.to_json_string()),
-            "schedule": None if self._schedule is None else self._schedule.to_dict(),
-        }
+        d = {"_class_name": type(self).__name__, "_diffusers_version": diffusers.__version__,
+             "base_scheduler_class": type(self._base).__name__, "base_config": json.loads(self._base.to_json_string()),
+             "schedule": None if self._schedule is None else self._schedule.to_dict()}
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     @classmethod

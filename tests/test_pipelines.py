@@ -1,7 +1,6 @@
 """Tests for qsched.pipelines and qsched.testing: tiny pipelines, Q-Sched on real pipeline classes, loading."""
 
 import json
-import subprocess
 import sys
 import types
 
@@ -91,18 +90,22 @@ def test_saved_pipeline_reloads_with_its_schedule(tmp_path):
         assert np.allclose(out, tuned, atol=1e-4) and np.abs(out - plain).max() > 1e-3
 
 
-def test_load_pipeline_in_a_fresh_process(tmp_path):
+def test_load_pipeline_imports_the_scheduler_module_itself(monkeypatch, tmp_path):
+    # As in a fresh process: diffusers resolves ["qsched.scheduler", "QSchedScheduler"] only from sys.modules.
+    import qsched
+
     pipe = pipe_of("pcm")
     base = pipe.scheduler
     apply_schedule(pipe, Schedule.ramp(0.9, 1.0, 1.1, 1.0, 4))
     pipe.save_pretrained(tmp_path / "p")
     pipe.scheduler = base
-    code = ("import sys; from qsched.pipelines import load_pipeline; p = load_pipeline(sys.argv[1]); "
-            "print(type(p).__name__, type(p.scheduler).__name__, p.scheduler.schedule.kind)")
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p")], capture_output=True, text=True,
-                         timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.split() == ["StableDiffusionPipeline", "QSchedScheduler", "ramp"]
+    monkeypatch.setattr(qsched, "scheduler", qsched.scheduler)  # restored (with sys.modules) after the test
+    monkeypatch.delitem(sys.modules, "qsched.scheduler")
+    with pytest.raises(ValueError, match="qsched.scheduler"):
+        diffusers.DiffusionPipeline.from_pretrained(tmp_path / "p")
+    loaded = load_pipeline(str(tmp_path / "p"))
+    assert "qsched.scheduler" in sys.modules and type(loaded).__name__ == "StableDiffusionPipeline"
+    assert type(loaded.scheduler).__name__ == "QSchedScheduler" and loaded.scheduler.schedule.kind == "ramp"
 
 
 def test_model_table():
