@@ -1,0 +1,106 @@
+"""Train the testbed teacher: a text-conditioned pixel-space UNet (epsilon prediction, SD1.5 noise schedule).
+
+    python -m qsched.testbed.train_teacher --steps 1500 --work runs/teacher --out qsched/testbed/weights
+
+Seeded and resumable: re-running the same command continues from ``--work``/ckpt. Text is dropped with
+probability ``--p-uncond`` so that classifier-free guidance works. Min-SNR-5 loss weighting speeds convergence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .data import load_fashion_mnist
+from .models import build_unet, noise_scheduler, unet_config
+from .trainutil import Logger, caption_table, ema_update, load_checkpoint, lr_at, save_checkpoint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--p-uncond", type=float, default=0.1)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path("runs/teacher"))
+    p.add_argument("--out", type=Path, default=Path("qsched/testbed/weights"))
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    data = load_fashion_mnist("train", limit=a.limit)
+    x_all = data.images * 2 - 1
+    caps, states, cap_labels, by_class = caption_table("train")
+    uncond = states[-1]
+    sched = noise_scheduler()
+    abar = sched.alphas_cumprod
+    snr = abar / (1 - abar)
+
+    unet = build_unet(student=False).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=a.lr, weight_decay=0.0)
+    ckpt = a.work / "ckpt"
+    start = 0
+    if ckpt.with_suffix(".json").exists():
+        start = load_checkpoint(ckpt, {"unet": unet, "ema": ema}, opt)["step"]
+        print(f"resumed from {ckpt} at step {start}")
+    g = torch.Generator().manual_seed(a.seed + start)  # resumption changes the batch stream, not the result quality
+    log = Logger(a.work / "train.log", a.steps)
+
+    for step in range(start, a.steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, a.steps, a.lr)
+        idx = torch.randint(0, len(x_all), (a.batch_size,), generator=g)
+        x0, y = x_all[idx], data.labels[idx]
+        cap_idx = torch.tensor([by_class[int(c)][torch.randint(0, len(by_class[int(c)]), (1,), generator=g).item()]
+                                for c in y])
+        ctx = states[cap_idx].clone()
+        drop = torch.rand(a.batch_size, generator=g) < a.p_uncond
+        ctx[drop] = uncond
+        t = torch.randint(0, sched.config.num_train_timesteps, (a.batch_size,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        xt = sched.add_noise(x0, noise, t)
+        pred = unet(xt, t, ctx).sample
+        w = (torch.clamp(snr[t], max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 for epsilon prediction
+        loss = (w * (pred - noise) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema_update(ema, unet, a.ema if step > 200 else 0.0)
+        if step % a.log_every == 0 or step == a.steps - 1:
+            log(step, loss=loss.item(), mse=F.mse_loss(pred, noise).item(), lr=opt.param_groups[0]["lr"])
+        if (step + 1) % a.ckpt_every == 0 or step == a.steps - 1:
+            save_checkpoint(ckpt, step + 1, {"unet": unet, "ema": ema}, opt)
+
+    export(ema, a.out / "teacher", {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed})
+
+
+def export(unet: torch.nn.Module, out: Path, train_info: dict) -> None:
+    """Ship weights as fp16 safetensors plus a JSON config (the repo stores small files only)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(out.with_suffix(".safetensors")))
+    cfg = dict(unet.config) if hasattr(unet, "config") else {}
+    out.with_suffix(".json").write_text(json.dumps({"unet_config": {k: v for k, v in cfg.items()
+                                                                    if not k.startswith("_")},
+                                                    "train": train_info}, indent=1, default=list))
+    print(f"exported {out.with_suffix('.safetensors')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Small training helpers shared by the testbed's training scripts: safetensors checkpoints (model, EMA,
+optimizer state; never pickle), EMA, a warm-up + cosine learning-rate, and a caption-embedding table."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model (parameters and float buffers)."""
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1.0 - decay)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 100, final_frac: float = 0.05) -> float:
+    """Linear warm-up then cosine decay to ``final_frac * base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(path: Path, step: int, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+                    extra: dict | None = None) -> None:
+    """Write ``path``.safetensors (weights + optimizer tensors) and ``path``.json (step, optimizer scalars)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}.{k}": v.contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    opt_t, opt_meta = _flat_optimizer(opt)
+    tensors.update(opt_t)
+    tmp = path.with_suffix(".tmp.safetensors")
+    save_file(tensors, str(tmp))
+    meta = {"step": step, "optimizer": opt_meta, **(extra or {})}
+    path.with_suffix(".json.tmp").write_text(json.dumps(meta))
+    tmp.replace(path.with_suffix(".safetensors"))  # atomic: a killed run keeps the previous checkpoint
+    path.with_suffix(".json.tmp").replace(path.with_suffix(".json"))
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], opt: torch.optim.Optimizer) -> dict:
+    """Restore what save_checkpoint wrote; returns its JSON metadata (``step`` etc.)."""
+    path = Path(path)
+    tensors = load_file(str(path.with_suffix(".safetensors")))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    for name, m in modules.items():
+        pre = f"{name}."
+        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+    state: dict[int, dict] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, key = k.split(".", 2)
+            state.setdefault(int(pid), {})[key] = v
+    for pid, sc in meta["optimizer"]["scalars"].items():
+        state.setdefault(int(pid), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
+    return meta
+
+
+class Logger:
+    """Prints progress lines (step, loss, it/s, ETA) and appends them to a log file."""
+
+    def __init__(self, path: Path | None, total: int):
+        self.path, self.total, self.t0 = path, total, time.time()
+        self.start_step: int | None = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, step: int, **vals: float) -> None:
+        if self.start_step is None:
+            self.start_step = step
+        el = time.time() - self.t0
+        rate = (step - self.start_step + 1) / max(el, 1e-9)
+        eta = (self.total - step - 1) / max(rate, 1e-9)
+        s = f"step {step + 1}/{self.total} " + " ".join(f"{k}={v:.4f}" for k, v in vals.items())
+        s += f" {rate:.2f} it/s eta {eta / 60:.1f} min"
+        print(s, flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(s + "\n")
+
+
+def caption_table(split: str = "train") -> tuple[list[str], torch.Tensor, torch.Tensor, dict[int, list[int]]]:
+    """Every caption of ``split`` with its MiniLM token states, plus the empty (unconditional) prompt last.
+
+    Returns (captions, states (N+1, 16, 384), labels (N,), class -> caption indices).
+    """
+    from .data import all_captions
+    from .text import shared_minilm, token_states
+
+    caps, labels = all_captions(split)
+    tok, enc = shared_minilm()
+    states = torch.cat([token_states(tok, enc, caps[i:i + 128]) for i in range(0, len(caps), 128)]
+                       + [token_states(tok, enc, [""])])
+    by_class: dict[int, list[int]] = {}
+    for i, c in enumerate(labels):
+        by_class.setdefault(c, []).append(i)
+    return caps, states, torch.tensor(labels), by_class
