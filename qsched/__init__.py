@@ -30,6 +30,8 @@ _EXPORTS = {
     "calibrate": "qsched.calibrate",
     "CalibrationResult": "qsched.calibrate",
     "evaluate": "qsched.evaluate",
+    # diffusers < 0.42 records saved components as ["qsched", cls] and checks the base class on the package.
+    "SchedulerMixin": "diffusers",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -1,0 +1,137 @@
+"""Latent-consistency distillation (LCD) of the testbed teacher into a few-step student.
+
+    python -m qsched.testbed.train_student --steps 1000 --work runs/student --out qsched/testbed/weights
+
+The LCM recipe (Luo et al. 2023) in pixel space: a skipping-step DDIM solver over 50 of the 1000 teacher
+timesteps (skip k = 20), classifier-free guidance of the teacher with a guidance scale sampled per example and
+embedded into the student (``time_cond_proj_dim``), an EMA target network, LCM boundary conditions
+(c_skip, c_out with timestep scaling 10, as diffusers' LCMScheduler) and a pseudo-Huber loss. The student
+starts from the teacher's weights. Seeded and resumable from ``--work``/ckpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .data import load_fashion_mnist
+from .models import build_unet, guidance_embedding, noise_scheduler
+from .train_teacher import export
+from .trainutil import Logger, caption_table, ema_update, load_checkpoint, lr_at, save_checkpoint
+
+SOLVER_STEPS = 50
+TIMESTEP_SCALING = 10.0
+SIGMA_DATA = 0.5
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM's c_skip, c_out (the same formula as LCMScheduler.get_scalings_for_boundary_condition_discrete)."""
+    s = t.float() * TIMESTEP_SCALING
+    c_skip = SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2)
+    c_out = s / (s**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--target-ema", type=float, default=0.95)
+    p.add_argument("--w-min", type=float, default=1.5, help="smallest guidance scale sampled")
+    p.add_argument("--w-max", type=float, default=4.5, help="largest guidance scale sampled")
+    p.add_argument("--huber-c", type=float, default=0.001)
+    p.add_argument("--teacher", type=Path, default=Path("qsched/testbed/weights/teacher.safetensors"))
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--work", type=Path, default=Path("runs/student"))
+    p.add_argument("--out", type=Path, default=Path("qsched/testbed/weights"))
+    p.add_argument("--ckpt-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    data = load_fashion_mnist("train", limit=a.limit)
+    x_all = data.images * 2 - 1
+    _, states, _, by_class = caption_table("train")
+    uncond = states[-1]
+    abar = noise_scheduler().alphas_cumprod
+    k = noise_scheduler().config.num_train_timesteps // SOLVER_STEPS
+    solver_t = torch.arange(1, SOLVER_STEPS + 1) * k - 1  # 19, 39, ..., 999 (LCMScheduler's origin timesteps)
+
+    teacher = build_unet(student=False).eval().requires_grad_(False)
+    teacher.load_state_dict({k_: v.float() for k_, v in load_file(str(a.teacher)).items()})
+    student = build_unet(student=True)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in m for m in missing), (missing, unexpected)
+    cp = student.time_embedding.cond_proj
+    torch.nn.init.zeros_(cp.weight)  # starts exactly as the teacher
+    student.train()
+    target = copy.deepcopy(student).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
+    ckpt, start = a.work / "ckpt", 0
+    if ckpt.with_suffix(".json").exists():
+        start = load_checkpoint(ckpt, {"student": student, "target": target}, opt)["step"]
+        print(f"resumed from {ckpt} at step {start}")
+    g = torch.Generator().manual_seed(a.seed + start)
+    log = Logger(a.work / "train.log", a.steps)
+
+    for step in range(start, a.steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, a.steps, a.lr, warmup=50)
+        B = a.batch_size
+        idx = torch.randint(0, len(x_all), (B,), generator=g)
+        x0, y = x_all[idx], data.labels[idx]
+        cap = torch.tensor([by_class[int(c)][torch.randint(0, len(by_class[int(c)]), (1,), generator=g).item()]
+                            for c in y])
+        ctx = states[cap]
+        n = torch.randint(0, SOLVER_STEPS, (B,), generator=g)
+        t, s = solver_t[n], (solver_t[n] - k).clamp_min(0)
+        w = a.w_min + (a.w_max - a.w_min) * torch.rand(B, generator=g)  # guidance scale
+        wemb = guidance_embedding(w - 1.0)
+        noise = torch.randn(x0.shape, generator=g)
+        at, as_ = abar[t].view(-1, 1, 1, 1), abar[s].view(-1, 1, 1, 1)
+        xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
+
+        cs_t, co_t = boundary_scalings(t)
+        eps = student(xt, t, ctx, timestep_cond=wemb).sample
+        pred = cs_t * xt + co_t * (xt - (1 - at).sqrt() * eps) / at.sqrt()
+
+        with torch.no_grad():
+            e_u, e_c = teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])
+                               ).sample.chunk(2)
+            e = e_u + w.view(-1, 1, 1, 1) * (e_c - e_u)
+            x0_t = (xt - (1 - at).sqrt() * e) / at.sqrt()
+            xs = as_.sqrt() * x0_t + (1 - as_).sqrt() * e  # one DDIM step t -> s of the guided teacher
+            cs_s, co_s = boundary_scalings(s)
+            e_tgt = target(xs, s, ctx, timestep_cond=wemb).sample
+            tgt = cs_s * xs + co_s * (xs - (1 - as_).sqrt() * e_tgt) / as_.sqrt()
+
+        loss = (torch.sqrt((pred - tgt) ** 2 + a.huber_c**2) - a.huber_c).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        ema_update(target, student, a.target_ema)
+        if step % a.log_every == 0 or step == a.steps - 1:
+            log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
+        if (step + 1) % a.ckpt_every == 0 or step == a.steps - 1:
+            save_checkpoint(ckpt, step + 1, {"student": student, "target": target}, opt)
+
+    export(target, a.out / "student", {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+                                       "recipe": "LCD", "solver_steps": SOLVER_STEPS, "w_range": [a.w_min, a.w_max],
+                                       "target_ema": a.target_ema})
+
+
+if __name__ == "__main__":
+    main()
