@@ -1,0 +1,135 @@
+"""The embedded testbed: data, captions, pipeline behaviour, training scripts, shipped weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qsched.testbed import data
+from qsched.testbed.pipeline import TestbedPipeline, load_testbed_pipeline, tiny_testbed_pipeline
+
+
+def test_captions_heldout_disjoint_from_training():
+    train, _ = data.all_captions("train")
+    held, held_labels = data.all_captions("heldout")
+    assert not set(train) & set(held)
+    assert set(held_labels) == set(range(10))
+    with pytest.raises(ValueError):
+        data.captions_for(0, "test")
+
+
+def test_heldout_prompts_balanced_and_deterministic():
+    p1, l1 = data.heldout_prompts(40, seed=3)
+    p2, l2 = data.heldout_prompts(40, seed=3)
+    assert p1 == p2 and l1 == l2
+    assert np.bincount(l1).tolist() == [4] * 10
+    for p, c in zip(p1, l1):
+        assert p in data.captions_for(c, "heldout")
+
+
+def test_fashion_mnist_loads_padded():
+    ds = data.load_fashion_mnist("test", limit=16)
+    assert ds.images.shape == (16, 1, 32, 32) and ds.labels.shape == (16,)
+    assert ds.images.min() >= 0 and ds.images.max() <= 1
+    assert ds.images[:, :, :2].abs().sum() == 0  # zero padding
+
+
+def test_missing_dataset_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        data.load_fashion_mnist("test")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_testbed_pipeline(seed=0)
+
+
+def _gen(pipe, **kw):
+    kw.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipe(["a sneaker", "a bag"], num_inference_steps=kw.pop("steps", 2), **kw).images
+
+
+def test_pipeline_output_types_and_determinism(tiny):
+    pt = _gen(tiny, output_type="pt")
+    npy = _gen(tiny, output_type="np")
+    pil = _gen(tiny, output_type="pil")
+    assert pt.shape == (2, 1, 32, 32) and npy.shape == (2, 32, 32, 1) and len(pil) == 2
+    assert torch.equal(pt.permute(0, 2, 3, 1), torch.from_numpy(npy))
+    assert pil[0].size == (32, 32) and pil[0].mode == "L"
+    assert torch.equal(pt, _gen(tiny, output_type="pt"))
+    assert not torch.equal(pt, _gen(tiny, output_type="pt", generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError):
+        tiny("x", output_type="latent")
+    with pytest.raises(ValueError):
+        tiny([], output_type="pt")
+
+
+def test_guidance_scale_changes_student_output(tiny):
+    a = _gen(tiny, output_type="pt", guidance_scale=1.5)
+    b = _gen(tiny, output_type="pt", guidance_scale=4.0)
+    assert not torch.equal(a, b)
+
+
+def test_teacher_uses_classifier_free_guidance():
+    pipe = tiny_testbed_pipeline(seed=0, student=False)
+    a = _gen(pipe, output_type="pt", guidance_scale=1.0, steps=3)
+    b = _gen(pipe, output_type="pt", guidance_scale=3.0, steps=3)
+    assert not torch.equal(a, b)
+
+
+def test_pipeline_save_load_roundtrip(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path)
+    back = TestbedPipeline.from_pretrained(tmp_path)
+    back.set_progress_bar_config(disable=True)
+    assert torch.allclose(_gen(tiny, output_type="pt"), _gen(back, output_type="pt"), atol=1e-5)
+
+
+def test_pipeline_works_with_schedule_and_quantization(tiny):
+    from qsched import Schedule, apply_schedule
+    from qsched.quantization import quant_spec_of, quantize
+
+    pipe = tiny_testbed_pipeline(seed=0)
+    base = _gen(pipe, output_type="pt", steps=4)
+    apply_schedule(pipe, Schedule.identity(4))
+    assert torch.equal(base, _gen(pipe, output_type="pt", steps=4))
+    apply_schedule(pipe, Schedule.linear(0.9, 1.05, 4))
+    assert not torch.equal(base, _gen(pipe, output_type="pt", steps=4))
+    quantize(pipe, "w4a8")
+    assert quant_spec_of(pipe) == "w4a8"
+
+
+def test_training_scripts_run_and_resume(tmp_path):
+    from qsched.testbed import train_student, train_teacher
+
+    common = ["--limit", "64", "--batch-size", "4", "--ckpt-every", "1", "--log-every", "1", "--threads", "1"]
+    train_teacher.main(["--steps", "2", "--work", str(tmp_path / "t"), "--out", str(tmp_path / "w"), *common])
+    assert json.loads((tmp_path / "t" / "ckpt.json").read_text())["step"] == 2
+    train_teacher.main(["--steps", "3", "--work", str(tmp_path / "t"), "--out", str(tmp_path / "w"), *common])
+    assert json.loads((tmp_path / "t" / "ckpt.json").read_text())["step"] == 3  # resumed, one more step
+    train_student.main(["--steps", "2", "--teacher", str(tmp_path / "w" / "teacher.safetensors"),
+                        "--work", str(tmp_path / "s"), "--out", str(tmp_path / "w"), *common])
+    pipe = load_testbed_pipeline("student", weights_dir=tmp_path / "w")
+    img = pipe("a coat", num_inference_steps=2, output_type="pt").images
+    assert img.shape == (1, 1, 32, 32) and torch.isfinite(img).all()
+
+
+def test_unknown_variant_and_missing_weights(tmp_path):
+    with pytest.raises(ValueError, match="variant"):
+        load_testbed_pipeline("giant")
+    with pytest.raises(FileNotFoundError, match="train_student"):
+        load_testbed_pipeline("student", weights_dir=tmp_path)
+
+
+def test_shipped_student_draws_the_prompted_class():
+    """The shipped 4-step student must produce recognisable, prompt-following images (held-out wording)."""
+    from qsched.testbed.metrics import ClassifierFD
+
+    pipe = load_testbed_pipeline("student")
+    prompts, labels = data.heldout_prompts(100, seed=7)
+    imgs = pipe(prompts, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    acc = ClassifierFD().class_accuracy(imgs, labels)
+    assert acc >= 0.7, acc
