@@ -16,6 +16,7 @@ Every metric raises ``ValueError`` when images contain NaN or inf, naming how ma
 from __future__ import annotations
 
 import json
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -95,8 +96,8 @@ def to_gray32(images: Any) -> torch.Tensor:
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
     """Frechet distance ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)) between two Gaussians.
 
-    The matrix square root uses ``scipy.linalg.sqrtm``; if it is not finite (near-singular product), ``eps`` is
-    added to both diagonals. Small imaginary parts from numerical error are dropped; large ones (diagonal
+    The matrix square root uses ``scipy.linalg.sqrtm``; if it is not finite or scipy reports a singular product,
+    ``eps`` is added to both diagonals. Small imaginary parts from numerical error are dropped; large ones (diagonal
     imaginary part > 1e-3 even after the ``eps`` offset) raise ``ValueError``.
     """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
@@ -113,20 +114,23 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
             raise ValueError(f"{name} contains NaN or inf")
     diff = mu1 - mu2
 
-    def _sqrt(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return np.asarray(scipy.linalg.sqrtm(a @ b))
+    def _sqrt(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, bool]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+            r = np.asarray(scipy.linalg.sqrtm(a @ b))
+        return r, any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
 
-    covmean = _sqrt(s1, s2)
+    covmean, singular = _sqrt(s1, s2)
     offset_used = False
-    if not np.isfinite(covmean).all():
+    if singular or not np.isfinite(covmean).all():
         off = np.eye(d) * eps
-        covmean = _sqrt(s1 + off, s2 + off)
+        covmean, _ = _sqrt(s1 + off, s2 + off)
         offset_used = True
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             if not offset_used:
                 off = np.eye(d) * eps
-                covmean = _sqrt(s1 + off, s2 + off)
+                covmean, _ = _sqrt(s1 + off, s2 + off)
             if np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
                 m = float(np.max(np.abs(covmean.imag)))
                 raise ValueError(f"matrix square root has a large imaginary component ({m:.3g})")

@@ -1,6 +1,6 @@
 """Train the testbed's tiny CLIP (CPU, minutes).
 
-    python -m qsched.testbed.train_clip --out qsched/testbed/weights --steps 1200
+    python -m qsched.testbed.train_clip --out qsched/testbed/weights --steps 700
 
 Each batch holds Fashion-MNIST train images, half of them degraded (noise, blur, posterize, blockiness,
 structured "denoising residue" noise, contrast/brightness shifts, or two of these), each paired with one caption:
@@ -193,10 +193,10 @@ def evaluate(model: TinyCLIP, n_zero_shot: int | None = None, n_auc: int = 2000,
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train(out: Path, steps: int = 1200, limit: int | None = None, batch_size: int = 256, lr: float = 2e-3,
+def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int = 192, lr: float = 2e-3,
           seed: int = 0, max_steps: int | None = None, fresh: bool = False, ckpt_every: int = 100,
           log_every: int = 50, eval_limit: int | None = None, p_degraded: float = 0.5,
-          small_captions: bool = False) -> dict[str, Any]:
+          small_captions: bool = False, width: int = 16) -> dict[str, Any]:
     """Train and save the tiny CLIP; returns the summary written to ``tiny_clip.json``."""
     from qsched.testbed.text import sentence_embeddings, shared_minilm
 
@@ -208,7 +208,7 @@ def train(out: Path, steps: int = 1200, limit: int | None = None, batch_size: in
     tok, lm = shared_minilm()
     cap_emb = torch.cat([sentence_embeddings(tok, lm, caps[i:i + 256]) for i in range(0, len(caps), 256)]).float()
     print(f"[clip] {len(caps)} captions embedded with MiniLM in {time.time() - t_text:.1f}s", flush=True)
-    model = TinyCLIP()
+    model = TinyCLIP(width=width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
     ckpt = out / "tiny_clip_ckpt.safetensors"
     step, elapsed = 0, 0.0
@@ -270,21 +270,23 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=1200, help="total optimizer steps (sets the LR schedule)")
+    p.add_argument("--steps", type=int, default=700, help="total optimizer steps (sets the LR schedule)")
     p.add_argument("--limit", type=int, default=None, help="use only the first K train images")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first K test images only")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=192)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--width", type=int, default=16, help="image encoder width (channels of the first conv)")
     p.add_argument("--small-captions", action="store_true", help="a ~50-caption bank (smoke tests only)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     train(a.out, a.steps, a.limit, a.batch_size, a.lr, a.seed, a.max_steps, a.fresh, a.ckpt_every,
-          eval_limit=a.eval_limit, small_captions=a.small_captions)
+          eval_limit=a.eval_limit, small_captions=a.small_captions,
+          width=a.width)
 
 
 if __name__ == "__main__":
