@@ -1,0 +1,159 @@
+"""qsched.bench end to end on the tiny random testbed pipeline with tiny injected scorers (no shipped weights)."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from qsched.bench import BenchEnv, BenchSettings, headline_table, main, parse_fid_rows, run_bench
+
+
+class _Quiet:
+    """A console stand-in that records what the bench prints."""
+
+    def __init__(self):
+        self.lines = []
+
+    def print(self, *a, **k):
+        self.lines.append(" ".join(str(x) for x in a))
+
+    def rule(self, *a, **k):
+        self.lines.append("---- " + " ".join(str(x) for x in a))
+
+
+@pytest.fixture(scope="module")
+def env_factory():
+    """A BenchEnv on the tiny testbed pipeline with tiny random classifier / CLIP / 'Inception' stand-ins."""
+    from qsched.evaluate import AccuracyMetric, FrechetMetric, JAQMetric
+    from qsched.scoring import JAQ, TestbedCLIPIQA, TestbedCLIPScore
+    from qsched.testbed.classifier import FashionClassifier
+    from qsched.testbed.clip import TinyCLIP
+    from qsched.testbed.metrics import ClassifierFD, feature_stats
+    from qsched.testbed.pipeline import tiny_testbed_pipeline
+
+    torch.manual_seed(0)
+    clf = FashionClassifier(width=4, feat_dim=8).eval()
+    cfd = ClassifierFD(classifier=clf)
+    ref = feature_stats(cfd.features(torch.rand(64, 1, 32, 32)))
+    clip = TinyCLIP(width=4, embed_dim=16, text_hidden=16).eval()
+    proj = torch.randn(32 * 32, 6, generator=torch.Generator().manual_seed(1))
+    fid_ref = feature_stats(torch.rand(64, 32 * 32) @ proj)
+    pipe = tiny_testbed_pipeline(seed=0)
+
+    def make(counter):
+        def load():
+            counter["loads"] += 1
+            return pipe
+
+        return BenchEnv(
+            load_pipe=load, jaq=lambda: JAQ(TestbedCLIPScore(model=clip), TestbedCLIPIQA(model=clip)), name="tiny",
+            eval_metrics=lambda: [FrechetMetric("fd", cfd.features, lambda: ref), AccuracyMetric(cfd.predict),
+                                  JAQMetric(JAQ(TestbedCLIPScore(model=clip), TestbedCLIPIQA(model=clip)))],
+            fid_metrics=lambda: [FrechetMetric("fid", lambda x: x.reshape(x.shape[0], -1) @ proj, lambda: fid_ref)])
+
+    return make
+
+
+def tiny_settings(**kw):
+    return BenchSettings.quick(steps=(2,), precisions=("fp32", "w4a8"), calib_prompts=3, calib_trials=2,
+                               eval_images=6, eval_batch=3, fid_images=4,
+                               fid_rows=parse_fid_rows("fp32:original,w4a8:qsched"), grid_points=3, search_steps=2,
+                               search_trials=3, search_seeds=(0, 1), speed_batch=2, speed_steps=2, speed_repeats=2,
+                               overhead_calls=40, rss=False, sd15="skip", progress=False, **kw)
+
+
+def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
+    counter = {"loads": 0}
+    out, work = tmp_path / "BENCHMARKS.md", tmp_path / "work"
+    con = _Quiet()
+    R = run_bench(tiny_settings(), env_factory(counter), out=out, work=work, command="python -m qsched.bench --x",
+                  console=con)
+    md = out.read_text()
+    for heading in ("## 1. Quality", "## 2. Search cost", "## 3. Size and speed", "## Headline", "QUICK MODE"):
+        assert heading in md
+    assert "pending" not in md
+    assert "python -m qsched.bench --x" in md and "cores" in md and "torch " in md
+    assert (tmp_path / "benchmarks_search.png").stat().st_size > 1000
+    assert "![search cost](benchmarks_search.png)" in md
+    assert (tmp_path / "benchmarks_samples.png").exists()
+
+    # section 1: every row of the 2-step table measured, the best parametrization chosen on calibration JAQ only
+    cal = R["calibrations"]["2"]["w4a8"]
+    assert cal["_chosen"] == max(("linear", "ramp", "per-step"), key=lambda p: (cal[p]["best"]["jaq"],
+                                                                                 -["linear", "ramp", "per-step"].index(p)))
+    for prec in ("fp32", "w4a8"):
+        for label in ("original", "qsched-linear", "qsched-best", "fp32-tuned"):
+            row = R["rows"]["2"][prec][label]["row"]
+            assert 0.0 <= row["accuracy"] <= 1.0 and row["fd"] >= 0 and row["n_images"] == 6
+    assert R["prompts"]["disjoint"] and not set(R["prompts"]["calibration"]["prompts"]) & set(
+        __import__("qsched.prompts", fromlist=["x"]).load_prompts("testbed-heldout", n=6).prompts)
+    assert set(R["fid"]["rows"]) == {"fp32:original", "w4a8:qsched-best"}
+    assert all(r["row"]["fid"] >= 0 for r in R["fid"]["rows"].values())
+
+    # section 2: grid of 3x3 + identity, curves monotone, forwards counted per trial
+    sr = R["search"]
+    gx, gy = sr["grid"]["curve"]
+    assert sr["grid"]["n_trials"] == 10 and len(gx) == 10
+    assert all(b >= a for a, b in zip(gy, gy[1:])) and all(b >= a for a, b in zip(gx, gx[1:])) and gx[-1] > gx[0]
+    for r in sr["tpe"].values():
+        x, y = r["curve"]
+        if r["to_exact"] is not None:
+            assert y[x.index(r["to_exact"])] >= sr["grid"]["best_jaq"] - 1e-12
+    assert "forwards to grid best" in md
+
+    # section 3: packed 4-bit file well below fp16 on the quantized part, speeds measured
+    files = R["sizes"]["files"]
+    assert files["packed w8"] < files["fp32"] and files["packed w4"] < files["fp32"] and files["fp16"] < files["fp32"]
+    res = R["sizes"]["resident"]
+    assert res["w4a8 keep_packed"] < res["w4a8 simulated"]
+    for v in R["speed"]["variants"].values():
+        assert v["images_per_s"] > 0 and v["ms_per_step"] > 0 and len(v["call_seconds"]) == 2
+    assert R["speed"]["overhead"]["wrapped_us"] > 0
+
+    # headline: one line per precision, 4 columns, the command
+    head = headline_table(R)
+    assert head == R["headline"] and "python -m qsched.bench --x" in head
+    assert len(re.findall(r"^\| (fp32|w4a8) \|", head, re.M)) == 2
+    assert head in md.replace("## Headline\n\n", "") or head.splitlines()[2] in md
+    assert counter["loads"] == 1 and R["computed"] and not R["skipped"]
+
+    # resume: nothing recomputed, the pipeline never loaded, same numbers
+    con2 = _Quiet()
+    R2 = run_bench(tiny_settings(), env_factory(counter), out=out, work=work, command="python -m qsched.bench --x",
+                   console=con2)
+    assert R2["computed"] == [] and len(R2["skipped"]) == len(R["computed"])
+    assert counter["loads"] == 1
+    assert R2["headline"] == R["headline"]
+    assert R2["search"]["grid"]["best_jaq"] == R["search"]["grid"]["best_jaq"]
+
+    # a killed run: drop one evaluation row's result -> only that unit runs again
+    victim = next((work / "units" / "eval").glob("2s-w4a8-original-*/result.json"))
+    victim.unlink()
+    R3 = run_bench(tiny_settings(), env_factory(counter), out=out, work=work, command="c", console=_Quiet())
+    assert R3["computed"] == ["eval/2s-w4a8-original"]
+    assert R3["rows"]["2"]["w4a8"]["original"]["row"]["fd"] == pytest.approx(R["rows"]["2"]["w4a8"]["original"]
+                                                                               ["row"]["fd"])
+
+    # --fresh recomputes everything
+    R4 = run_bench(tiny_settings(), env_factory(counter), out=out, work=work, fresh=True, console=_Quiet(),
+                   sections=("size",))
+    assert R4["skipped"] == [] and R4["computed"]
+    assert json.loads((work / "results.json").read_text())["settings"]["mode"] == "quick"
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="PRECISION:LABEL"):
+        parse_fid_rows("w4a8:magic")
+    with pytest.raises(ValueError, match="fp32"):
+        BenchSettings(precisions=("w4a8",))
+    with pytest.raises(ValueError, match="unknown precision"):
+        BenchSettings(precisions=("fp32", "w3a3"))
+    assert parse_fid_rows("") == () and BenchSettings(fid_rows=()).fid_rows == ()
+    assert parse_fid_rows("w4a8:qsched, fp32:tuned") == (("w4a8", "qsched-best"), ("fp32", "fp32-tuned"))
+    (tmp_path / "units").mkdir()
+    with pytest.raises(ValueError, match="refusing"):
+        run_bench(tiny_settings(), BenchEnv(load_pipe=lambda: None, jaq=lambda: None), work=tmp_path, fresh=True,
+                  out=tmp_path / "B.md", console=_Quiet())
+    with pytest.raises(SystemExit):
+        main(["--fid-rows", "nope"])
