@@ -115,7 +115,8 @@ class QuantSpec:
     act_granularity: str = "per-token"
 
     def __post_init__(self) -> None:
-        if isinstance(self.weight_bits, bool) or not isinstance(self.weight_bits, int) or not 2 <= self.weight_bits <= 8:
+        wb = self.weight_bits
+        if isinstance(wb, bool) or not isinstance(wb, int) or not 2 <= wb <= 8:
             raise ValueError(f"weight_bits must be an int in 2..8, got {self.weight_bits!r}. Examples: {_EXAMPLES}")
         if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 4 <= self.act_bits <= 16:
             raise ValueError(f"act_bits must be an int in 4..16 (16 = no activation quantization), got "
@@ -628,7 +629,8 @@ def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, sk
     """torchao backend: int8 weight-only (w8a16), int8 dynamic (w8a8), int4 weight-only (w4a16, CUDA)."""
     supported = "w8a16 (int8 weight-only), w8a8 (int8 dynamic activations + int8 weights), w4a16 (CUDA only)"
     if not spec.symmetric or spec.act_granularity != "per-token":
-        raise ValueError(f"backend='torchao' does not support {spec.name}: only symmetric specs; supported: {supported}")
+        raise ValueError(f"backend='torchao' does not support {spec.name}: only symmetric specs; "
+                         f"supported: {supported}")
     key = (spec.weight_bits, spec.act_bits)
     if key not in ((8, 16), (8, 8), (4, 16)) or (spec.weight_bits == 8 and spec.group_size is not None):
         raise ValueError(f"backend='torchao' does not support {spec.name}; supported: {supported}. "
@@ -849,6 +851,7 @@ def _load_module(folder: Path, meta: dict[str, Any], keep_packed: bool, device: 
         state = {k: f.get_tensor(k).clone() for k in f.keys()}
     model.load_state_dict(state, strict=True, assign=True)
     del state
+    _trim_heap()
     for bname, dt in meta.get("nonpersistent_buffer_dtypes", {}).items():
         mname, _, leaf = bname.rpartition(".")
         owner = model.get_submodule(mname) if mname else model
@@ -865,10 +868,21 @@ def _load_module(folder: Path, meta: dict[str, Any], keep_packed: bool, device: 
     return model
 
 
+def _trim_heap() -> None:
+    """Hand the loader's freed temporary copies back to the OS (glibc keeps them otherwise; ~2x RSS)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def load_quantized(directory: str | Path, keep_packed: bool = False, device: str | torch.device = "cpu") -> Any:
     """Load what :func:`save_quantized` wrote: a pipeline (or a bare denoiser module), in eval mode.
 
-    The denoiser is rebuilt from its config, its quantized layers swapped in and filled from the packed codes;
+    The denoiser class (recorded in ``qsched_quantization.json``; only diffusers/transformers/qsched classes are
+    imported) is rebuilt from its config, its quantized layers swapped in and filled from the packed codes;
     outputs equal the in-memory quantized model's exactly. ``keep_packed=True`` keeps uint8 codes + fp16 scales
     in memory and dequantizes per layer during each forward (identical outputs, smaller, slower).
     """
