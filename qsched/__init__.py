@@ -24,6 +24,7 @@ _EXPORTS = {
     "quantize": "qsched.quantization",
     "save_quantized": "qsched.quantization",
     "load_quantized": "qsched.quantization",
+    "quant_spec_of": "qsched.quantization",
     "load_pipeline": "qsched.pipelines",
     "MODELS": "qsched.pipelines",
     "JAQ": "qsched.scoring",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .data import CLASS_NAMES, heldout_prompts, load_fashion_mnist
-from .pipeline import TestbedPipeline, load_testbed_pipeline
+from .pipeline import DEFAULT_GUIDANCE, TestbedPipeline, load_testbed_pipeline
 
 HERE = Path(__file__).parent
 
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n", type=int, default=2000, help="images per configuration")
     p.add_argument("--n-full", type=int, default=10000, help="images for the student's 4-step FD")
     p.add_argument("--teacher-steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--quick", action="store_true", help="skip the teacher and the 10k-image FD")
     p.add_argument("--out", type=Path, default=HERE)
     a = p.parse_args(argv)

@@ -25,10 +25,14 @@ from .text import MAX_TOKENS, load_minilm, tokenize
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
-#: Default sampling settings per variant (steps, guidance scale).
+#: Guidance scale used when the caller passes none. Chosen by comparing 3.0 and 6.0 on the teacher (class
+#: accuracy on held-out and training wordings, 200 prompts each); the student is distilled for scales 2-8.
+DEFAULT_GUIDANCE = 6.0
+
+#: Default sampling settings per variant.
 VARIANTS: dict[str, dict] = {
-    "student": {"num_inference_steps": 4, "guidance_scale": 3.0, "scheduler": "LCMScheduler"},
-    "teacher": {"num_inference_steps": 50, "guidance_scale": 3.0, "scheduler": "DDIMScheduler"},
+    "student": {"num_inference_steps": 4, "scheduler": "LCMScheduler"},
+    "teacher": {"num_inference_steps": 50, "scheduler": "DDIMScheduler"},
 }
 
 
@@ -65,7 +69,7 @@ class TestbedPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if guidance_scale is None:
-            guidance_scale = 3.0
+            guidance_scale = DEFAULT_GUIDANCE
         b, dev, dtype = len(prompts), self.unet.device, self.unet.dtype
         ctx = self.encode_prompt(prompts)
         cfg = not self.embeds_guidance and guidance_scale > 1.0
@@ -154,4 +158,4 @@ def tiny_testbed_pipeline(seed: int = 0, student: bool = True) -> TestbedPipelin
     return pipe
 
 
-__all__ = ["TestbedPipeline", "load_testbed_pipeline", "tiny_testbed_pipeline", "VARIANTS", "MAX_TOKENS"]
+__all__ = ["TestbedPipeline", "load_testbed_pipeline", "tiny_testbed_pipeline", "VARIANTS", "MAX_TOKENS", "DEFAULT_GUIDANCE"]

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .data import load_fashion_mnist
 from .models import build_unet, guidance_embedding, noise_scheduler
 from .train_teacher import export
-from .trainutil import Logger, caption_table, ema_update, load_checkpoint, lr_at, save_checkpoint
+from .trainutil import Logger, base_parser, ema_update, load_checkpoint, lr_at, save_checkpoint, training_setup
 
 SOLVER_STEPS = 50
 TIMESTEP_SCALING = 10.0
@@ -38,32 +37,18 @@ def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-4)
+    p = base_parser(__doc__, steps=1000, lr=2e-4, work="runs/student", ckpt_every=50)
     p.add_argument("--target-ema", type=float, default=0.95)
     p.add_argument("--w-min", type=float, default=2.0, help="smallest guidance scale sampled")
     p.add_argument("--w-max", type=float, default=8.0, help="largest guidance scale sampled")
     p.add_argument("--huber-c", type=float, default=0.001)
     p.add_argument("--teacher", type=Path, default=Path("qsched/testbed/weights/teacher.safetensors"))
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--work", type=Path, default=Path("runs/student"))
-    p.add_argument("--out", type=Path, default=Path("qsched/testbed/weights"))
-    p.add_argument("--ckpt-every", type=int, default=50)
-    p.add_argument("--log-every", type=int, default=25)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    data = load_fashion_mnist("train", limit=a.limit)
-    x_all = data.images * 2 - 1
-    _, states, _, by_class = caption_table("train")
+    x_all, y_all, states, by_class = training_setup(a)
     uncond = states[-1]
     abar = noise_scheduler().alphas_cumprod
     k = noise_scheduler().config.num_train_timesteps // SOLVER_STEPS
@@ -91,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             grp["lr"] = lr_at(step, a.steps, a.lr, warmup=50)
         B = a.batch_size
         idx = torch.randint(0, len(x_all), (B,), generator=g)
-        x0, y = x_all[idx], data.labels[idx]
+        x0, y = x_all[idx], y_all[idx]
         cap = torch.tensor([by_class[int(c)][torch.randint(0, len(by_class[int(c)]), (1,), generator=g).item()]
                             for c in y])
         ctx = states[cap]

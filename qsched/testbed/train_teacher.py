@@ -1,6 +1,6 @@
 """Train the testbed teacher: a text-conditioned pixel-space UNet (epsilon prediction, SD1.5 noise schedule).
 
-    python -m qsched.testbed.train_teacher --steps 1500 --work runs/teacher --out qsched/testbed/weights
+    python -m qsched.testbed.train_teacher --work runs/teacher --out qsched/testbed/weights
 
 Seeded and resumable: re-running the same command continues from ``--work``/ckpt. Text is dropped with
 probability ``--p-uncond`` so that classifier-free guidance works. Min-SNR-5 loss weighting speeds convergence.
@@ -17,35 +17,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .data import load_fashion_mnist
 from .models import build_unet, noise_scheduler, unet_config
-from .trainutil import Logger, caption_table, ema_update, load_checkpoint, lr_at, save_checkpoint
+from .trainutil import Logger, base_parser, ema_update, load_checkpoint, lr_at, save_checkpoint, training_setup
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=6e-4)
+    p = base_parser(__doc__, steps=2000, lr=8e-4, work="runs/teacher", ckpt_every=100)
     p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--p-uncond", type=float, default=0.1)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--work", type=Path, default=Path("runs/teacher"))
-    p.add_argument("--out", type=Path, default=Path("qsched/testbed/weights"))
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the text (for CFG)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    data = load_fashion_mnist("train", limit=a.limit)
-    x_all = data.images * 2 - 1
-    caps, states, cap_labels, by_class = caption_table("train")
+    x_all, y_all, states, by_class = training_setup(a)
     uncond = states[-1]
     sched = noise_scheduler()
     abar = sched.alphas_cumprod
@@ -66,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, a.steps, a.lr)
         idx = torch.randint(0, len(x_all), (a.batch_size,), generator=g)
-        x0, y = x_all[idx], data.labels[idx]
+        x0, y = x_all[idx], y_all[idx]
         cap_idx = torch.tensor([by_class[int(c)][torch.randint(0, len(by_class[int(c)]), (1,), generator=g).item()]
                                 for c in y])
         ctx = states[cap_idx].clone()

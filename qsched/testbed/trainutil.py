@@ -3,6 +3,7 @@ optimizer state; never pickle), EMA, a warm-up + cosine learning-rate, and a cap
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -114,3 +115,30 @@ def caption_table(split: str = "train") -> tuple[list[str], torch.Tensor, torch.
     for i, c in enumerate(labels):
         by_class.setdefault(c, []).append(i)
     return caps, states, torch.tensor(labels), by_class
+
+
+def base_parser(doc: str | None, steps: int, lr: float, work: str, ckpt_every: int) -> argparse.ArgumentParser:
+    """The options every testbed diffusion training script shares (defaults = the shipped models' runs)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--work", type=Path, default=Path(work), help="checkpoint and log folder (resumes from it)")
+    p.add_argument("--out", type=Path, default=Path("qsched/testbed/weights"))
+    p.add_argument("--ckpt-every", type=int, default=ckpt_every)
+    p.add_argument("--log-every", type=int, default=25)
+    return p
+
+
+def training_setup(a: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, list[int]]]:
+    """Seed, set threads, and load (images in [-1, 1], labels, caption token states, class -> caption ids)."""
+    from .data import load_fashion_mnist
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    data = load_fashion_mnist("train", limit=a.limit)
+    _, states, _, by_class = caption_table("train")
+    return data.images * 2 - 1, data.labels, states, by_class
