@@ -194,10 +194,15 @@ class BenchEnv:
     def testbed(cls, variant: str = "student") -> "BenchEnv":
         """The shipped testbed model with its scorers (classifier FD/accuracy, tiny-CLIP JAQ, Inception FID)."""
         from qsched.scoring import make_jaq
-        from qsched.testbed.pipeline import load_testbed_pipeline
+        from qsched.testbed.pipeline import WEIGHTS_DIR, load_testbed_pipeline
 
+        w = WEIGHTS_DIR / f"{variant}.safetensors"
+        if not w.exists():
+            raise FileNotFoundError(f"testbed weights missing: {w} (train them with "
+                                    f"`python -m qsched.testbed.train_{variant}`)")
+        digest = hashlib.sha1(w.read_bytes()).hexdigest()[:8]  # units are keyed by the weights they measured
         return cls(load_pipe=lambda: load_testbed_pipeline(variant), jaq=lambda: make_jaq("testbed"),
-                   name=f"testbed-{variant}")
+                   name=f"testbed-{variant}-{digest}")
 
 
 class _Models:
@@ -1150,21 +1155,25 @@ def _findings(R: dict[str, Any]) -> list[str]:
                     continue
                 name = f"{steps}-step {prec} {_LABEL_TEXT[label]}" + (
                     f" ({_chosen(R, steps, prec)})" if label == "qsched-best" else "")
-                worse = []
-                if q["fd"] > o["fd"]:
-                    worse.append(f"FD {q['fd']:.4g} vs naive {o['fd']:.4g}")
-                if q.get("accuracy") is not None and o.get("accuracy") is not None and q["accuracy"] < o["accuracy"]:
-                    worse.append(f"accuracy {q['accuracy']:.4f} vs {o['accuracy']:.4f}")
-                if q.get("jaq") is not None and o.get("jaq") is not None and q["jaq"] < o["jaq"]:
-                    worse.append(f"held-out JAQ {q['jaq']:.4f} vs {o['jaq']:.4f}")
-                if worse:
-                    out.append(f"**Does not help**: {name} is worse than the original schedule: " + "; ".join(worse) + ".")
-                elif q["fd"] == o["fd"]:
-                    out.append(f"{name}: calibration kept the identity schedule (no change).")
+                worse, better = [], []
+                for key, what, lower in (("fd", "FD", True), ("accuracy", "accuracy", False),
+                                         ("jaq", "held-out JAQ", False)):
+                    a, b = o.get(key), q.get(key)
+                    if a is None or b is None or a == b:
+                        continue
+                    nd = next((k for k in range(4, 9) if f"{a:.{k}g}" != f"{b:.{k}g}"), 9)
+                    txt = f"{what} {a:.{nd}g} -> {b:.{nd}g}"
+                    ((better if (b < a) == lower else worse)).append(txt)
+                if not worse and not better:
+                    out.append(f"{name}: no change (calibration kept the identity schedule or an equivalent one).")
+                elif q["fd"] > o["fd"]:
+                    out.append(f"**Does not help**: {name} vs the original schedule: worse {'; '.join(worse)}"
+                               + (f"; better {'; '.join(better)}" if better else "") + ".")
+                elif worse:
+                    out.append(f"**Mixed**: {name} vs the original schedule: better {'; '.join(better)}; worse "
+                               f"{'; '.join(worse)}.")
                 else:
-                    out.append(f"{name} improves on the original schedule: FD {o['fd']:.4g} -> {q['fd']:.4g}"
-                               + (f", accuracy {o['accuracy']:.3f} -> {q['accuracy']:.3f}"
-                                  if o.get("accuracy") is not None and q.get("accuracy") is not None else "") + ".")
+                    out.append(f"{name} helps: " + "; ".join(better) + ".")
             q = _row_metrics(R, steps, prec, "qsched-best")
             if q is not None and fo is not None and q.get("fd") is not None and fo.get("fd") is not None \
                     and q["fd"] < fo["fd"]:
@@ -1335,18 +1344,21 @@ def _samples_figure(R: dict[str, Any], path: Path) -> list[str] | None:
 
     s = R["settings"]
     steps = s["headline_steps"]
-    samples, names = {}, []
+    samples, names, seen = {}, [], set()
     for prec in s["precisions"]:
-        for label in ROW_LABELS:
+        for label in ROW_LABELS[:3]:
             r = R.get("rows", {}).get(str(steps), {}).get(prec, {}).get(label)
-            if r is None or (prec == "fp32" and label == "fp32-tuned"):
+            if r is None or r.get("eval_json") in seen:
                 continue
+            seen.add(r.get("eval_json"))
             p = Path(r.get("eval_json", ""))
             if not p.exists():
                 continue
             ev = EvalResult.from_json(p)
             if ev.samples:
                 name = f"{prec} {_LABEL_TEXT[label]}"
+                if prec == "fp32" and label != "original":
+                    name = name.replace("Q-Sched", "self-tuned")
                 samples[name] = next(iter(ev.samples.values()))
                 names.append(name)
     if not samples:
