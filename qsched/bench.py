@@ -1471,8 +1471,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     work = a.work or Path("runs/bench-quick" if a.quick else "runs/bench")
-    return run_bench(s, out=a.out, work=work, fresh=a.fresh, command=shlex.join(["python", "-m", "qsched.bench",
-                                                                                 *argv]))
+    try:
+        env = BenchEnv.testbed()
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    return run_bench(s, env, out=a.out, work=work, fresh=a.fresh,
+                     command=shlex.join(["python", "-m", "qsched.bench", *argv]))
 
 
 if __name__ == "__main__":

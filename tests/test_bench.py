@@ -115,7 +115,7 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
     head = headline_table(R)
     assert head == R["headline"] and "python -m qsched.bench --x" in head
     assert len(re.findall(r"^\| (fp32|w4a8) \|", head, re.M)) == 2
-    assert head in md.replace("## Headline\n\n", "") or head.splitlines()[2] in md
+    assert all(line in md for line in head.splitlines() if line.startswith("|"))
     assert counter["loads"] == 1 and R["computed"] and not R["skipped"]
 
     # resume: nothing recomputed, the pipeline never loaded, same numbers
