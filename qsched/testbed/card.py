@@ -193,6 +193,18 @@ def render(c: dict, argv: list[str] | None) -> str:
                  "from the CLIP training report)")
     L.append(f"- FD between two halves of the real test set (floor of the FD scale): "
              f"{c['real_test_fd_first_half_vs_all']:.3f}")
+    L += ["", "## Training runs (CPU, 1 thread, this machine)", ""]
+    for name in ("teacher", "student", "classifier", "tiny_clip"):
+        j = HERE / "weights" / f"{name}.json"
+        if j.exists():
+            info = json.loads(j.read_text())
+            info = info.get("train", {k: v for k, v in info.items() if k in ("epochs", "steps", "batch_size", "lr",
+                                                                              "seed", "train_time_s")})
+            L.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    L += ["- note: the teacher's first 100 steps ran under a 1,200-step learning-rate schedule before the run was "
+          "resumed with `--steps 2000` (the documented command reproduces a run without that detour).",
+          "- the teacher is ~1.2M parameters, trained for 2,000 steps of 64 images (about 2 epochs): it is a small "
+          "model trained in 26 minutes, not a converged one."]
     L += ["", f"## Generation quality ({c['settings']['n']} images, held-out prompts, guidance "
               f"{c['settings']['guidance']})", "",
           "| model | steps | class accuracy | FD (classifier features) | non-finite |", "|---|---|---|---|---|"]
