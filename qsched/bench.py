@@ -686,7 +686,10 @@ def _rss_worker(kind: str, path: str, batch: int, threads: int, conn: Any) -> No
     """Subprocess: load one denoiser variant, run one forward, report RSS deltas (KiB)."""
     try:
         torch.set_num_threads(threads)
-        import diffusers  # noqa: F401  (import first so the deltas count the model only)
+        import accelerate  # noqa: F401  (everything loading imports comes first: the deltas count the model)
+        import safetensors.torch  # noqa: F401
+        from diffusers import UNet2DConditionModel  # noqa: F401
+        from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
         from qsched.quantization import load_quantized
 
@@ -1420,7 +1423,7 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
     R["pipeline_loads"] = models.loads
     _write_json(work / "results.json", {k: v for k, v in R.items() if k != "markdown"})
     console.rule("[bold]headline (paste into the README)")
-    console.print(R["headline"], markup=False, highlight=False)
+    console.print(R["headline"], markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out} in {R['wall_time_s'] / 60:.1f} min ({len(units.computed)} units computed, "
                   f"{len(units.skipped)} reused)")
     return R
