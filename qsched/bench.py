@@ -1377,8 +1377,13 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
     """Run (or resume) the benchmark and write ``out`` (Markdown) plus its PNGs beside it.
 
     Returns the results dict (also written to ``<work>/results.json``), with ``markdown`` and ``headline``.
-    Cost of the full run on a 2-core CPU: see the README/report; roughly dominated by the evaluation rows
-    (5k images x up to 12 rows per step count) and the Inception FID rows (~0.46 s per image).
+
+    Cost of the full run, estimated from the quick run's unit timings on this 2-core CPU (idle, 1 torch
+    thread): evaluation rows ~1.7 h (5k images x up to 12 rows per step count, ~7 + 5*steps ms per image),
+    Inception FID rows ~1.4 h (5 rows x 2k images at ~0.45 s), calibrations ~15 min (48 x 50 trials), the 50x50
+    grid ~17 min plus TPE ~4 min, size/speed ~1 min, scripts/measure_quant.py ~10 min and ~8-10 GB RAM: about
+    4 h in all; two to three times that on a loaded machine. Progress is kept unit by unit, so it can be killed
+    and restarted.
     """
     from rich.console import Console
 
