@@ -321,8 +321,33 @@ def calibrate(
     except ImportError:
         write_report = None
     if write_report is not None:
-        report_path = write_report(out / "report", calibration=res, title=f"Q-Sched calibration: {model}")
+        samples = _report_samples(model, pipe, res, list(ps.prompts)[:8], guidance_scale, call_kwargs, device)
+        report_path = write_report(out / "report", calibration=res, samples=samples,
+                                   title=f"Q-Sched calibration: {model}")
     _print_calibration(res, out, report_path)
+
+
+def _report_samples(model: str, pipe: Any, res: Any, prompts: list[str], guidance_scale: float | None,
+                    call_kwargs: dict[str, Any], device: str) -> dict[str, Any]:
+    """Image grid rows for the report: full precision, quantized (original schedule), quantized + Q-Sched.
+
+    Runs after calibration is finished (the full-precision model is only loaded for this picture), with the
+    calibration's first seed so that every row starts from the same noise.
+    """
+    from qsched import Schedule, apply_schedule
+    from qsched.calibrate import generate_images
+
+    kw = dict(guidance_scale=guidance_scale, call_kwargs=call_kwargs)
+    seeds = list(res.seeds[:1])
+    rows: dict[str, Any] = {}
+    fp = _load_pipeline(model, device)
+    rows["full precision"] = generate_images(fp, prompts, seeds, res.steps, **kw)[0]
+    del fp
+    apply_schedule(pipe, Schedule.identity(res.steps))
+    rows[f"{res.quant_spec} original schedule"] = generate_images(pipe, prompts, seeds, res.steps, **kw)[0]
+    apply_schedule(pipe, res.schedule)
+    rows[f"{res.quant_spec} + Q-Sched"] = generate_images(pipe, prompts, seeds, res.steps, **kw)[0]
+    return rows
 
 
 def _fmt(v: Any, nd: int = 4) -> str:
