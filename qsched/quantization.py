@@ -68,6 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qsched._util import package_versions
+
 __all__ = [
     "QuantSpec",
     "QuantLinear",
@@ -683,16 +685,6 @@ def quant_spec_of(pipe_or_module: Any) -> str | None:
 # ----------------------------------------------------------------------------------- save / load
 
 
-def _versions() -> dict[str, str]:
-    out = {"torch": torch.__version__}
-    for mod in ("qsched", "diffusers", "transformers", "safetensors"):
-        try:
-            out[mod] = getattr(importlib.import_module(mod), "__version__", "unknown")
-        except ImportError:
-            pass
-    return out
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -780,7 +772,7 @@ def save_quantized(pipe_or_module: Any, directory: str | Path) -> Path:
         "pipeline_class": None,
         "layers": layers,
         "nonpersistent_buffer_dtypes": _nonpersistent_float_buffers(denoiser),
-        "versions": _versions(),
+        "versions": package_versions(),
     }
     if name is None:
         _save_module(denoiser, directory)
