@@ -521,19 +521,19 @@ def evaluate(
     console.print(f"results: {path}\nreport: {report}")
 
 
+_EVAL_COLUMNS = ("fd", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_non_finite")
+
+
 def _print_rows(res: Any) -> None:
+    """The headline metrics of an evaluation (all of them are in the JSON and the report)."""
     rows = getattr(res, "rows", {}) or {}
-    keys: list[str] = []
-    for r in rows.values():
-        for key, v in r.items():
-            if key not in keys and (isinstance(v, (int, float)) or v is None):
-                keys.append(key)
+    keys = [k for k in _EVAL_COLUMNS if any(r.get(k) is not None for r in rows.values())]
     t = Table(title="evaluation", header_style="bold")
     t.add_column("config")
     for key in keys:
         t.add_column(key, justify="right")
     for name, r in rows.items():
-        t.add_row(name, *[_fmt(r.get(key)) for key in keys])
+        t.add_row(name, *[_fmt(r.get(key), 3) for key in keys])
     console.print(t)
 
 
