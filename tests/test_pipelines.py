@@ -196,3 +196,18 @@ def test_testbed_alias_and_quantized_directories_delegate(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "qsched.quantization", fake)
     (tmp_path / P.QUANT_METADATA).write_text("{}")
     assert load_pipeline(tmp_path) == ("quantized", str(tmp_path), {"device": "cpu"})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_quantize_schedule_generate(family):
+    """quantize + Q-Sched schedule + generate on a fresh tiny pipeline of every family."""
+    from qsched.quantization import quant_spec_of, quantize
+
+    pipe = tiny_pipeline(family)
+    plain = generate(pipe, family)
+    summary = quantize(pipe, "w4a8")
+    assert quant_spec_of(pipe) == "w4a8" and summary.bytes_after < summary.bytes_before
+    steps = tiny_call_kwargs(family)["num_inference_steps"]
+    apply_schedule(pipe, Schedule.linear(0.9, 1.05, steps))
+    out = generate(pipe, family)
+    assert out.shape == plain.shape and np.isfinite(out).all() and not np.array_equal(out, plain)
