@@ -162,23 +162,22 @@ def _writable_dir(path: Path, what: str = "output directory") -> Path:
     return path
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _numbers(text: str, what: str, cast: Callable[[str], Any], kind: str) -> list[Any]:
     try:
-        vals = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        vals = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
     except ValueError:
-        raise UsageError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"{what} must be comma-separated {kind}, got {text!r}") from None
     if not vals:
         raise UsageError(f"{what} is empty")
     return vals
 
 
+def _ints(text: str, what: str) -> list[int]:
+    return _numbers(text, what, int, "integers")
+
+
 def _floats(text: str, what: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if not vals:
-        raise UsageError(f"{what} is empty")
+    vals = _numbers(text, what, float, "numbers")
     bad = [v for v in vals if not math.isfinite(v) or v <= 0]
     if bad:
         raise UsageError(f"{what} must be finite coefficients > 0, got {bad}")

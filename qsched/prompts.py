@@ -164,14 +164,19 @@ def _entries_from_yaml(path: Path) -> tuple[list[str], list[str] | None]:
                 prompts.append(p.strip())
         return prompts, ids
     if isinstance(data, list):
-        prompts = []
-        for v in data:
-            p = v.get("prompt", v.get("caption")) if isinstance(v, dict) else v
-            if isinstance(p, str) and p.strip():
-                prompts.append(p.strip())
-        return prompts, None
+        return _list_prompts(data), None
     raise ValueError(f"{path}: expected a YAML mapping name -> prompt (sDCI format) or a list, "
                      f"got {type(data).__name__}")
+
+
+def _list_prompts(data: list) -> list[str]:
+    """Prompts of a list of strings or of dicts with "prompt"/"caption" (blank entries dropped)."""
+    prompts = []
+    for v in data:
+        p = v.get("prompt", v.get("caption")) if isinstance(v, dict) else v
+        if isinstance(p, str) and p.strip():
+            prompts.append(p.strip())
+    return prompts
 
 
 def _entries_from_json(path: Path) -> tuple[str, list[str], list[str] | None, list[str] | None]:
@@ -200,12 +205,7 @@ def _entries_from_json(path: Path) -> tuple[str, list[str], list[str] | None, li
                                  "{id: {'prompt': ..., 'category': ...}})")
         return "mjhq", prompts, ids, (cats if any(cats) else None)
     if isinstance(data, list):
-        prompts = []
-        for v in data:
-            p = v.get("prompt", v.get("caption")) if isinstance(v, dict) else v
-            if isinstance(p, str) and p.strip():
-                prompts.append(p.strip())
-        return "list", prompts, None, None
+        return "list", _list_prompts(data), None, None
     raise ValueError(f"{path}: unrecognised JSON prompt file (expected MJHQ meta_data.json, COCO captions or a list)")
 
 
