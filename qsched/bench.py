@@ -191,6 +191,7 @@ class BenchEnv:
     eval_metrics: Callable[[], list[Any]] | None = None
     fid_metrics: Callable[[], list[Any]] | None = None
     model: str = "testbed"
+    fid_reference: str = ""  # identifies the FID reference statistics (FID units are keyed by it)
 
     @classmethod
     def testbed(cls, variant: str = "student") -> "BenchEnv":
@@ -202,9 +203,13 @@ class BenchEnv:
         if not w.exists():
             raise FileNotFoundError(f"testbed weights missing: {w} (train them with "
                                     f"`python -m qsched.testbed.train_{variant}`)")
+        from qsched.testbed.metrics import FID_REF_FILE
+
         digest = hashlib.sha1(w.read_bytes()).hexdigest()[:8]  # units are keyed by the weights they measured
+        ref = WEIGHTS_DIR / FID_REF_FILE
+        ref_id = hashlib.sha1(ref.read_bytes()).hexdigest()[:8] if ref.exists() else ""
         return cls(load_pipe=lambda: load_testbed_pipeline(variant), jaq=lambda: make_jaq("testbed"),
-                   name=f"testbed-{variant}-{digest}")
+                   name=f"testbed-{variant}-{digest}", fid_reference=ref_id)
 
 
 class _Models:
@@ -303,8 +308,39 @@ def _finite(x: Any) -> Any:
     return x
 
 
+@dataclass
+class _Job:
+    """One resumable unit of work: its store location (kind, name, config) and how to compute it."""
+
+    kind: str
+    name: str
+    config: dict[str, Any]
+    compute: Callable[[Path], dict[str, Any]]
+    label: str | None = None
+
+
+_HELD = object()  # another live worker is computing the unit
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _Units:
-    """Result store: ``<work>/units/<kind>/<name>-<hash of config>/result.json``; skip what is there."""
+    """Result store: ``<work>/units/<kind>/<name>-<hash of config>/result.json``; skip what is there.
+
+    Several worker processes may share one store (``--jobs``): a worker takes a unit by creating its ``lock``
+    file atomically, skips units that another live worker holds, and collects them once they are written. A
+    lock left by a dead process is taken over, so a killed run resumes as usual.
+    """
+
+    poll_s = 5.0
 
     def __init__(self, work: Path, console: Any, fresh: bool = False):
         self.work = work
@@ -328,27 +364,81 @@ class _Units:
 
     def run(self, kind: str, name: str, config: dict[str, Any], compute: Callable[[Path], dict[str, Any]],
             label: str | None = None) -> dict[str, Any]:
-        d = self.dir(kind, name, config)
+        """Compute one unit (or reuse its stored result, or wait for the worker computing it)."""
+        return self.run_all([_Job(kind, name, config, compute, label)])[0]
+
+    def run_all(self, jobs: Sequence[_Job], after: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+        """Results of ``jobs`` in order. Units held by other workers are skipped first and collected at the end;
+        ``after`` is called whenever this process finishes a unit (e.g. to rewrite the report)."""
+        results: list[Any] = [self._try(j, after) for j in jobs]
+        pending = [i for i, r in enumerate(results) if r is _HELD]
+        if pending:
+            self.console.print(f"  waiting for {len(pending)} unit(s) held by another worker ...")
+        while pending:
+            time.sleep(self.poll_s)
+            for i in list(pending):
+                results[i] = self._try(jobs[i], after, quiet=True)
+                if results[i] is not _HELD:
+                    pending.remove(i)
+        return results
+
+    def _stored(self, d: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+        f = d / "result.json"
+        if not f.exists():
+            return None
+        data = json.loads(f.read_text(encoding="utf-8"))
+        return data if data.get("config") == json.loads(json.dumps(config, default=str)) else None
+
+    def _lock(self, d: Path) -> bool:
+        d.mkdir(parents=True, exist_ok=True)
+        f = d / "lock"
+        try:
+            fd = os.open(f, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(f.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                return False  # being written right now
+            if pid == os.getpid() or _pid_alive(pid):
+                return False
+            f.unlink(missing_ok=True)  # a dead worker's lock
+            return self._lock(d)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{os.getpid()} {platform.node()}\n")
+        return True
+
+    def _try(self, job: _Job, after: Callable[[], None] | None = None, quiet: bool = False) -> Any:
+        d = self.dir(job.kind, job.name, job.config)
         if d in self._memo:  # the same unit asked for twice in one run (e.g. a shared fp32 row)
             return self._memo[d]
-        f = d / "result.json"
-        tag = f"{kind}/{name}"
-        if f.exists():
-            data = json.loads(f.read_text(encoding="utf-8"))
-            if data.get("config") == json.loads(json.dumps(config, default=str)):
+        tag, label = f"{job.kind}/{job.name}", job.label or f"{job.kind}/{job.name}"
+        data = self._stored(d, job.config)
+        locked = data is None and self._lock(d)
+        if data is None and not locked:
+            return _HELD
+        try:
+            if data is None:
+                data = self._stored(d, job.config)  # finished by another worker since we looked
+            if data is not None:
                 self.skipped.append(tag)
-                self.console.print(f"  [dim]cached[/] {label or tag}")
+                if not quiet:
+                    self.console.print(f"  [dim]cached[/] {label}")
                 self._memo[d] = data["result"]
                 return data["result"]
-        d.mkdir(parents=True, exist_ok=True)
-        self.console.print(f"  [bold cyan]run[/] {label or tag} ...")
-        t0 = time.perf_counter()
-        result = compute(d)
-        dt = time.perf_counter() - t0
-        _write_json(f, {"config": config, "result": _finite(result), "seconds": dt, "finished": _now()})
+            self.console.print(f"  [bold cyan]run[/] {label} ...")
+            t0 = time.perf_counter()
+            result = job.compute(d)
+            dt = time.perf_counter() - t0
+            _write_json(d / "result.json", {"config": job.config, "result": _finite(result), "seconds": dt,
+                                            "finished": _now()})
+        finally:
+            if locked:
+                (d / "lock").unlink(missing_ok=True)
         self.computed.append(tag)
-        self.console.print(f"  [green]done[/] {label or tag} in {dt:.1f} s")
-        self._memo[d] = json.loads(f.read_text(encoding="utf-8"))["result"]
+        self.console.print(f"  [green]done[/] {label} in {dt:.1f} s")
+        self._memo[d] = json.loads((d / "result.json").read_text(encoding="utf-8"))["result"]
+        if after is not None:
+            after()
         return self._memo[d]
 
 
@@ -442,17 +532,15 @@ def _section_quality(s: BenchSettings, env: BenchEnv, models: _Models, units: _U
     # ---- calibrations
     con.rule("[bold]1. Quality: calibrations")
     cals: dict[str, dict[str, dict[str, dict[str, Any]]]] = R.setdefault("calibrations", {})
-    for steps in s.steps:
-        for prec in s.precisions:
-            for p in s.parametrizations:
-                conf = {**base, "kind": "calibration", "steps": steps, "precision": prec, "parametrization": p,
-                        "n_trials": s.calib_trials, "sampler": "tpe", "sampler_seed": 0,
-                        "grid_range": list(s.grid_range)}
-                r = units.run("calib", f"{steps}s-{prec}-{p}", conf,
-                              _calibrate_unit(models, env, calib.prompts, steps, prec, p, strategy="optuna",
-                                              n_trials=s.calib_trials, s=s),
-                              label=f"calibrate {steps} steps {prec} {p} ({s.calib_trials} trials)")
-                cals.setdefault(str(steps), {}).setdefault(prec, {})[p] = r
+    keys = [(steps, prec, p) for steps in s.steps for prec in s.precisions for p in s.parametrizations]
+    jobs = [_Job("calib", f"{steps}s-{prec}-{p}",
+                 {**base, "kind": "calibration", "steps": steps, "precision": prec, "parametrization": p,
+                  "n_trials": s.calib_trials, "sampler": "tpe", "sampler_seed": 0, "grid_range": list(s.grid_range)},
+                 _calibrate_unit(models, env, calib.prompts, steps, prec, p, strategy="optuna",
+                                 n_trials=s.calib_trials, s=s),
+                 f"calibrate {steps} steps {prec} {p} ({s.calib_trials} trials)") for steps, prec, p in keys]
+    for (steps, prec, p), r in zip(keys, units.run_all(jobs)):
+        cals.setdefault(str(steps), {}).setdefault(prec, {})[p] = r
     for steps in s.steps:
         for prec in s.precisions:
             c = cals[str(steps)][prec]
@@ -464,15 +552,15 @@ def _section_quality(s: BenchSettings, env: BenchEnv, models: _Models, units: _U
     rows: dict[str, dict[str, dict[str, Any]]] = R.setdefault("rows", {})
     n_batches = math.ceil(s.eval_images / s.eval_batch)
 
-    def row_for(steps: int, prec: str, schedule: dict | None, fid: bool = False) -> dict[str, Any]:
+    def row_job(steps: int, prec: str, schedule: dict | None, fid: bool = False) -> _Job:
         n = s.fid_images if fid else s.eval_images
         conf = {"env": env.name, "kind": "fid" if fid else "evaluation", "steps": steps, "precision": prec,
                 "schedule": schedule, "n_images": n, "eval_seed": s.eval_seed, "batch": s.eval_batch,
-                "prompts_sha1": _hash(evalp.prompts[:n])}
+                "prompts_sha1": _hash(evalp.prompts[:n]), **({"fid_reference": env.fid_reference} if fid else {})}
         sname = "original" if schedule is None else f"{schedule['kind']}-{_hash(schedule)[:6]}"
-        return units.run("fid" if fid else "eval", f"{steps}s-{prec}-{sname}", conf,
-                         _eval_unit(models, env, evalp, steps, prec, schedule, n, s, fid=fid),
-                         label=f"{'FID' if fid else 'evaluate'} {steps} steps {prec} {sname} ({n} images)")
+        return _Job("fid" if fid else "eval", f"{steps}s-{prec}-{sname}", conf,
+                    _eval_unit(models, env, evalp, steps, prec, schedule, n, s, fid=fid),
+                    f"{'FID' if fid else 'evaluate'} {steps} steps {prec} {sname} ({n} images)")
 
     def schedules_of(steps: int, prec: str) -> dict[str, tuple[str, dict | None]]:
         c = cals[str(steps)][prec]
@@ -484,11 +572,11 @@ def _section_quality(s: BenchSettings, env: BenchEnv, models: _Models, units: _U
                 for k, (pp, sch) in out.items()}
 
     with models.text_cache(n_batches + 8):
-        for steps in s.steps:
-            for prec in s.precisions:
-                for label, (pp, sch) in schedules_of(steps, prec).items():
-                    rows.setdefault(str(steps), {}).setdefault(prec, {})[label] = row_for(steps, pp, sch)
-            write()
+        keys = [(steps, prec, label, pp, sch) for steps in s.steps for prec in s.precisions
+                for label, (pp, sch) in schedules_of(steps, prec).items()]
+        for (steps, prec, label, _, _), r in zip(keys, units.run_all([row_job(st, pp, sch) for st, _, _, pp, sch
+                                                                      in keys], after=write)):
+            rows.setdefault(str(steps), {}).setdefault(prec, {})[label] = r
 
         # ---- FID rows
         con.rule("[bold]1. Quality: Inception FID rows")
@@ -496,11 +584,11 @@ def _section_quality(s: BenchSettings, env: BenchEnv, models: _Models, units: _U
         R["fid"] = {"rows": {}, "available": fid_ok, "why": why, "images": s.fid_images,
                     "steps": s.headline_steps}
         if fid_ok:
-            for prec, label in s.fid_rows:
-                if prec not in s.precisions:
-                    continue
-                pp, sch = schedules_of(s.headline_steps, prec)[label]
-                R["fid"]["rows"][f"{prec}:{label}"] = row_for(s.headline_steps, pp, sch, fid=True)
+            wanted = [(prec, label) for prec, label in s.fid_rows if prec in s.precisions]
+            jobs = [row_job(s.headline_steps, *schedules_of(s.headline_steps, prec)[label], fid=True)
+                    for prec, label in wanted]
+            for (prec, label), r in zip(wanted, units.run_all(jobs)):
+                R["fid"]["rows"][f"{prec}:{label}"] = r
         else:
             con.print(f"  [yellow]FID skipped[/]: {why}")
     write()
@@ -551,11 +639,17 @@ def _section_search(s: BenchSettings, env: BenchEnv, models: _Models, units: _Un
     base = {"env": env.name, "calib_prompts_sha1": _hash(calib.prompts), "calib_seed": s.calib_seed,
             "steps": s.search_steps, "precision": s.search_spec, "parametrization": "linear",
             "grid_range": list(s.grid_range)}
-    grid = units.run("search", f"grid{s.grid_points}", {**base, "kind": "grid", "grid_points": s.grid_points},
-                     _calibrate_unit(models, env, calib.prompts, s.search_steps, s.search_spec, "linear",
-                                     strategy="grid", n_trials=None, s=s, grid_points=s.grid_points,
-                                     keep_trials=True),
-                     label=f"grid {s.grid_points}x{s.grid_points} ({s.grid_points ** 2 + 1} trials)")
+    jobs = [_Job("search", f"grid{s.grid_points}", {**base, "kind": "grid", "grid_points": s.grid_points},
+                 _calibrate_unit(models, env, calib.prompts, s.search_steps, s.search_spec, "linear",
+                                 strategy="grid", n_trials=None, s=s, grid_points=s.grid_points, keep_trials=True),
+                 f"grid {s.grid_points}x{s.grid_points} ({s.grid_points ** 2 + 1} trials)")]
+    jobs += [_Job("search", f"tpe-seed{seed}", {**base, "kind": "tpe", "n_trials": s.search_trials,
+                                                "sampler_seed": seed},
+                  _calibrate_unit(models, env, calib.prompts, s.search_steps, s.search_spec, "linear",
+                                  strategy="optuna", n_trials=s.search_trials, s=s, sampler_seed=seed,
+                                  keep_trials=True),
+                  f"Optuna TPE seed {seed} ({s.search_trials} trials)") for seed in s.search_seeds]
+    grid, *tpe_runs = units.run_all(jobs)
     gx, gy = _curve(grid["trials"])
     out: dict[str, Any] = {"grid": {"points": s.grid_points, "evals": gx[-1] if gx else 0,
                                     "best_jaq": gy[-1] if gy else None, "naive_jaq": (grid.get("naive") or {}).get("jaq"),
@@ -564,13 +658,7 @@ def _section_search(s: BenchSettings, env: BenchEnv, models: _Models, units: _Un
                            "tpe": {}, "steps": s.search_steps, "spec": s.search_spec,
                            "prompts": len(calib.prompts)}
     R["search"] = out
-    for seed in s.search_seeds:
-        r = units.run("search", f"tpe-seed{seed}", {**base, "kind": "tpe", "n_trials": s.search_trials,
-                                                    "sampler_seed": seed},
-                      _calibrate_unit(models, env, calib.prompts, s.search_steps, s.search_spec, "linear",
-                                      strategy="optuna", n_trials=s.search_trials, s=s, sampler_seed=seed,
-                                      keep_trials=True),
-                      label=f"Optuna TPE seed {seed} ({s.search_trials} trials)")
+    for seed, r in zip(s.search_seeds, tpe_runs):
         x, y = _curve(r["trials"])
         gbest = out["grid"]["best_jaq"]
         out["tpe"][str(seed)] = {"curve": [x, y], "best_jaq": y[-1] if y else None, "evals": x[-1] if x else 0,
@@ -1354,7 +1442,8 @@ def _samples_figure(R: dict[str, Any], path: Path) -> list[str] | None:
 # ============================================================================================== driver
 def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None, out: str | Path = "BENCHMARKS.md",
               work: str | Path = "runs/bench", fresh: bool = False, command: str | None = None,
-              console: Any = None, sections: Sequence[str] = ("quality", "search", "size")) -> dict[str, Any]:
+              console: Any = None, sections: Sequence[str] = ("quality", "search", "size"), jobs: int = 1,
+              worker_argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run (or resume) the benchmark and write ``out`` (Markdown) plus its PNGs beside it.
 
     Returns the results dict (also written to ``<work>/results.json``), with ``markdown`` and ``headline``.
@@ -1364,7 +1453,9 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
     Inception FID rows ~1.4 h (5 rows x 2k images at ~0.45 s), calibrations ~15 min (48 x 50 trials), the 50x50
     grid ~17 min plus TPE ~4 min, size/speed ~1 min, scripts/measure_quant.py ~10 min and ~8-10 GB RAM: about
     4 h in all; two to three times that on a loaded machine. Progress is kept unit by unit, so it can be killed
-    and restarted.
+    and restarted. ``jobs`` > 1 starts ``jobs - 1`` worker processes (``python -m qsched.bench`` with
+    ``worker_argv``) that share the unit store; on this 2-core machine ``jobs=2`` with one thread each roughly
+    halves the wall time.
     """
     from rich.console import Console
 
@@ -1376,6 +1467,7 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
     out, work = Path(out), Path(work)
     out.parent.mkdir(parents=True, exist_ok=True)
     units = _Units(work, console, fresh=fresh)
+    workers = _spawn_workers(jobs - 1, worker_argv, work, console) if jobs > 1 else []
     models = _Models(env)
     t0 = time.time()
     R: dict[str, Any] = {"settings": s.to_dict(), "machine": machine_info(), "versions": versions(),
@@ -1387,7 +1479,9 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
     def write() -> None:
         R["computed"], R["skipped"] = list(units.computed), list(units.skipped)
         R["wall_time_s"] = time.time() - t0
-        out.write_text(render_markdown(R), encoding="utf-8")
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(render_markdown(R), encoding="utf-8")
+        os.replace(tmp, out)  # atomic: a reader (or another worker) never sees half a file
 
     console.rule(f"[bold]qsched.bench ({s.mode}) -> {out}")
     console.print(f"work directory {work} ({'fresh' if fresh else 'finished units are reused'}); "
@@ -1402,6 +1496,9 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
         _search_plot(R["search"], out.parent / R["search_png"])
     if "size" in sections:
         _section_size_speed(s, env, models, units, R, write)
+    for w in workers:
+        if w.wait() != 0:
+            console.print(f"  [red]worker {w.pid} exited with {w.returncode}[/]: see {work}/worker*.log")
     R["finished"] = _now()
     write()
     R["markdown"] = out.read_text(encoding="utf-8")
@@ -1413,6 +1510,35 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
     console.print(f"wrote {out} in {R['wall_time_s'] / 60:.1f} min ({len(units.computed)} units computed, "
                   f"{len(units.skipped)} reused)")
     return R
+
+
+def _spawn_workers(n: int, argv: Sequence[str] | None, work: Path, console: Any) -> list[subprocess.Popen]:
+    """Start ``n`` helper processes on the same unit store; each logs to ``<work>/worker<i>.log``."""
+    procs = []
+    for i in range(1, n + 1):
+        log = work / f"worker{i}.log"
+        cmd = [sys.executable, "-m", "qsched.bench", *(argv or []), "--jobs", "1", "--no-progress",
+               "--out", str(work / f"worker{i}.md")]
+        with open(log, "w") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT))
+        console.print(f"started worker {i} (pid {procs[-1].pid}), log {log}")
+    return procs
+
+
+def _worker_argv(argv: Sequence[str], threads: int) -> list[str]:
+    """The parent's arguments minus those only the parent may act on (--jobs, --fresh, --out, --threads)."""
+    out, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0]
+        if name in ("--jobs", "--out", "--threads"):
+            skip = "=" not in tok
+            continue
+        if name != "--fresh":
+            out.append(tok)
+    return [*out, "--threads", str(threads)]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -1435,6 +1561,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-images", type=int, default=None, help="override images per evaluation row")
     p.add_argument("--calib-trials", type=int, default=None, help="override trials per calibration")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes sharing the work (default 1; each gets cores/jobs torch threads)")
     return p
 
 
@@ -1455,6 +1583,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         kw["rss"] = False
     if a.no_progress:
         kw["progress"] = False
+    if a.jobs < 1:
+        raise SystemExit("error: --jobs must be >= 1")
+    if a.jobs > 1 and a.threads is None:
+        kw["threads"] = max(1, (os.cpu_count() or 1) // a.jobs)
     try:
         s = BenchSettings.quick(**kw) if a.quick else BenchSettings.full(**kw)
     except ValueError as e:
@@ -1465,7 +1597,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     return run_bench(s, env, out=a.out, work=work, fresh=a.fresh,
-                     command=shlex.join(["python", "-m", "qsched.bench", *argv]))
+                     command=shlex.join(["python", "-m", "qsched.bench", *argv]), jobs=a.jobs,
+                     worker_argv=_worker_argv(argv, s.threads or 1) if a.jobs > 1 else None)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Only the pipeline passed in is run (the quantized one): there is no full-precisi
 candidate schedule generates images for the same prompts with the same seeds (one CPU ``torch.Generator`` per
 image, seeded ``seed * 100003 + i`` for prompt ``i``), so candidates differ only by their coefficients.
 
-Search runs in an Optuna study (TPE, CMA-ES or the paper's exhaustive grid through ``GridSampler``) kept in
+Search runs in an Optuna study (TPE, CMA-ES, or the paper's exhaustive grid enumerated point by point) kept in
 durable storage (SQLite in the output directory by default; any Optuna storage URL works, so several workers
 can share one study). Calling again with the same arguments resumes the study: completed trials are kept,
 a killed run loses at most the trial in flight. The identity schedule (all coefficients 1) is always the first
@@ -651,7 +651,8 @@ def calibrate(
     identity_params = {n: 1.0 for n in names}
     # a RUNNING identity trial may be one a killed run left behind: enqueue another (a duplicate is harmless)
     live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
-    if not any(t.user_attrs.get("role") == ROLE_IDENTITY for t in study.get_trials(deepcopy=False, states=live)):
+    if strategy != "grid" and not any(t.user_attrs.get("role") == ROLE_IDENTITY
+                                      for t in study.get_trials(deepcopy=False, states=live)):
         study.enqueue_trial(identity_params, user_attrs={"role": ROLE_IDENTITY})
 
     name_d, denoiser = _denoiser(pipe)
@@ -672,18 +673,18 @@ def calibrate(
             warnings.simplefilter("ignore", RuntimeWarning)  # invalid images are counted in the score
             return jaq.score(images, rep)
 
-    def objective(trial: Any) -> float:
-        params = {n: trial.suggest_float(n, lo, hi) for n in names}
-        schedule = Schedule.from_params(kind, params, steps)
+    def score_params(params: dict[str, float]) -> tuple[float, dict[str, Any]]:
         e0, h0 = dcache.evals, dcache.hits
-        s = run_schedule(schedule)
-        trial.set_user_attr("tc", s.tc)
-        trial.set_user_attr("iq", s.iq)
-        trial.set_user_attr("n_invalid", s.n_invalid)
-        trial.set_user_attr("model_evals", dcache.evals - e0)
-        trial.set_user_attr("cache_hits", dcache.hits - h0)
-        trial.set_user_attr("per_prompt_jaq", {p: v["jaq"] for p, v in s.per_prompt.items()})
-        return s.jaq
+        s = run_schedule(Schedule.from_params(kind, params, steps))
+        return s.jaq, {"tc": s.tc, "iq": s.iq, "n_invalid": s.n_invalid, "model_evals": dcache.evals - e0,
+                       "cache_hits": dcache.hits - h0,
+                       "per_prompt_jaq": {p: v["jaq"] for p, v in s.per_prompt.items()}}
+
+    def objective(trial: Any) -> float:
+        value, attrs = score_params({n: trial.suggest_float(n, lo, hi) for n in names})
+        for key, v in attrs.items():
+            trial.set_user_attr(key, v)
+        return value
 
     def n_complete() -> int:
         return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
@@ -694,7 +695,11 @@ def calibrate(
         stack.enter_context(dcache.attach(denoiser))
         for enc in encoders:
             stack.enter_context(tcache.attach(enc))
-        if remaining > 0:
+        if remaining > 0 and strategy == "grid":
+            bar = stack.enter_context(_Progress(n_trials, n_complete(), study)) if progress else None
+            _enumerate_grid(study, grid_candidates(kind, steps, (lo, hi), grid_points), score_params,
+                            remaining, (lo, hi), sampler_seed, bar)
+        elif remaining > 0:
             done_states = (optuna.trial.TrialState.COMPLETE,)
             callbacks: list[Any] = [optuna.study.MaxTrialsCallback(n_trials, states=done_states)]
             if progress:
@@ -730,6 +735,33 @@ def calibrate(
     if out is not None:
         result.save(out)
     return result
+
+
+def _enumerate_grid(study: Any, candidates: list[dict[str, float]], score: Callable[[dict[str, float]], tuple],
+                    budget: int, bounds: tuple[float, float], seed: int, progress: Any = None) -> None:
+    """Evaluate grid candidates not yet in ``study`` (the identity trial first), in a seeded random order.
+
+    The grid is an enumeration, not a search: Optuna's GridSampler re-reads every trial before each new one
+    (quadratic; ~1 s per trial at 600 trials here, with any storage), so the points are scored directly and
+    each is stored as a finished trial with ``study.add_trial`` (constant cost, durable, resumable).
+    """
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    seen = {tuple(sorted((k, round(v, 12)) for k, v in t.params.items())) for t in complete}
+    has_identity = any(t.user_attrs.get("role") == ROLE_IDENTITY for t in complete)
+    names = list(candidates[0]) if candidates else []
+    order = [candidates[i] for i in np.random.default_rng(seed).permutation(len(candidates))]
+    todo: list[tuple[dict[str, float], dict[str, Any]]] = [] if has_identity else [
+        ({n: 1.0 for n in names}, {"role": ROLE_IDENTITY})]
+    todo += [(c, {}) for c in order if tuple(sorted((k, round(v, 12)) for k, v in c.items())) not in seen]
+    dists = {n: optuna.distributions.FloatDistribution(*bounds) for n in names}
+    for params, extra in todo[:budget]:
+        value, attrs = score(params)
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value,
+                                                  user_attrs={**attrs, **extra}))
+        if progress is not None:
+            progress(study, None)
 
 
 class _Progress:

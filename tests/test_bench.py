@@ -157,3 +157,47 @@ def test_bad_input_errors(tmp_path):
                   out=tmp_path / "B.md", console=_Quiet())
     with pytest.raises(SystemExit):
         main(["--fid-rows", "nope"])
+
+
+def test_workers_share_units_through_locks(tmp_path):
+    """A unit locked by a live worker is skipped, the rest are computed, then the held one is collected; a dead
+    worker's lock is taken over."""
+    import subprocess
+    import sys
+    import threading
+
+    from qsched.bench import _Job, _Units, _worker_argv
+
+    units = _Units(tmp_path, _Quiet())
+    units.poll_s = 0.05
+    calls = []
+
+    def job(name):
+        return _Job("k", name, {"n": name}, lambda d: calls.append(name) or {"v": name})
+
+    held, dead = units.dir("k", "held", {"n": "held"}), units.dir("k", "dead", {"n": "dead"})
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    try:
+        for d, pid in ((held, sleeper.pid), (dead, gone.pid)):
+            d.mkdir(parents=True)
+            (d / "lock").write_text(f"{pid} host\n")
+
+        def other_worker_finishes():
+            while "free" not in calls:  # it finishes only after we moved past its unit
+                threading.Event().wait(0.01)
+            (held / "result.json").write_text(json.dumps({"config": {"n": "held"}, "result": {"v": "other"}}))
+            (held / "lock").unlink()
+
+        t = threading.Thread(target=other_worker_finishes)
+        t.start()
+        res = units.run_all([job("held"), job("dead"), job("free")])
+        t.join()
+    finally:
+        sleeper.kill()
+    assert res == [{"v": "other"}, {"v": "dead"}, {"v": "free"}]
+    assert calls == ["dead", "free"]  # the held unit was never computed here
+    assert not any(units.root.rglob("lock"))
+    assert _worker_argv(["--quick", "--jobs", "2", "--fresh", "--out=X.md", "--threads", "4", "--eval-images", "9"],
+                        1) == ["--quick", "--eval-images", "9", "--threads", "1"]

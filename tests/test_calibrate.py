@@ -91,6 +91,20 @@ def test_grid_strategy_evaluates_every_grid_point_plus_identity(qpipe):
     assert r.strategy == "grid" and len(r.trials) == 10
 
 
+def test_grid_resumes_without_repeating_points_and_its_order_is_seeded(qpipe, tmp_path):
+    kw = dict(jaq=fake_jaq(), strategy="grid", grid_points=3, progress=False, call_kwargs=KW)
+    part = calibrate(qpipe, PROMPTS[:2], 2, n_trials=4, out_dir=tmp_path / "a", **kw)
+    assert len(part.trials) == 4 and part.trials[0]["role"] == "identity"
+    full = calibrate(qpipe, PROMPTS[:2], 2, out_dir=tmp_path / "a", **kw)  # resumes the same study
+    params = [tuple(t["params"].values()) for t in full.trials if t["role"] != "identity"]
+    assert len(full.trials) == 10 and len(set(params)) == 9
+    assert [t["params"] for t in full.trials[:4]] == [t["params"] for t in part.trials]
+    again = calibrate(qpipe, PROMPTS[:2], 2, n_trials=4, out_dir=tmp_path / "b", **kw)
+    other = calibrate(qpipe, PROMPTS[:2], 2, n_trials=4, out_dir=tmp_path / "c", sampler_seed=1, **kw)
+    assert [t["params"] for t in again.trials] == [t["params"] for t in part.trials]
+    assert [t["params"] for t in other.trials] != [t["params"] for t in part.trials]
+
+
 # ------------------------------------------------------------------ only the quantized model runs
 
 

@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w-min", type=float, default=2.0, help="smallest guidance scale sampled")
     p.add_argument("--w-max", type=float, default=8.0, help="largest guidance scale sampled")
     p.add_argument("--huber-c", type=float, default=0.001)
+    p.add_argument("--high-t-frac", type=float, default=0.0,
+                   help="share of each batch drawn from the top --high-t-top solver timesteps instead of uniformly "
+                        "(the boundary chain that 1-step sampling relies on; 0 = the LCM recipe as published)")
+    p.add_argument("--high-t-top", type=int, default=10, help="how many of the highest solver timesteps count as top")
     p.add_argument("--teacher", type=Path, default=Path("qsched/testbed/weights/teacher.safetensors"))
     return p.parse_args(argv)
 
@@ -65,9 +69,18 @@ def main(argv: list[str] | None = None) -> None:
     target = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     ckpt, start = a.work / "ckpt", 0
+    phases: list[dict] = []
     if ckpt.with_suffix(".json").exists():
-        start = load_checkpoint(ckpt, {"student": student, "target": target}, opt)["step"]
+        meta = load_checkpoint(ckpt, {"student": student, "target": target}, opt)
+        start = meta["step"]
+        phases = meta.get("phases") or [{"from_step": 0, "to_step": start}]  # runs before phases were logged
         print(f"resumed from {ckpt} at step {start}")
+    phase = {"from_step": start, "to_step": a.steps, "lr": a.lr, "high_t_frac": a.high_t_frac,
+             "high_t_top": a.high_t_top}
+    if not phases or {k: v for k, v in phases[-1].items() if k not in ("from_step", "to_step")} != \
+            {k: v for k, v in phase.items() if k not in ("from_step", "to_step")}:
+        phases.append(phase)
+    phases[-1]["to_step"] = a.steps
     g = torch.Generator().manual_seed(a.seed + start)
     log = Logger(a.work / "train.log", a.steps)
 
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                             for c in y])
         ctx = states[cap]
         n = torch.randint(0, SOLVER_STEPS, (B,), generator=g)
+        top = torch.rand(B, generator=g) < a.high_t_frac
+        n = torch.where(top, SOLVER_STEPS - 1 - torch.randint(0, a.high_t_top, (B,), generator=g), n)
         t, s = solver_t[n], (solver_t[n] - k).clamp_min(0)
         w = a.w_min + (a.w_max - a.w_min) * torch.rand(B, generator=g)  # guidance scale
         wemb = guidance_embedding(w - 1.0)
@@ -111,11 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         if step % a.log_every == 0 or step == a.steps - 1:
             log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
         if (step + 1) % a.ckpt_every == 0 or step == a.steps - 1:
-            save_checkpoint(ckpt, step + 1, {"student": student, "target": target}, opt)
+            save_checkpoint(ckpt, step + 1, {"student": student, "target": target}, opt, {"phases": phases})
 
     export(target, a.out / "student", {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
                                        "recipe": "LCD", "solver_steps": SOLVER_STEPS, "w_range": [a.w_min, a.w_max],
-                                       "target_ema": a.target_ema})
+                                       "target_ema": a.target_ema,
+                                       "phases": phases})
 
 
 if __name__ == "__main__":
