@@ -198,6 +198,14 @@ def render(c: dict, argv: list[str] | None) -> str:
                  "from the CLIP training report)")
     L.append(f"- FD of the first 5,000 real test images against the whole test set (the floor of the FD scale): "
              f"{c['real_test_fd_first_half_vs_all']:.3f}")
+    try:
+        from .metrics import FID_REF_FILE, load_stats
+
+        meta = load_stats(HERE / "weights" / FID_REF_FILE)[2]
+        L.append(f"- Inception FID reference: TF-Inception pool3 statistics of the {meta.get('subset', '?')} "
+                 f"(`{FID_REF_FILE}`, `python -m qsched.testbed.fid_stats --what inception`)")
+    except (OSError, KeyError, ValueError):
+        L.append("- Inception FID reference: missing (`python -m qsched.testbed.fid_stats --what inception`)")
     L += ["", "## Training runs (CPU, 1 thread, this machine)", ""]
     for name in ("teacher", "student", "classifier", "tiny_clip"):
         j = HERE / "weights" / f"{name}.json"
@@ -256,6 +264,8 @@ def render(c: dict, argv: list[str] | None) -> str:
             ("student 1-step accuracy >= 0.60", s1["accuracy"], s1["accuracy"] >= 0.6)]
     for name, v, ok in tgt:
         L.append(f"| {name} | {f(float(v))} | {'yes' if ok else '**no**'} |")
+    if not all(ok for _, _, ok in tgt):
+        L += ["", "Targets not met, and what was tried so far: [experiments.md](experiments.md)."]
     L += ["",
           "## Samples", "", "Rows: fp32 at 1/2/4/8 steps, then w4a8 and w4a4 at 4 steps; same seeds.", "",
           "![samples](samples.png)", ""]
