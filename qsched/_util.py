@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -38,3 +39,19 @@ def json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
     raise TypeError(f"not JSON-able: {type(o).__name__}")
+
+
+def fmt_num(v: Any, nd: int = 4, thousands: bool = False, sci_above: float = 1e4) -> str:
+    """A table cell: "-" for None, ints as is (optionally with thousands separators), floats with ``nd``
+    decimals (``%.4g`` from ``sci_above`` on), anything else via ``str``."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}" if thousands else str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{nd}f}" if abs(v) < sci_above else f"{v:.4g}"
+    return str(v)

@@ -52,7 +52,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from qsched._util import PACKAGES, json_default, package_versions
+from qsched._util import PACKAGES, fmt_num, json_default, package_versions
 
 __all__ = [
     "BenchSettings",
@@ -73,7 +73,7 @@ ROW_LABELS = ("original", "qsched-linear", "qsched-best", "fp32-tuned")
 _LABEL_ALIASES = {"original": "original", "naive": "original", "qsched": "qsched-best", "best": "qsched-best",
                   "qsched-best": "qsched-best", "linear": "qsched-linear", "qsched-linear": "qsched-linear",
                   "tuned": "fp32-tuned", "fp32-tuned": "fp32-tuned"}
-DEFAULT_FID_ROWS = "fp32:original,w4a8:original,w4a8:qsched,w4a4:original,w4a4:qsched"
+DEFAULT_FID_ROWS = "all"  # every 4-step row (rows that share a schedule share one FID unit)
 MARKER = "qsched-bench.json"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,8 +142,8 @@ class BenchSettings:
 
     @classmethod
     def quick(cls, **kw: Any) -> "BenchSettings":
-        """A few minutes on a 2-core CPU: 4 steps only, fewer prompts, trials and images; no FID rows (each costs
-        minutes of 2048x2048 matrix square roots whatever the image count; ask with ``fid_rows``); SD1.5
+        """A few minutes on a 2-core CPU: 4 steps only, fewer prompts, trials and images; no FID rows (the Inception
+        network at 299x299 and the 2048-d statistics are slow on a CPU; ask with ``fid_rows``); SD1.5
         numbers read from an earlier run if present (never run)."""
         base = dict(mode="quick", steps=(4,), calib_prompts=10, calib_trials=6, eval_images=96, eval_batch=48,
                     fid_images=48, fid_rows=(), grid_points=5, search_trials=8, search_seeds=(0, 1, 2), speed_batch=8, speed_repeats=5,
@@ -160,8 +160,10 @@ def parse_fid_rows(spec: str | Sequence[str]) -> tuple[tuple[str, str], ...]:
     """Parse ``"fp32:original,w4a8:qsched"`` into ((precision, row label), ...).
 
     Labels: original (alias naive), qsched-linear (linear), qsched-best (qsched, best), fp32-tuned (tuned).
-    An empty string selects no FID rows.
+    An empty string selects no FID rows; "all" selects every (precision, label).
     """
+    if isinstance(spec, str) and spec.strip().lower() == "all":
+        return tuple((p, label) for p in PRECISIONS for label in ROW_LABELS)
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     out = []
     for item in items:
@@ -170,7 +172,7 @@ def parse_fid_rows(spec: str | Sequence[str]) -> tuple[tuple[str, str], ...]:
         if not sep or prec not in PRECISIONS or label not in _LABEL_ALIASES:
             raise ValueError(f"bad FID row {item!r}: use PRECISION:LABEL with PRECISION in {', '.join(PRECISIONS)} "
                              f"and LABEL in original, qsched-linear, qsched-best (or qsched), fp32-tuned; "
-                             f"e.g. {DEFAULT_FID_ROWS!r}")
+                             "e.g. 'fp32:original,w4a8:qsched', or 'all'")
         out.append((prec, _LABEL_ALIASES[label]))
     return tuple(dict.fromkeys(out))
 
@@ -1060,17 +1062,7 @@ def _git_commit() -> str | None:
 
 # ============================================================================================== rendering
 def _f(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.{nd}f}" if abs(v) < 1e5 else f"{v:.4g}"
-    return str(v)
+    return fmt_num(v, nd, thousands=True, sci_above=1e5)
 
 
 def _mib(b: Any) -> str:
@@ -1195,8 +1187,8 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
     elif not fid.get("available"):
         L += [f"Not measured: {fid.get('why')}", ""]
     elif not fid.get("rows"):
-        L += ["No FID rows selected" + (" (the --quick default: every FID row costs minutes of 2048x2048 matrix "
-              "square roots whatever the image count; select rows with `--fid-rows`)." if s["mode"] == "quick"
+        L += ["No FID rows selected" + (" (the --quick default: Inception features and 2048-d statistics cost "
+              "minutes per row on a CPU; select rows with `--fid-rows`)." if s["mode"] == "quick"
               else " (`--fid-rows`)."), ""]
     else:
         L += [f"{_f(s['fid_images'])} images per row (the first {_f(s['fid_images'])} of the evaluation prompts "

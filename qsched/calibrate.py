@@ -462,21 +462,6 @@ def load_schedule(path_or_dir: str | os.PathLike, pipe: Any = None, *, spec: str
 # ============================================================================================== calibrate
 
 
-def _default_steps(model: str | None) -> int:
-    try:
-        from qsched.pipelines import MODELS
-    except ImportError:  # pragma: no cover
-        return 4
-    info = MODELS.get(model) if model is not None and hasattr(MODELS, "get") else None
-    for attr in ("steps", "default_steps", "num_inference_steps"):
-        v = info.get(attr) if isinstance(info, dict) else getattr(info, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-        if isinstance(v, (list, tuple)) and v and isinstance(v[0], int):
-            return int(v[-1] if 4 not in v else 4)
-    return 4
-
-
 def _model_name(pipe: Any) -> str | None:
     name = getattr(pipe, "name_or_path", None)
     if not name:
@@ -598,7 +583,9 @@ def calibrate(
         raise ValueError("calibrate needs at least one seed")
     model = model_name or _model_name(pipe)
     if steps is None:
-        steps = _default_steps(model_name)
+        from qsched.pipelines import default_steps
+
+        steps = default_steps(model_name)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     space = search_space(kind, steps, (lo, hi), grid_points)

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import qsched
+from qsched._util import fmt_num as _fmt
 
 app = typer.Typer(
     name="qsched",
@@ -93,27 +94,6 @@ def _is_testbed(model: str) -> bool:
     return model.startswith("testbed")
 
 
-def _default_scorer(model: str) -> str:
-    if _is_testbed(model):
-        return "testbed"
-    m = model.lower()
-    return "sdxl" if any(s in m for s in ("sdxl", "xl", "flux")) else "sd15"
-
-
-def _call_defaults(model: str) -> dict[str, Any]:
-    """Pipeline call arguments of a model alias (guidance scale, resolution...) from the MODELS table, if any."""
-    try:
-        from qsched.pipelines import default_call_kwargs
-    except ImportError:
-        return {}
-    try:
-        kw = dict(default_call_kwargs(model))
-    except (ValueError, KeyError):  # a local path, not an alias
-        return {}
-    kw.pop("num_inference_steps", None)
-    return kw
-
-
 def _check_model(model: str) -> str:
     """Fail early on a model that is neither an alias, a directory nor a hub id ("org/name")."""
     import re
@@ -128,12 +108,6 @@ def _check_model(model: str) -> str:
         return model  # a hub id: resolved (or reported missing) by the loader
     raise UsageError(f"unknown model {model!r}: not an alias ({', '.join(MODELS)}), not a directory and not a "
                      "hub id 'org/name'")
-
-
-def _default_steps(model: str) -> int:
-    from qsched.calibrate import _default_steps as ds
-
-    return ds(model)
 
 
 def _check_spec(spec: str) -> str | None:
@@ -294,17 +268,19 @@ def calibrate(
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if trials is not None and trials < 1:
         raise UsageError(f"--trials must be >= 1, got {trials}")
-    T = steps or _default_steps(model)
+    from qsched.pipelines import call_defaults, default_steps, jaq_preset  # lazy: torch stays out of --help
+
+    T = steps or default_steps(model)
     search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
     if strategy not in ("optuna", "grid"):
         raise UsageError(f"unknown --strategy {strategy!r}; choose optuna or grid")
     out = _writable_dir(out)
     ps = _prompts(prompts, model, n_prompts)
-    preset = scorer or _default_scorer(model)
+    preset = scorer or jaq_preset(model)
 
     pipe, summary = _quantized_pipeline(model, spec_name, device)
     jaq = _make_jaq(preset, device, k)
-    call_kwargs = _call_defaults(model)
+    call_kwargs = call_defaults(model)
     console.print(f"[bold]qsched calibrate[/] model [cyan]{model}[/] spec [cyan]{spec_name or 'none'}[/] "
                   f"{T} steps, {len(ps)} prompts x {len(seed_list)} seed(s), {parametrization}/{strategy}, "
                   f"JAQ preset {preset} (k={k:g})")
@@ -347,10 +323,6 @@ def _report_samples(model: str, pipe: Any, res: Any, prompts: list[str], guidanc
     apply_schedule(pipe, res.schedule)
     rows[f"{res.quant_spec} + Q-Sched"] = generate_images(pipe, prompts, seeds, res.steps, **kw)[0]
     return rows
-
-
-def _fmt(v: Any, nd: int = 4) -> str:
-    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
 
 def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
@@ -418,15 +390,17 @@ def generate(
         raise UsageError(f"--out must be an image file (.png, .jpg, ...), got {out}")
     _writable_dir(out.parent if str(out.parent) else Path("."))
 
+    from qsched.pipelines import call_defaults, default_steps
+
     pipe, _ = _quantized_pipeline(model, spec_name, device)
     sched = manual if manual is not None else (_load_any_schedule(schedule, pipe) if schedule is not None else None)
-    T = steps or (sched.steps if sched is not None else _default_steps(model))
+    T = steps or (sched.steps if sched is not None else default_steps(model))
     if sched is not None:
         if sched.steps != T:
             raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
         apply_schedule(pipe, sched)
     images, _ = generate_images(pipe, [prompt], [seed], T, guidance_scale=guidance_scale,
-                                call_kwargs=_call_defaults(model))
+                                call_kwargs=call_defaults(model))
     _save_image(images[0], out)
     how = "Q-Sched schedule" if sched is not None else "original schedule"
     console.print(f"wrote {out} ({model}, spec {spec_name or 'none'}, {T} steps, seed {seed}, {how})")

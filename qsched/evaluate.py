@@ -37,8 +37,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from qsched._util import json_default, package_versions
+from qsched._util import fmt_num, json_default, package_versions
 
+from qsched.pipelines import call_defaults, default_steps, jaq_preset
 from qsched.prompts import PromptSet, load_prompts
 
 __all__ = [
@@ -212,24 +213,6 @@ def _is_testbed(model: Any) -> bool:
     return isinstance(model, str) and (model in TESTBED_NAMES or model.startswith("testbed"))
 
 
-def _jaq_preset(model: str) -> str:
-    """The scoring preset after the paper: testbed; CLIPScore+CLIP-IQA (SD1.5 family); CLIPScore+HPSv2 (XL/FLUX)."""
-    if _is_testbed(model):
-        return "testbed"
-    try:
-        from qsched.pipelines import MODELS
-
-        entry = MODELS.get(model) if hasattr(MODELS, "get") else None
-        for attr in ("jaq_preset", "preset", "scorer"):
-            v = entry.get(attr) if isinstance(entry, dict) else getattr(entry, attr, None)
-            if isinstance(v, str):
-                return v
-    except ImportError:
-        pass
-    low = str(model).lower()
-    return "sdxl" if ("xl" in low or "flux" in low) else "sd15"
-
-
 def build_metrics(model: str, names: Sequence[str], device: str | torch.device = "cpu",
                   fid_ref: str | Path | None = None, notes: list[str] | None = None) -> list[EvalMetric]:
     """Build the streaming metrics ``names`` for ``model`` (testbed or a real model alias/path).
@@ -258,7 +241,7 @@ def build_metrics(model: str, names: Sequence[str], device: str | torch.device =
     if "clipscore" in names or "jaq" in names:
         from qsched.scoring import MissingWeightsError, make_jaq
 
-        preset = _jaq_preset(model)
+        preset = jaq_preset(model)
         try:
             out.append(JAQMetric(make_jaq(preset, device=device)))
         except (MissingWeightsError, ImportError) as e:
@@ -391,18 +374,7 @@ class EvalResult:
         return "\n".join(out).rstrip() + "\n"
 
 
-def _fmt(v: Any, nd: int = 4) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return str(v)
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.{nd}f}" if abs(v) < 1e4 else f"{v:.4g}"
-    return str(v)
+_fmt = fmt_num
 
 
 def _json_default(o: Any) -> Any:
@@ -496,39 +468,6 @@ class _SchedulerSwap:
         self.pipe.scheduler = self.base
 
 
-def _default_steps(model: Any, schedules: Iterable[Any]) -> int:
-    for s in schedules:
-        if s is not None:
-            return int(s.steps)
-    try:
-        from qsched.pipelines import MODELS
-
-        entry = MODELS.get(model) if hasattr(MODELS, "get") and isinstance(model, str) else None
-        for attr in ("steps", "default_steps", "num_inference_steps"):
-            v = entry.get(attr) if isinstance(entry, dict) else getattr(entry, attr, None)
-            if isinstance(v, int):
-                return v
-    except ImportError:
-        pass
-    return 4
-
-
-def _call_defaults(model: Any) -> dict[str, Any]:
-    """Pipeline call defaults of a real model alias (e.g. guidance_scale) from the MODELS table, if any."""
-    try:
-        from qsched.pipelines import MODELS
-
-        entry = MODELS.get(model) if hasattr(MODELS, "get") and isinstance(model, str) else None
-    except ImportError:
-        return {}
-    for attr in ("call_kwargs", "pipe_kwargs"):
-        v = entry.get(attr) if isinstance(entry, dict) else getattr(entry, attr, None)
-        if isinstance(v, dict):
-            return dict(v)
-    gs = entry.get("guidance_scale") if isinstance(entry, dict) else getattr(entry, "guidance_scale", None)
-    return {"guidance_scale": gs} if gs is not None else {}
-
-
 def evaluate(
     model: str = "testbed",
     spec: str = "w4a8",
@@ -598,7 +537,8 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
     # ---------------------------------------------------------------- schedules, steps
-    T = int(steps) if steps is not None else _default_steps(model, (qsched_schedule, fp_schedule))
+    given = [s for s in (qsched_schedule, fp_schedule) if s is not None]
+    T = int(steps) if steps is not None else (int(given[0].steps) if given else default_steps(model))
     for name, s in (("qsched_schedule", qsched_schedule), ("fp_schedule", fp_schedule)):
         if s is not None and s.steps != T:
             raise ValueError(f"{name} has {s.steps} steps but the evaluation uses steps={T}")
@@ -632,7 +572,7 @@ def evaluate(
         if spec is not None and str(spec).lower() != loaded_spec:
             notes.append(f"the loaded model is quantized as {loaded_spec}; spec={spec!r} ignored")
         spec = loaded_spec
-    call = {**_call_defaults(model), **(call_kwargs or {})}
+    call = {**call_defaults(model), **(call_kwargs or {})}
 
     # ---------------------------------------------------------------- metrics
     metric_names = [m for m in (metrics or ()) if isinstance(m, str)]

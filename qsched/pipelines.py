@@ -18,7 +18,8 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["MODELS", "ModelSpec", "ModelNotFoundError", "load_pipeline", "default_call_kwargs", "denoiser_of"]
+__all__ = ["MODELS", "ModelSpec", "ModelNotFoundError", "load_pipeline", "default_call_kwargs", "call_defaults",
+           "default_steps", "jaq_preset", "denoiser_of"]
 
 QUANT_METADATA = "qsched_quantization.json"  # written by qsched.quantization.save_quantized
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -120,6 +121,29 @@ def default_call_kwargs(name: str) -> dict[str, Any]:
         kw["height"] = kw["width"] = spec.resolution
     kw.update(spec.call_kwargs)
     return kw
+
+
+def call_defaults(model: str) -> dict[str, Any]:
+    """:func:`default_call_kwargs` minus the step count, or ``{}`` for a local path or unknown name."""
+    if model not in MODELS:
+        return {}
+    kw = default_call_kwargs(model)
+    kw.pop("num_inference_steps", None)
+    return kw
+
+
+def default_steps(model: str | None) -> int:
+    """The alias's default number of denoising steps; 4 for a local path or unknown name."""
+    return MODELS[model].steps if model in MODELS else 4
+
+
+def jaq_preset(model: str) -> str:
+    """The JAQ scorer preset after the paper: "testbed"; CLIPScore + CLIP-IQA ("sd15") for the SD1.5 family;
+    CLIPScore + HPSv2-style ("sdxl") for SDXL and FLUX (by alias or, for a local path, by its name)."""
+    if str(model).startswith("testbed"):
+        return "testbed"
+    m = str(model).lower()
+    return "sdxl" if any(s in m for s in ("xl", "flux")) else "sd15"
 
 
 def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:

@@ -8,6 +8,8 @@ import torch
 
 from qsched.bench import BenchEnv, BenchSettings, headline_table, main, parse_fid_rows, run_bench
 
+from fakes import tiny_testbed_evaluators
+
 
 class _Quiet:
     """A console stand-in that records what the bench prints."""
@@ -27,16 +29,10 @@ def env_factory():
     """A BenchEnv on the tiny testbed pipeline with tiny random classifier / CLIP / 'Inception' stand-ins."""
     from qsched.evaluate import AccuracyMetric, FrechetMetric, JAQMetric
     from qsched.scoring import JAQ, TestbedCLIPIQA, TestbedCLIPScore
-    from qsched.testbed.classifier import FashionClassifier
-    from qsched.testbed.clip import TinyCLIP
-    from qsched.testbed.metrics import ClassifierFD, feature_stats
+    from qsched.testbed.metrics import feature_stats
     from qsched.testbed.pipeline import tiny_testbed_pipeline
 
-    torch.manual_seed(0)
-    clf = FashionClassifier(width=4, feat_dim=8).eval()
-    cfd = ClassifierFD(classifier=clf)
-    ref = feature_stats(cfd.features(torch.rand(64, 1, 32, 32)))
-    clip = TinyCLIP(width=4, embed_dim=16, text_hidden=16).eval()
+    cfd, ref, clip = tiny_testbed_evaluators()
     proj = torch.randn(32 * 32, 6, generator=torch.Generator().manual_seed(1))
     fid_ref = feature_stats(torch.rand(64, 32 * 32) @ proj)
     pipe = tiny_testbed_pipeline(seed=0)

@@ -24,29 +24,13 @@ from qsched.calibrate import (
 from qsched.quantization import quant_spec_of, quantize, quantized_layers
 from qsched.schedule import Schedule
 from qsched.scheduler import QSchedScheduler, apply_schedule
-from qsched.scoring import JAQ, to_tensor
+from qsched.scoring import JAQ
 from qsched.testing import tiny_pipeline
+
+from fakes import BrightTC, ContrastIQ, fake_jaq
 
 PROMPTS = ["a bag", "a red coat", "a dress"]
 KW = {"height": 32, "width": 32, "guidance_scale": 0.0}
-
-
-class BrightTC:
-    """Stand-in alignment scorer: 100 * mean brightness (no torch modules)."""
-
-    def __call__(self, images, prompts):
-        return 100 * to_tensor(images).mean(dim=(1, 2, 3))
-
-
-class ContrastIQ:
-    """Stand-in quality scorer: 10 * per-image std."""
-
-    def __call__(self, images):
-        return 10 * to_tensor(images).std(dim=(1, 2, 3))
-
-
-def fake_jaq(k=2.0):
-    return JAQ(BrightTC(), ContrastIQ(), k=k)
 
 
 @pytest.fixture(scope="module")

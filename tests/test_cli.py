@@ -11,19 +11,11 @@ from typer.testing import CliRunner
 
 import qsched
 from qsched import cli
-from qsched.scoring import JAQ, to_tensor
+from qsched.scoring import JAQ
+
+from fakes import BrightTC, ContrastIQ
 
 runner = CliRunner()
-
-
-class BrightTC:
-    def __call__(self, images, prompts):
-        return 100 * to_tensor(images).mean(dim=(1, 2, 3))
-
-
-class ContrastIQ:
-    def __call__(self, images):
-        return 10 * to_tensor(images).std(dim=(1, 2, 3))
 
 
 @pytest.fixture(scope="module")

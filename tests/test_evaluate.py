@@ -13,6 +13,8 @@ from qsched.prompts import load_prompts
 from qsched.quantization import quant_spec_of
 from qsched.schedule import Schedule
 
+from fakes import tiny_testbed_evaluators
+
 STEPS = 2
 
 
@@ -27,15 +29,8 @@ def pipe():
 def tiny_metrics():
     """Real metric adapters around randomly initialised testbed networks (no shipped weights needed)."""
     from qsched.scoring import JAQ, TestbedCLIPIQA, TestbedCLIPScore
-    from qsched.testbed.classifier import FashionClassifier
-    from qsched.testbed.clip import TinyCLIP
-    from qsched.testbed.metrics import ClassifierFD, feature_stats
 
-    torch.manual_seed(0)
-    clf = FashionClassifier(width=4, feat_dim=8).eval()
-    cfd = ClassifierFD(classifier=clf)
-    ref = feature_stats(cfd.features(torch.rand(64, 1, 32, 32)))
-    clip = TinyCLIP(width=4, embed_dim=16, text_hidden=16).eval()
+    cfd, ref, clip = tiny_testbed_evaluators()
     jaq = JAQ(TestbedCLIPScore(model=clip), TestbedCLIPIQA(model=clip))
     return lambda: [FrechetMetric("fd", cfd.features, lambda: ref), AccuracyMetric(cfd.predict), JAQMetric(jaq)]
 

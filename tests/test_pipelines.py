@@ -133,6 +133,16 @@ def test_model_table():
         default_call_kwargs("nope")
 
 
+def test_model_defaults_used_by_calibrate_and_evaluate():
+    from qsched.pipelines import call_defaults, default_steps, jaq_preset
+
+    assert call_defaults("lcm-sd15") == {"guidance_scale": 8.0, "height": 512, "width": 512}
+    assert call_defaults("./my-local-model") == {} and call_defaults("testbed") == {}
+    assert default_steps("pcm-sd15-2step") == 2 and default_steps("./my-local-model") == 4
+    assert [jaq_preset(m) for m in ("testbed", "lcm-sd15", "sdxl-turbo", "flux-schnell", "./my-sd-model")] == \
+        ["testbed", "sd15", "sdxl", "sdxl", "sd15"]
+
+
 def test_denoiser_of():
     assert denoiser_of(pipe_of("lcm"))[0] == "unet" and denoiser_of(pipe_of("flux"))[0] == "transformer"
     assert denoiser_of(pipe_of("flux"))[1] is pipe_of("flux").transformer

@@ -75,6 +75,19 @@ def test_frechet_distance_matches_1d_closed_form():
     assert fd == pytest.approx((1 - 3) ** 2 + (2 - 3) ** 2, rel=1e-9)
 
 
+def test_frechet_distance_matches_the_sqrtm_formula():
+    """Same value as pytorch-fid's Tr sqrtm(S1 S2) on correlated, unequal covariances."""
+    import scipy.linalg
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64))
+    b = rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64)) * 0.7 + 0.3
+    (m1, s1), (m2, s2) = metrics.feature_stats(a), metrics.feature_stats(b)
+    ref = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+    assert metrics.frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-8)
+    assert metrics.frechet_distance(m2, s2, m1, s1) == pytest.approx(ref, rel=1e-8)
+
+
 def test_frechet_distance_handles_singular_covariances():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(5, 20))  # 5 samples in 20-D: rank-deficient covariance
