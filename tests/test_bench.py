@@ -86,6 +86,9 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
         __import__("qsched.prompts", fromlist=["x"]).load_prompts("testbed-heldout", n=6).prompts)
     assert set(R["fid"]["rows"]) == {"fp32:original", "w4a8:qsched-best"}
     assert all(r["row"]["fid"] >= 0 for r in R["fid"]["rows"].values())
+    fid_table = R["markdown"].split("### Inception FID")[1].split("###")[0]
+    w4a8_cells = [ln for ln in fid_table.splitlines() if ln.startswith("| w4a8 |")][0].split("|")[2:-1]
+    assert w4a8_cells[0].strip() == "-" and w4a8_cells[2].strip() != "-"  # original not selected, best selected
 
     # section 2: grid of 3x3 + identity, curves monotone, forwards counted per trial
     sr = R["search"]
@@ -146,6 +149,8 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown precision"):
         BenchSettings(precisions=("fp32", "w3a3"))
     assert parse_fid_rows("") == () and BenchSettings(fid_rows=()).fid_rows == ()
+    everything = parse_fid_rows("all")
+    assert len(everything) == 16 and everything[0] == ("fp32", "original") and BenchSettings().fid_rows == everything
     assert parse_fid_rows("w4a8:qsched, fp32:tuned") == (("w4a8", "qsched-best"), ("fp32", "fp32-tuned"))
     (tmp_path / "units").mkdir()
     with pytest.raises(ValueError, match="refusing"):

@@ -7,16 +7,14 @@ its config and measured test accuracy in ``weights/classifier.json`` (train with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_FILE = "classifier.safetensors"
-CONFIG_FILE = "classifier.json"
+from qsched.testbed.weights_io import load_net, save_net
+
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -55,28 +53,10 @@ class FashionClassifier(nn.Module):
 
 
 def save_classifier(model: FashionClassifier, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``classifier.safetensors`` and ``classifier.json`` (config + ``extra``, e.g. test accuracy)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"config": model.config, **(extra or {})}, indent=2) + "\n")
-    return out / WEIGHTS_FILE
+    """Write ``classifier.safetensors`` and ``classifier.json`` (config + ``extra``, e.g. training facts)."""
+    return save_net(model, out_dir, "classifier", extra)
 
 
 def load_classifier(device: str | torch.device = "cpu", weights_dir: str | Path | None = None) -> FashionClassifier:
     """Load the shipped (or ``weights_dir``'s) classifier in eval mode."""
-    from safetensors.torch import load_file
-
-    d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    wf, cf = d / WEIGHTS_FILE, d / CONFIG_FILE
-    if not wf.exists() or not cf.exists():
-        raise FileNotFoundError(
-            f"classifier weights not found in {d} (need {WEIGHTS_FILE} and {CONFIG_FILE}); train them with "
-            f"`python -m qsched.testbed.train_classifier --out {d}`"
-        )
-    cfg = json.loads(cf.read_text())["config"]
-    model = FashionClassifier(**cfg)
-    model.load_state_dict(load_file(str(wf)))
-    return model.to(device).eval()
+    return load_net(FashionClassifier, "classifier", weights_dir, "python -m qsched.testbed.train_classifier", device)

@@ -11,7 +11,6 @@ combined captions ("a bad photo of a sneaker"); see ``python -m qsched.testbed.t
 
 from __future__ import annotations
 
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -22,10 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qsched.testbed.metrics import to_gray32
+from qsched.testbed.weights_io import load_net, save_net
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_FILE = "tiny_clip.safetensors"
-CONFIG_FILE = "tiny_clip.json"
 MINILM_DIM = 384
 IQA_PAIR = ("a good photo.", "a bad photo.")
 
@@ -96,31 +93,13 @@ class TinyCLIP(nn.Module):
 
 
 def save_tiny_clip(model: TinyCLIP, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``tiny_clip.safetensors`` and ``tiny_clip.json`` (config + ``extra``)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps({"config": model.config, **(extra or {})}, indent=2) + "\n")
-    return out / WEIGHTS_FILE
+    """Write ``tiny_clip.safetensors`` and ``tiny_clip.json`` (config + ``extra``, e.g. training facts)."""
+    return save_net(model, out_dir, "tiny_clip", extra)
 
 
 def load_tiny_clip(device: str | torch.device = "cpu", weights_dir: str | Path | None = None) -> TinyCLIP:
     """Load the shipped (or ``weights_dir``'s) tiny CLIP in eval mode."""
-    from safetensors.torch import load_file
-
-    d = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    wf, cf = d / WEIGHTS_FILE, d / CONFIG_FILE
-    if not wf.exists() or not cf.exists():
-        raise FileNotFoundError(
-            f"tiny CLIP weights not found in {d} (need {WEIGHTS_FILE} and {CONFIG_FILE}); train them with "
-            f"`python -m qsched.testbed.train_clip --out {d}`"
-        )
-    model = TinyCLIP(**json.loads(cf.read_text())["config"])
-    model.load_state_dict(load_file(str(wf)))
-    model.requires_grad_(False)
-    return model.to(device).eval()
+    return load_net(TinyCLIP, "tiny_clip", weights_dir, "python -m qsched.testbed.train_clip", device)
 
 
 @lru_cache(maxsize=1)

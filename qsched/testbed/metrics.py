@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from qsched.testbed.weights_io import WEIGHTS_DIR  # noqa: E402
 FD_REF_FILE = "fd_ref_test.safetensors"
 FID_REF_FILE = "fid_ref_test.safetensors"
 
