@@ -288,6 +288,27 @@ class _QuantBase(nn.Module):
     qweight: torch.Tensor
     weight_scale: torch.Tensor
 
+    @staticmethod
+    def _layer_kwargs(layer: nn.Module) -> dict[str, Any]:
+        """Constructor arguments (shapes) of the quantized twin of float ``layer``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, spec: QuantSpec | str, keep_packed: bool = False) -> "_QuantBase":
+        """Quantize a float layer (round-to-nearest; scales computed in float32); the bias is shared."""
+        w = layer.weight
+        q = cls(**cls._layer_kwargs(layer), bias=False, spec=spec, dtype=w.dtype, device=w.device,
+                keep_packed=keep_packed)
+        q.bias = layer.bias
+        q._set_quantized(w)
+        return q
+
+    @classmethod
+    def empty_like(cls, layer: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> "_QuantBase":
+        """A shell with the right buffer shapes, to be filled by ``load_state_dict``."""
+        return cls(**cls._layer_kwargs(layer), bias=layer.bias is not None, spec=spec, dtype=dtype, device="cpu",
+                   keep_packed=True)
+
     def _init_storage(self, spec: QuantSpec, out: int, k: int, weight_shape: tuple[int, ...],
                       dtype: torch.dtype, device: torch.device | str | None, keep_packed: bool) -> None:
         self.spec = spec
@@ -378,21 +399,9 @@ class QuantLinear(_QuantBase):
                            device, keep_packed)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
-    @classmethod
-    def from_float(cls, layer: nn.Linear, spec: QuantSpec | str, keep_packed: bool = False) -> "QuantLinear":
-        """Quantize a float ``nn.Linear`` (round-to-nearest; scales computed in float32)."""
-        w = layer.weight
-        q = cls(layer.in_features, layer.out_features, bias=False, spec=spec, dtype=w.dtype, device=w.device,
-                keep_packed=keep_packed)
-        q.bias = layer.bias
-        q._set_quantized(w)
-        return q
-
-    @classmethod
-    def empty_like(cls, layer: nn.Linear, spec: QuantSpec, dtype: torch.dtype) -> "QuantLinear":
-        """A shell with the right buffer shapes, to be filled by ``load_state_dict``."""
-        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None, spec=spec, dtype=dtype,
-                   device="cpu", keep_packed=True)
+    @staticmethod
+    def _layer_kwargs(layer: nn.Linear) -> dict[str, Any]:
+        return dict(in_features=layer.in_features, out_features=layer.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = fake_quant_per_token(x, self.spec.act_bits, dim=-1)
@@ -424,26 +433,10 @@ class QuantConv2d(_QuantBase):
         self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
 
     @staticmethod
-    def _conv_kwargs(layer: nn.Conv2d) -> dict[str, Any]:
+    def _layer_kwargs(layer: nn.Conv2d) -> dict[str, Any]:
         return dict(in_channels=layer.in_channels, out_channels=layer.out_channels, kernel_size=layer.kernel_size,
                     stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                     padding_mode=layer.padding_mode)
-
-    @classmethod
-    def from_float(cls, layer: nn.Conv2d, spec: QuantSpec | str, keep_packed: bool = False) -> "QuantConv2d":
-        """Quantize a float ``nn.Conv2d``."""
-        w = layer.weight
-        q = cls(**cls._conv_kwargs(layer), bias=False, spec=spec, dtype=w.dtype, device=w.device,
-                keep_packed=keep_packed)
-        q.bias = layer.bias
-        q._set_quantized(w)
-        return q
-
-    @classmethod
-    def empty_like(cls, layer: nn.Conv2d, spec: QuantSpec, dtype: torch.dtype) -> "QuantConv2d":
-        """A shell with the right buffer shapes, to be filled by ``load_state_dict``."""
-        return cls(**cls._conv_kwargs(layer), bias=layer.bias is not None, spec=spec, dtype=dtype, device="cpu",
-                   keep_packed=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = fake_quant_per_token(x, self.spec.act_bits, dim=1 if x.dim() == 4 else 0)
