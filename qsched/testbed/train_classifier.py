@@ -11,7 +11,6 @@ accuracy, train time); the checkpoint files are removed at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -22,51 +21,7 @@ import torch.nn.functional as F
 
 from qsched.testbed.classifier import FashionClassifier, save_classifier
 from qsched.testbed.data import load_fashion_mnist
-
-
-# ----------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Model + optimizer tensors to ``path`` (safetensors), the rest (``state``, param groups) to ``path``.json."""
-    from safetensors.torch import save_file
-
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    osd = opt.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in osd["state"].items():
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"opt.{idx}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    save_file(tensors, str(path))
-    meta = {"state": state, "param_groups": osd["param_groups"], "opt_scalars": scalars}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote; returns the saved ``state`` dict."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(path))
-    meta = json.loads(path.with_suffix(".json").read_text())
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, idx, name = k.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, sc in meta["opt_scalars"].items():
-        state.setdefault(int(idx), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["state"]
-
-
-def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warmup then cosine decay to 2% of ``base``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    p = (step - warmup) / max(total - warmup, 1)
-    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+from qsched.testbed.trainutil import load_checkpoint, lr_at, save_checkpoint
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -98,10 +53,10 @@ def train(out: Path, epochs: int = 4, limit: int | None = None, batch_size: int 
     n = train_set.images.shape[0]
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = steps_per_epoch * epochs
-    ckpt = out / "classifier_ckpt.safetensors"
+    ckpt = out / "classifier_ckpt"  # .safetensors + .json
     start_epoch, start_batch, elapsed = 0, 0, 0.0
-    if ckpt.exists() and not fresh:
-        st = load_checkpoint(ckpt, model, opt)
+    if ckpt.with_suffix(".json").exists() and not fresh:
+        st = load_checkpoint(ckpt, {"model": model}, opt)
         start_epoch, start_batch, elapsed = st["epoch"], st.get("batch", 0), st.get("train_time_s", 0.0)
         print(f"[classifier] resumed from {ckpt} at epoch {start_epoch} batch {start_batch}", flush=True)
     t0 = time.time()
@@ -115,8 +70,8 @@ def train(out: Path, epochs: int = 4, limit: int | None = None, batch_size: int 
         for b in range(first, steps_per_epoch):
             if max_steps is not None and step >= max_steps:
                 stopped = True
-                save_checkpoint(ckpt, model, opt, {"epoch": epoch, "batch": b, "seed": seed,
-                                                   "train_time_s": time.time() - t0 + elapsed})
+                save_checkpoint(ckpt, step, {"model": model}, opt,
+                                {"epoch": epoch, "batch": b, "seed": seed, "train_time_s": time.time() - t0 + elapsed})
                 break
             torch.manual_seed(seed * 1_000_003 + step)  # dropout: bit-exact resume
             gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -124,7 +79,7 @@ def train(out: Path, epochs: int = 4, limit: int | None = None, batch_size: int 
             x = augment(train_set.images[idx], gen)
             y = train_set.labels[idx]
             for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, lr, warmup=min(200, total // 10 + 1))
+                g["lr"] = lr_at(step, total, lr, warmup=min(200, total // 10 + 1), final_frac=0.02)
             loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -141,8 +96,8 @@ def train(out: Path, epochs: int = 4, limit: int | None = None, batch_size: int 
         acc = evaluate(model, test_set.images, test_set.labels)
         print(f"[classifier] epoch {epoch + 1} done: test acc {acc:.4f} ({time.time() - t0 + elapsed:.0f}s)",
               flush=True)
-        save_checkpoint(ckpt, model, opt, {"epoch": epoch + 1, "batch": 0, "seed": seed,
-                                           "train_time_s": time.time() - t0 + elapsed})
+        save_checkpoint(ckpt, step, {"model": model}, opt,
+                        {"epoch": epoch + 1, "batch": 0, "seed": seed, "train_time_s": time.time() - t0 + elapsed})
     acc = evaluate(model, test_set.images, test_set.labels)
     summary = {"test_accuracy": acc, "n_test": int(test_set.images.shape[0]), "n_train": n, "epochs": epochs,
                "batch_size": batch_size, "lr": lr, "seed": seed, "steps": step,
@@ -150,8 +105,8 @@ def train(out: Path, epochs: int = 4, limit: int | None = None, batch_size: int 
     summary["complete"] = not stopped
     save_classifier(model, out, summary)
     if not stopped:
-        ckpt.unlink(missing_ok=True)
-        ckpt.with_suffix(".json").unlink(missing_ok=True)
+        for suffix in (".safetensors", ".json"):
+            ckpt.with_suffix(suffix).unlink(missing_ok=True)
     print(f"[classifier] saved to {out}: test accuracy {acc:.4f} on {summary['n_test']} images", flush=True)
     return summary
 

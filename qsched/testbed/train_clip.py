@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from qsched.testbed.clip import IQA_PAIR, TinyCLIP, clip_iqa, save_tiny_clip
 from qsched.testbed.data import BAD_QUALITY, CLASS_NAMES, GOOD_QUALITY, SYNONYMS, all_captions, load_fashion_mnist
-from qsched.testbed.train_classifier import cosine_lr, load_checkpoint, save_checkpoint
+from qsched.testbed.trainutil import load_checkpoint, lr_at, save_checkpoint
 
 DEGRADATIONS = ("noise", "blur", "posterize", "blocky", "residue", "contrast")
 
@@ -210,10 +210,10 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
     print(f"[clip] {len(caps)} captions embedded with MiniLM in {time.time() - t_text:.1f}s", flush=True)
     model = TinyCLIP(width=width)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-3)
-    ckpt = out / "tiny_clip_ckpt.safetensors"
+    ckpt = out / "tiny_clip_ckpt"  # .safetensors + .json
     step, elapsed = 0, 0.0
-    if ckpt.exists() and not fresh:
-        st = load_checkpoint(ckpt, model, opt)
+    if ckpt.with_suffix(".json").exists() and not fresh:
+        st = load_checkpoint(ckpt, {"model": model}, opt)
         step, elapsed = st["step"], st.get("train_time_s", 0.0)
         print(f"[clip] resumed from {ckpt} at step {step}", flush=True)
     n = data.images.shape[0]
@@ -236,7 +236,7 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
         pos = (((cap_cls[ci][None, :] < 0) | (cap_cls[ci][None, :] == y[:, None]))
                & ((cap_q[ci][None, :] < 0) | (cap_q[ci][None, :] == q[:, None])))
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+            g["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1), final_frac=0.02)
         loss = multi_positive_loss(model(x, cap_emb[ci]), pos)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -248,7 +248,8 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
             print(f"[clip] step {step}/{steps} loss {run:.4f} scale {model.logit_scale.exp():.1f} "
                   f"({time.time() - t0 + elapsed:.0f}s)", flush=True)
         if step % ckpt_every == 0 or step == stop:
-            save_checkpoint(ckpt, model, opt, {"step": step, "seed": seed, "train_time_s": time.time() - t0 + elapsed})
+            save_checkpoint(ckpt, step, {"model": model}, opt,
+                            {"seed": seed, "train_time_s": time.time() - t0 + elapsed})
     train_time = time.time() - t0 + elapsed
     complete = step >= steps
     t_eval = time.time()
@@ -260,8 +261,8 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
                "train_time_s": round(train_time, 1), "threads": torch.get_num_threads(), "complete": complete}
     save_tiny_clip(model, out, summary)
     if complete:
-        ckpt.unlink(missing_ok=True)
-        ckpt.with_suffix(".json").unlink(missing_ok=True)
+        for suffix in (".safetensors", ".json"):
+            ckpt.with_suffix(suffix).unlink(missing_ok=True)
     print(f"[clip] saved to {out}", flush=True)
     return summary
 
