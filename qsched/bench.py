@@ -300,8 +300,6 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-
-
 def _finite(x: Any) -> Any:
     """NaN/inf -> None, recursively (strict JSON)."""
     if isinstance(x, float) and not math.isfinite(x):

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from qsched._util import package_versions
-
 from qsched.schedule import Schedule
 from qsched.scoring import JAQ, JAQScore, to_tensor
 
@@ -734,14 +733,17 @@ def _enumerate_grid(study: Any, candidates: list[dict[str, float]], score: Calla
     """
     import optuna
 
+    def key(params: dict[str, float]) -> tuple:
+        return tuple(sorted((k, round(v, 12)) for k, v in params.items()))
+
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    seen = {tuple(sorted((k, round(v, 12)) for k, v in t.params.items())) for t in complete}
+    seen = {key(t.params) for t in complete}
     has_identity = any(t.user_attrs.get("role") == ROLE_IDENTITY for t in complete)
     names = list(candidates[0]) if candidates else []
     order = [candidates[i] for i in np.random.default_rng(seed).permutation(len(candidates))]
     todo: list[tuple[dict[str, float], dict[str, Any]]] = [] if has_identity else [
         ({n: 1.0 for n in names}, {"role": ROLE_IDENTITY})]
-    todo += [(c, {}) for c in order if tuple(sorted((k, round(v, 12)) for k, v in c.items())) not in seen]
+    todo += [(c, {}) for c in order if key(c) not in seen]
     dists = {n: optuna.distributions.FloatDistribution(*bounds) for n in names}
     for params, extra in todo[:budget]:
         value, attrs = score(params)

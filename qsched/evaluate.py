@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from qsched._util import fmt_num, json_default, package_versions
-
 from qsched.pipelines import call_defaults, default_steps, jaq_preset
 from qsched.prompts import PromptSet, load_prompts
 
@@ -352,15 +351,20 @@ class EvalResult:
         present = {k for r in self.rows.values() for k in r}
         return [k for k in order if k in present]
 
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """(header, formatted rows): one row per config, metric columns then counts and speed."""
+        cols = self.metric_columns()
+        head = ["config", *cols, "n_images", "non-finite", "gen s", "img/s"]
+        rows = [[cfg, *[fmt_num(r.get(c)) for c in cols], str(r.get("n_images", "")), str(r.get("n_nonfinite", "")),
+                 fmt_num(r.get("gen_seconds"), 2), fmt_num(r.get("images_per_s"), 2)] for cfg, r in self.rows.items()]
+        return head, rows
+
     def to_markdown(self) -> str:
         """A Markdown table of the rows (one line per config) plus the setting and notes."""
         cols = self.metric_columns()
-        head = ["config", *cols, "n_images", "non-finite", "gen s", "img/s"]
+        head, rows = self.table()
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for cfg, r in self.rows.items():
-            vals = [cfg, *[_fmt(r.get(c)) for c in cols], str(r.get("n_images", "")),
-                    str(r.get("n_nonfinite", "")), _fmt(r.get("gen_seconds"), 2), _fmt(r.get("images_per_s"), 2)]
-            lines.append("| " + " | ".join(vals) + " |")
+        lines += ["| " + " | ".join(vals) + " |" for vals in rows]
         setting = (f"model `{self.model}`, spec `{self.spec}`, {self.steps} steps, {self.n_images} images "
                    f"from `{self.prompt_set}`, seeds {self.seeds[0] if self.seeds else '-'}.."
                    f"{self.seeds[-1] if self.seeds else '-'}")
@@ -372,9 +376,6 @@ class EvalResult:
         if self.notes:
             out += ["", "Notes:", *[f"- {n}" for n in self.notes]]
         return "\n".join(out).rstrip() + "\n"
-
-
-_fmt = fmt_num
 
 
 def _json_default(o: Any) -> Any:

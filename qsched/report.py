@@ -341,20 +341,8 @@ def _html_table(head: Sequence[str], rows: Sequence[Sequence[Any]], left: int = 
     return f"<table><tr>{h}</tr>{''.join(body)}</table>"
 
 
-def _eval_table(ev: Any) -> tuple[list[str], list[list[str]]]:
-    from qsched.evaluate import _fmt
-
-    cols = ev.metric_columns()
-    head = ["config", *cols, "n_images", "non-finite", "gen s", "img/s"]
-    rows = []
-    for cfg, r in ev.rows.items():
-        rows.append([cfg, *[_fmt(r.get(c)) for c in cols], str(r.get("n_images", "")), str(r.get("n_nonfinite", "")),
-                     _fmt(r.get("gen_seconds"), 2), _fmt(r.get("images_per_s"), 2)])
-    return head, rows
-
-
 def _calib_rows(s: Mapping[str, Any]) -> list[list[str]]:
-    from qsched.evaluate import _fmt
+    from qsched._util import fmt_num as _fmt
 
     rows = [[k, _fmt(s.get(k))] for k in ("model", "spec", "steps", "strategy", "sampler", "parametrization", "k",
                                             "n_prompts", "model_evals", "wall_time_s", "naive_jaq", "best_jaq",
@@ -394,7 +382,7 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
 
     # ---------------------------------------------------------------- metrics table
     if ev is not None:
-        head, rows = _eval_table(ev)
+        head, rows = ev.table()
         parts.append("<h2>Metrics</h2>")
         parts.append(f'<p class="note">model <b>{html.escape(ev.model)}</b>, spec <b>{html.escape(str(ev.spec))}'
                      f"</b>, {ev.steps} steps, {ev.n_images} images per config from "

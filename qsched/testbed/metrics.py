@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from qsched.testbed.weights_io import WEIGHTS_DIR  # noqa: E402
+from qsched.testbed.weights_io import WEIGHTS_DIR
+
 FD_REF_FILE = "fd_ref_test.safetensors"
 FID_REF_FILE = "fid_ref_test.safetensors"
 
@@ -207,8 +208,6 @@ class ClassifierFD(_Reference):
         self.model = (classifier if classifier is not None else load_classifier(device=self.device)).eval()
         self.batch_size = batch_size
         self._ref_path = Path(ref_path) if ref_path is not None else WEIGHTS_DIR / FD_REF_FILE
-        self._ref: tuple[np.ndarray, np.ndarray] | None = None
-
 
     @torch.no_grad()
     def features(self, images: Any) -> torch.Tensor:
@@ -280,8 +279,6 @@ class InceptionFID(_Reference):
         self.helper.model.eval()
         self.batch_size = batch_size
         self._ref_path = Path(ref_path) if ref_path is not None else WEIGHTS_DIR / FID_REF_FILE
-        self._ref: tuple[np.ndarray, np.ndarray] | None = None
-
 
     def features(self, images: Any, log_every: int = 0) -> np.ndarray:
         """(B, 2048) float64 pool3 features of images in [0, 1] (1 or 3 channels, any size)."""

@@ -22,8 +22,7 @@ from safetensors.torch import load_file
 
 from .models import NOISE_SCHEDULE, guidance_embedding
 from .text import MAX_TOKENS, load_minilm, tokenize
-
-from qsched.testbed.weights_io import WEIGHTS_DIR  # noqa: E402
+from .weights_io import WEIGHTS_DIR
 
 #: Guidance scale used when the caller passes none. Chosen by comparing 3.0 and 6.0 on the teacher (class
 #: accuracy on held-out and training wordings, 200 prompts each); the student is distilled for scales 2-8.

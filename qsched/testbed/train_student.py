@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"resumed from {ckpt} at step {start}")
     phase = {"from_step": start, "to_step": a.steps, "lr": a.lr, "high_t_frac": a.high_t_frac,
              "high_t_top": a.high_t_top}
-    if not phases or {k: v for k, v in phases[-1].items() if k not in ("from_step", "to_step")} != \
-            {k: v for k, v in phase.items() if k not in ("from_step", "to_step")}:
+    def settings(ph: dict) -> dict:
+        return {k: v for k, v in ph.items() if k not in ("from_step", "to_step")}
+
+    if not phases or settings(phases[-1]) != settings(phase):  # a resumed run with new settings opens a phase
         phases.append(phase)
     phases[-1]["to_step"] = a.steps
     g = torch.Generator().manual_seed(a.seed + start)
@@ -130,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
 
     export(target, a.out / "student", {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
                                        "recipe": "LCD", "solver_steps": SOLVER_STEPS, "w_range": [a.w_min, a.w_max],
-                                       "target_ema": a.target_ema,
-                                       "phases": phases})
+                                       "target_ema": a.target_ema, "phases": phases})
 
 
 if __name__ == "__main__":
