@@ -117,6 +117,51 @@ def test_training_scripts_run_and_resume(tmp_path):
     assert img.shape == (1, 1, 32, 32) and torch.isfinite(img).all()
 
 
+def test_v_student_training_converts_and_continues(tmp_path):
+    """v-prediction student: conversion steps, LCD with the auxiliary loss, --init provenance, and a pipeline whose
+    LCMScheduler reads the exported prediction type."""
+    from qsched.testbed import train_student
+
+    common = ["--limit", "64", "--batch-size", "4", "--log-every", "1", "--threads", "1", "--prediction-type",
+              "v_prediction", "--teacher", "qsched/testbed/weights/teacher.safetensors"]
+    train_student.main(["--steps", "3", "--convert-steps", "2", "--work", str(tmp_path / "a"),
+                        "--out", str(tmp_path / "a" / "out"), *common])
+    first = json.loads((tmp_path / "a" / "out" / "student.json").read_text())
+    assert first["prediction_type"] == "v_prediction"
+    assert first["train"]["phases"][0]["convert_steps"] == 2
+    train_student.main(["--steps", "2", "--aux-denoise", "0.5", "--init", str(tmp_path / "a" / "out" / "student.safetensors"),
+                        "--work", str(tmp_path / "b"), "--out", str(tmp_path / "w"), *common])
+    meta = json.loads((tmp_path / "w" / "student.json").read_text())
+    assert meta["train"]["init_from"] == first["train"]  # provenance of the starting weights is kept
+    pipe = load_testbed_pipeline("student", weights_dir=tmp_path / "w")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    img = pipe("a coat", num_inference_steps=1, output_type="pt").images
+    assert torch.isfinite(img).all()
+    with pytest.raises(SystemExit):  # conversion only makes sense for a v student
+        train_student.parse_args(["--convert-steps", "5"])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_consistency_function_matches_lcm_scheduler(prediction_type):
+    """What LCD trains (c_skip x_t + c_out x0(output)) is exactly what LCMScheduler outputs at 1 step."""
+    from diffusers import LCMScheduler
+
+    from qsched.testbed.models import NOISE_SCHEDULE
+    from qsched.testbed.train_student import boundary_scalings, predicted_x0
+
+    cfg = {k: v for k, v in NOISE_SCHEDULE.items() if k not in ("clip_sample", "set_alpha_to_one")}
+    sched = LCMScheduler(**cfg | {"prediction_type": prediction_type}, original_inference_steps=50,
+                         timestep_spacing="leading")
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    g = torch.Generator().manual_seed(0)
+    xt, out = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    denoised = sched.step(out, t, xt, return_dict=True).denoised
+    at = sched.alphas_cumprod[t].view(1, 1, 1, 1)
+    cs, co = boundary_scalings(torch.tensor([int(t)]))
+    assert torch.allclose(cs * xt + co * predicted_x0(out, xt, at, prediction_type), denoised, atol=1e-5)
+
+
 def test_unknown_variant_and_missing_weights(tmp_path):
     with pytest.raises(ValueError, match="variant"):
         load_testbed_pipeline("giant")
@@ -133,3 +178,15 @@ def test_shipped_student_draws_the_prompted_class():
     imgs = pipe(prompts, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="pt").images
     acc = ClassifierFD().class_accuracy(imgs, labels)
     assert acc >= 0.7, acc
+
+
+def test_shipped_student_is_usable_at_one_step():
+    """The shipped student predicts v, so one LCM step already gives recognisable images (the card measures 2k)."""
+    from qsched.testbed.metrics import ClassifierFD
+
+    pipe = load_testbed_pipeline("student")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    prompts, labels = data.heldout_prompts(100, seed=7)
+    imgs = pipe(prompts, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    acc = ClassifierFD().class_accuracy(imgs, labels)
+    assert acc >= 0.6, acc

@@ -95,11 +95,11 @@ class TestbedPipeline(DiffusionPipeline):
 
         for t in self.progress_bar(self.scheduler.timesteps):
             xin = self.scheduler.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-            eps = self.unet(xin, t, encoder_hidden_states=ctx, timestep_cond=tcond).sample
+            out = self.unet(xin, t, encoder_hidden_states=ctx, timestep_cond=tcond).sample  # eps or v
             if cfg:
-                e_u, e_c = eps.chunk(2)
-                eps = e_u + guidance_scale * (e_c - e_u)
-            x = self.scheduler.step(eps, t, x, **extra, return_dict=False)[0]
+                o_u, o_c = out.chunk(2)
+                out = o_u + guidance_scale * (o_c - o_u)
+            x = self.scheduler.step(out, t, x, **extra, return_dict=False)[0]
 
         img = (x.float() / 2 + 0.5).clamp(0, 1)
         img = torch.where(torch.isfinite(x.float()), img, x.float())  # keep NaN/inf visible to the caller
@@ -113,8 +113,8 @@ class TestbedPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 
 
-def _scheduler(name: str):
-    cfg = {k: v for k, v in NOISE_SCHEDULE.items()}
+def _scheduler(name: str, prediction_type: str = "epsilon"):
+    cfg = {**NOISE_SCHEDULE, "prediction_type": prediction_type}
     if name == "LCMScheduler":
         cfg.pop("clip_sample"); cfg.pop("set_alpha_to_one")
         return LCMScheduler(**cfg, original_inference_steps=50, timestep_spacing="leading")
@@ -131,10 +131,12 @@ def load_testbed_pipeline(variant: str = "student", device: str | torch.device =
     if not w_path.exists():
         raise FileNotFoundError(f"testbed weights missing: {w_path} (train them with "
                                 f"`python -m qsched.testbed.train_{variant}`)")
-    unet = UNet2DConditionModel.from_config(json.loads(cfg_path.read_text())["unet_config"])
+    meta = json.loads(cfg_path.read_text())
+    unet = UNet2DConditionModel.from_config(meta["unet_config"])
     unet.load_state_dict({k: v.float() for k, v in load_file(str(w_path)).items()})
     tok, enc = load_minilm(device)
-    pipe = TestbedPipeline(unet.eval(), _scheduler(VARIANTS[variant]["scheduler"]), enc, tok).to(device)
+    sched = _scheduler(VARIANTS[variant]["scheduler"], meta.get("prediction_type", "epsilon"))
+    pipe = TestbedPipeline(unet.eval(), sched, enc, tok).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,6 +7,13 @@ timesteps (skip k = 20), classifier-free guidance of the teacher with a guidance
 embedded into the student (``time_cond_proj_dim``), an EMA target network, LCM boundary conditions
 (c_skip, c_out with timestep scaling 10, as diffusers' LCMScheduler) and a pseudo-Huber loss. The student
 starts from the teacher's weights. Seeded and resumable from ``--work``/ckpt.
+
+``--prediction-type v_prediction`` makes the student predict v instead of epsilon (the teacher stays epsilon):
+at t = 999 an epsilon student's clean image is ``(x_t - sqrt(1 - abar) eps) / sqrt(abar)`` with
+``sqrt(abar) = 0.068``, which multiplies its error by ~15 and leaves 1-step images noisy; from v the clean image
+is ``sqrt(abar) x_t - sqrt(1 - abar) v``, with no such amplification. The first ``--convert-steps`` steps then
+regress the true v of noised training images (plain denoising, min-SNR-5 weights) so that LCD starts from a
+network that already speaks v. The exported JSON records ``prediction_type``; the pipeline's LCMScheduler uses it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,27 @@ def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
 
+def predicted_x0(out: torch.Tensor, xt: torch.Tensor, abar_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The clean image implied by the network output (as LCMScheduler.step computes it)."""
+    if prediction_type == "epsilon":
+        return (xt - (1 - abar_t).sqrt() * out) / abar_t.sqrt()
+    if prediction_type == "v_prediction":
+        return abar_t.sqrt() * xt - (1 - abar_t).sqrt() * out
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+
+
+def denoising_loss(out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+                   prediction_type: str) -> torch.Tensor:
+    """Plain diffusion loss against the true eps / v of ``x0`` noised at ``t``, min-SNR-5 weighted."""
+    at = abar[t].view(-1, 1, 1, 1)
+    snr = at / (1 - at)
+    if prediction_type == "v_prediction":
+        target, wt = at.sqrt() * noise - (1 - at).sqrt() * x0, snr.clamp(max=5.0) / (snr + 1)
+    else:
+        target, wt = noise, snr.clamp(max=5.0) / snr
+    return (wt * (out - target) ** 2).mean()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = base_parser(__doc__, steps=1000, lr=2e-4, work="runs/student", ckpt_every=50)
     p.add_argument("--target-ema", type=float, default=0.95)
@@ -46,26 +74,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of each batch drawn from the top --high-t-top solver timesteps instead of uniformly "
                         "(the boundary chain that 1-step sampling relies on; 0 = the LCM recipe as published)")
     p.add_argument("--high-t-top", type=int, default=10, help="how many of the highest solver timesteps count as top")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon",
+                   help="what the student predicts (the teacher is always epsilon)")
+    p.add_argument("--convert-steps", type=int, default=0,
+                   help="first steps spent regressing the true v before LCD (only with v_prediction)")
+    p.add_argument("--aux-denoise", type=float, default=0.0,
+                   help="weight of an extra plain denoising loss (true eps/v of the noised image, min-SNR-5) "
+                        "added to LCD; keeps the student a good denoiser at low and middle timesteps")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this exported student (safetensors) instead of the teacher's weights")
     p.add_argument("--teacher", type=Path, default=Path("qsched/testbed/weights/teacher.safetensors"))
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.convert_steps and a.prediction_type == "epsilon":
+        p.error("--convert-steps only applies to --prediction-type v_prediction (the teacher already predicts eps)")
+    return a
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     x_all, y_all, states, by_class = training_setup(a)
     uncond = states[-1]
-    abar = noise_scheduler().alphas_cumprod
-    k = noise_scheduler().config.num_train_timesteps // SOLVER_STEPS
+    dev, ptype = torch.device(a.device), a.prediction_type
+    abar = noise_scheduler().alphas_cumprod.to(dev)
+    n_train = noise_scheduler().config.num_train_timesteps
+    k = n_train // SOLVER_STEPS
     solver_t = torch.arange(1, SOLVER_STEPS + 1) * k - 1  # 19, 39, ..., 999 (LCMScheduler's origin timesteps)
 
     teacher = build_unet(student=False).eval().requires_grad_(False)
     teacher.load_state_dict({k_: v.float() for k_, v in load_file(str(a.teacher)).items()})
+    teacher.to(dev)
     student = build_unet(student=True)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    assert not unexpected and all("cond_proj" in m for m in missing), (missing, unexpected)
-    cp = student.time_embedding.cond_proj
-    torch.nn.init.zeros_(cp.weight)  # starts exactly as the teacher
-    student.train()
+    if a.init:  # continue from an exported student (e.g. one trained on another machine)
+        student.load_state_dict({k_: v.float() for k_, v in load_file(str(a.init)).items()})
+    else:
+        missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+        assert not unexpected and all("cond_proj" in m for m in missing), (missing, unexpected)
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # starts exactly as the teacher
+    student.to(dev).train()
     target = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     ckpt, start = a.work / "ckpt", 0
@@ -76,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         phases = meta.get("phases") or [{"from_step": 0, "to_step": start}]  # runs before phases were logged
         print(f"resumed from {ckpt} at step {start}")
     phase = {"from_step": start, "to_step": a.steps, "lr": a.lr, "high_t_frac": a.high_t_frac,
-             "high_t_top": a.high_t_top}
+             "high_t_top": a.high_t_top, "prediction_type": ptype, "convert_steps": a.convert_steps,
+             "batch_size": a.batch_size, "aux_denoise": a.aux_denoise, "init": str(a.init) if a.init else None}
     def settings(ph: dict) -> dict:
         return {k: v for k, v in ph.items() if k not in ("from_step", "to_step")}
 
@@ -100,39 +146,53 @@ def main(argv: list[str] | None = None) -> None:
         n = torch.where(top, SOLVER_STEPS - 1 - torch.randint(0, a.high_t_top, (B,), generator=g), n)
         t, s = solver_t[n], (solver_t[n] - k).clamp_min(0)
         w = a.w_min + (a.w_max - a.w_min) * torch.rand(B, generator=g)  # guidance scale
-        wemb = guidance_embedding(w - 1.0)
-        noise = torch.randn(x0.shape, generator=g)
+        wemb = guidance_embedding(w - 1.0).to(dev)
+        noise = torch.randn(x0.shape, generator=g).to(dev)
+        converting = step < a.convert_steps
+        if converting:  # v-conversion: any timestep, true v of the noised image
+            t = torch.randint(0, n_train, (B,), generator=g)
+        t, s, w = t.to(dev), s.to(dev), w.to(dev).view(-1, 1, 1, 1)
         at, as_ = abar[t].view(-1, 1, 1, 1), abar[s].view(-1, 1, 1, 1)
         xt = at.sqrt() * x0 + (1 - at).sqrt() * noise
+        out = student(xt, t, ctx, timestep_cond=wemb).sample
 
-        cs_t, co_t = boundary_scalings(t)
-        eps = student(xt, t, ctx, timestep_cond=wemb).sample
-        pred = cs_t * xt + co_t * (xt - (1 - at).sqrt() * eps) / at.sqrt()
-
-        with torch.no_grad():
-            e_u, e_c = teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])
-                               ).sample.chunk(2)
-            e = e_u + w.view(-1, 1, 1, 1) * (e_c - e_u)
-            x0_t = (xt - (1 - at).sqrt() * e) / at.sqrt()
-            xs = as_.sqrt() * x0_t + (1 - as_).sqrt() * e  # one DDIM step t -> s of the guided teacher
-            cs_s, co_s = boundary_scalings(s)
-            e_tgt = target(xs, s, ctx, timestep_cond=wemb).sample
-            tgt = cs_s * xs + co_s * (xs - (1 - as_).sqrt() * e_tgt) / as_.sqrt()
-
-        loss = (torch.sqrt((pred - tgt) ** 2 + a.huber_c**2) - a.huber_c).mean()
+        if converting:
+            loss = denoising_loss(out, x0, noise, t, abar, ptype)
+        else:
+            cs_t, co_t = boundary_scalings(t)
+            pred = cs_t * xt + co_t * predicted_x0(out, xt, at, ptype)
+            with torch.no_grad():
+                e_u, e_c = teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])
+                                   ).sample.chunk(2)
+                e = e_u + w * (e_c - e_u)
+                x0_t = (xt - (1 - at).sqrt() * e) / at.sqrt()
+                xs = as_.sqrt() * x0_t + (1 - as_).sqrt() * e  # one DDIM step t -> s of the guided teacher
+                cs_s, co_s = boundary_scalings(s)
+                out_tgt = target(xs, s, ctx, timestep_cond=wemb).sample
+                tgt = cs_s * xs + co_s * predicted_x0(out_tgt, xs, as_, ptype)
+            loss = (torch.sqrt((pred - tgt) ** 2 + a.huber_c**2) - a.huber_c).mean()
+            if a.aux_denoise:
+                ta = torch.randint(0, n_train, (B,), generator=g).to(dev)
+                aa = abar[ta].view(-1, 1, 1, 1)
+                out_a = student(aa.sqrt() * x0 + (1 - aa).sqrt() * noise, ta, ctx, timestep_cond=wemb).sample
+                loss = loss + a.aux_denoise * denoising_loss(out_a, x0, noise, ta, abar, ptype)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        ema_update(target, student, a.target_ema)
+        ema_update(target, student, 0.0 if converting else a.target_ema)  # LCD's target starts as the student
         if step % a.log_every == 0 or step == a.steps - 1:
             log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
         if (step + 1) % a.ckpt_every == 0 or step == a.steps - 1:
             save_checkpoint(ckpt, step + 1, {"student": student, "target": target}, opt, {"phases": phases})
 
-    export(target, a.out / "student", {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+    info: dict = {}
+    if a.init and a.init.with_suffix(".json").exists():  # keep the provenance of the weights we started from
+        info["init_from"] = json.loads(a.init.with_suffix(".json").read_text()).get("train")
+    export(target, a.out / "student", {**info, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
                                        "recipe": "LCD", "solver_steps": SOLVER_STEPS, "w_range": [a.w_min, a.w_max],
-                                       "target_ema": a.target_ema, "phases": phases})
+                                       "target_ema": a.target_ema, "phases": phases},
+           prediction_type=ptype)
 
 
 if __name__ == "__main__":

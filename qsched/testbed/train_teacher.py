@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     uncond = states[-1]
     sched = noise_scheduler()
     abar = sched.alphas_cumprod
-    snr = abar / (1 - abar)
+    snr = (abar / (1 - abar)).to(a.device)
 
-    unet = build_unet(student=False).train()
+    unet = build_unet(student=False).to(a.device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=a.lr, weight_decay=0.0)
     ckpt = a.work / "ckpt"
@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         ctx = states[cap_idx].clone()
         drop = torch.rand(a.batch_size, generator=g) < a.p_uncond
         ctx[drop] = uncond
-        t = torch.randint(0, sched.config.num_train_timesteps, (a.batch_size,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (a.batch_size,), generator=g).to(a.device)
+        noise = torch.randn(x0.shape, generator=g).to(a.device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, ctx).sample
         w = (torch.clamp(snr[t], max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 for epsilon prediction
@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     export(ema, a.out / "teacher", {"steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed})
 
 
-def export(unet: torch.nn.Module, out: Path, train_info: dict) -> None:
+def export(unet: torch.nn.Module, out: Path, train_info: dict, prediction_type: str = "epsilon") -> None:
     """Ship weights as fp16 safetensors plus a JSON config (the repo stores small files only)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in unet.state_dict().items()}, str(out.with_suffix(".safetensors")))
+    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(out.with_suffix(".safetensors")))
     cfg = dict(unet.config) if hasattr(unet, "config") else {}
     out.with_suffix(".json").write_text(json.dumps({"unet_config": {k: v for k, v in cfg.items()
                                                                     if not k.startswith("_")},
+                                                    "prediction_type": prediction_type,
                                                     "train": train_info}, indent=1, default=list))
     print(f"exported {out.with_suffix('.safetensors')}")
 

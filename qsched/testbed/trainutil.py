@@ -35,7 +35,7 @@ def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v.contiguous()
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -46,7 +46,8 @@ def save_checkpoint(path: Path, step: int, modules: dict[str, torch.nn.Module], 
     """Write ``path``.safetensors (weights + optimizer tensors) and ``path``.json (step, optimizer scalars)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{k}": v.contiguous() for name, m in modules.items() for k, v in m.state_dict().items()}
+    tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
+               for name, m in modules.items() for k, v in m.state_dict().items()}
     opt_t, opt_meta = _flat_optimizer(opt)
     tensors.update(opt_t)
     tmp = path.with_suffix(".tmp.safetensors")
@@ -126,6 +127,8 @@ def base_parser(doc: str | None, steps: int, lr: float, work: str, ckpt_every: i
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    p.add_argument("--device", default="cpu", help="torch device to train on (e.g. cuda); batches are drawn on "
+                                                    "the CPU generator either way")
     p.add_argument("--work", type=Path, default=Path(work), help="checkpoint and log folder (resumes from it)")
     p.add_argument("--out", type=Path, default=Path("qsched/testbed/weights"))
     p.add_argument("--ckpt-every", type=int, default=ckpt_every)
@@ -134,11 +137,14 @@ def base_parser(doc: str | None, steps: int, lr: float, work: str, ckpt_every: i
 
 
 def training_setup(a: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[int, list[int]]]:
-    """Seed, set threads, and load (images in [-1, 1], labels, caption token states, class -> caption ids)."""
+    """Seed, set threads, and load (images in [-1, 1], labels, caption token states, class -> caption ids).
+
+    Images and token states are moved to ``a.device``; labels stay on the CPU (they index Python lists).
+    """
     from .data import load_fashion_mnist
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     data = load_fashion_mnist("train", limit=a.limit)
     _, states, _, by_class = caption_table("train")
-    return data.images * 2 - 1, data.labels, states, by_class
+    return (data.images * 2 - 1).to(a.device), data.labels, states.to(a.device), by_class
