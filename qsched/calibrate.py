@@ -277,6 +277,19 @@ def _text_encoders(pipe: Any) -> list[torch.nn.Module]:
     return out
 
 
+@torch.no_grad()
+def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
+    """A short hash of a module's parameters and buffers (names, shapes, dtypes and up to ``per_tensor`` evenly
+    strided values of each), so that a stored study is never resumed on other weights. Cheap on large models."""
+    h = hashlib.sha1()
+    for name, t in sorted({**dict(module.named_parameters()), **dict(module.named_buffers())}.items()):
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def _quant_spec(pipe: Any) -> str | None:
     from qsched.quantization import quant_spec_of
 
@@ -615,9 +628,10 @@ def calibrate(
         if not os.access(out, os.W_OK):
             raise ValueError(f"output directory {out} is not writable")
 
-    config = {"model": model, "quant_spec": spec, "steps": steps, "parametrization": kind, "strategy": strategy,
-              "grid_range": [lo, hi], "seeds": seeds, "k": float(jaq.k),
-              "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest()}
+    name_d, denoiser = _denoiser(pipe)
+    config = {"model": model, "quant_spec": spec, "denoiser_weights": weights_fingerprint(denoiser), "steps": steps,
+              "parametrization": kind, "strategy": strategy, "grid_range": [lo, hi], "seeds": seeds,
+              "k": float(jaq.k), "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest()}
     if strategy == "grid":
         config["grid_points"] = int(grid_points)
     study_name = study_name or f"qsched-{kind}-{strategy}-{steps}steps"
@@ -641,7 +655,6 @@ def calibrate(
                                       for t in study.get_trials(deepcopy=False, states=live)):
         study.enqueue_trial(identity_params, user_attrs={"role": ROLE_IDENTITY})
 
-    name_d, denoiser = _denoiser(pipe)
     encoders = _text_encoders(pipe)
     n_calls = len(seeds) * math.ceil(len(prompts) / (batch_size or len(prompts)))
     dcache = ForwardCache(max_entries=n_calls * (steps + 2) + 8, name=name_d, enabled=cache)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -20,7 +21,9 @@ from qsched.calibrate import (
     read_schedules,
     save_schedule,
     search_space,
+    weights_fingerprint,
 )
+from qsched.pipelines import denoiser_of
 from qsched.quantization import quant_spec_of, quantize, quantized_layers
 from qsched.schedule import Schedule
 from qsched.scheduler import QSchedScheduler, apply_schedule
@@ -279,6 +282,27 @@ def test_resume_keeps_completed_trials(qpipe, tmp_path):
     # other settings against the same study: refused
     with pytest.raises(ValueError, match="other settings"):
         calibrate(qpipe, PROMPTS[:2], 2, **{**args, "jaq": fake_jaq()})
+    # the same settings on other weights (a retrained or differently quantized model): refused, not reused
+    _, den = denoiser_of(qpipe)
+    p0 = next(p for p in den.parameters() if p.is_floating_point())
+    with torch.no_grad():
+        p0.add_(1e-3)
+    with pytest.raises(ValueError, match="denoiser_weights"):
+        calibrate(qpipe, PROMPTS, 2, **{**args, "jaq": fake_jaq()})
+    with torch.no_grad():
+        p0.sub_(1e-3)
+
+
+def test_weights_fingerprint_sees_values_shapes_and_dtypes():
+    a = torch.nn.Linear(64, 64)
+    b = torch.nn.Linear(64, 64)
+    b.load_state_dict(a.state_dict())
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.weight[10, 7] += 1.0  # 4,096 values: all of them are sampled
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint(a) != weights_fingerprint(copy.deepcopy(a).half())
+    assert weights_fingerprint(a) != weights_fingerprint(torch.nn.Linear(64, 65))
 
 
 def test_storage_url_shared_by_two_workers(qpipe, tmp_path):
