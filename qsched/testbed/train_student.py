@@ -1,5 +1,17 @@
 """Latent-consistency distillation (LCD) of the testbed teacher into a few-step student.
 
+The shipped student (v prediction) came from two runs on one GPU (``--device cuda``; an H200, about 7 + 2.5 min):
+
+    python -m qsched.testbed.train_student --device cuda --batch-size 256 --steps 5000 \
+        --prediction-type v_prediction --convert-steps 1000 --work runs/student-v --out runs/student-v/out
+    python -m qsched.testbed.train_student --device cuda --batch-size 256 --steps 1300 --lr 1e-4 \
+        --prediction-type v_prediction --convert-steps 400 --init runs/student-v/out/student.safetensors \
+        --work runs/student-v2 --out qsched/testbed/weights
+
+The first run was stopped by the GPU lease's time limit after 4,000 of its 5,000 steps and exported from that
+checkpoint (re-running it with ``--steps 4000`` resumes at step 4,000 and only exports). On this 2-core CPU the
+same work takes hours (about 0.6 step/s at batch 64), so CPU runs use the defaults (batch 64, epsilon):
+
     python -m qsched.testbed.train_student --steps 1000 --work runs/student --out qsched/testbed/weights
 
 The LCM recipe (Luo et al. 2023) in pixel space: a skipping-step DDIM solver over 50 of the 1000 teacher
