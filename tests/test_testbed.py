@@ -190,3 +190,22 @@ def test_shipped_student_is_usable_at_one_step():
     imgs = pipe(prompts, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type="pt").images
     acc = ClassifierFD().class_accuracy(imgs, labels)
     assert acc >= 0.6, acc
+
+
+def test_model_card_rerenders_and_remeasures_speed(tmp_path):
+    """--render-only reproduces the shipped card from card.json; --speed-only replaces only the speed figure."""
+    import shutil
+
+    from qsched.testbed import card
+
+    shutil.copy(card.HERE / "card.json", tmp_path / "card.json")
+    card.main(["--render-only", "--out", str(tmp_path)])
+    assert (tmp_path / "MODEL_CARD.md").read_text() == (card.HERE / "MODEL_CARD.md").read_text()
+    before = json.loads((tmp_path / "card.json").read_text())
+    after = card.main(["--speed-only", "--out", str(tmp_path)])
+    assert after["student_images_per_s_4steps_b64"] > 0 and "speed_remeasured" in after
+    assert json.loads((tmp_path / "card.json").read_text()) == json.loads(json.dumps(after, default=str))
+    speed_keys = ("student_images_per_s_4steps_b64", "speed_remeasured")
+    assert {k: v for k, v in after.items() if k not in speed_keys} == \
+        {k: v for k, v in before.items() if k not in speed_keys}
+    assert "re-measured alone" in (tmp_path / "MODEL_CARD.md").read_text()
