@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 e_u, e_c = teacher(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([uncond.expand_as(ctx), ctx])
                                    ).sample.chunk(2)
                 e = e_u + w * (e_c - e_u)
-                x0_t = (xt - (1 - at).sqrt() * e) / at.sqrt()
+                x0_t = predicted_x0(e, xt, at, "epsilon")
                 xs = as_.sqrt() * x0_t + (1 - as_).sqrt() * e  # one DDIM step t -> s of the guided teacher
                 cs_s, co_s = boundary_scalings(s)
                 out_tgt = target(xs, s, ctx, timestep_cond=wemb).sample
