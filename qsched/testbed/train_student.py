@@ -40,7 +40,8 @@ from safetensors.torch import load_file
 
 from .models import build_unet, guidance_embedding, noise_scheduler
 from .train_teacher import export
-from .trainutil import Logger, base_parser, ema_update, load_checkpoint, lr_at, save_checkpoint, training_setup
+from .trainutil import (Logger, base_parser, denoising_loss, ema_update, load_checkpoint, lr_at, save_checkpoint,
+                        training_setup)
 
 SOLVER_STEPS = 50
 TIMESTEP_SCALING = 10.0
@@ -62,18 +63,6 @@ def predicted_x0(out: torch.Tensor, xt: torch.Tensor, abar_t: torch.Tensor, pred
     if prediction_type == "v_prediction":
         return abar_t.sqrt() * xt - (1 - abar_t).sqrt() * out
     raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-
-
-def denoising_loss(out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
-                   prediction_type: str) -> torch.Tensor:
-    """Plain diffusion loss against the true eps / v of ``x0`` noised at ``t``, min-SNR-5 weighted."""
-    at = abar[t].view(-1, 1, 1, 1)
-    snr = at / (1 - at)
-    if prediction_type == "v_prediction":
-        target, wt = at.sqrt() * noise - (1 - at).sqrt() * x0, snr.clamp(max=5.0) / (snr + 1)
-    else:
-        target, wt = noise, snr.clamp(max=5.0) / snr
-    return (wt * (out - target) ** 2).mean()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .models import build_unet, noise_scheduler, unet_config
-from .trainutil import Logger, base_parser, ema_update, load_checkpoint, lr_at, save_checkpoint, training_setup
+from .trainutil import (Logger, base_parser, denoising_loss, ema_update, load_checkpoint, lr_at, save_checkpoint,
+                        training_setup)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,8 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     x_all, y_all, states, by_class = training_setup(a)
     uncond = states[-1]
     sched = noise_scheduler()
-    abar = sched.alphas_cumprod
-    snr = (abar / (1 - abar)).to(a.device)
+    abar = sched.alphas_cumprod.to(a.device)
 
     unet = build_unet(student=False).to(a.device).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         noise = torch.randn(x0.shape, generator=g).to(a.device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, ctx).sample
-        w = (torch.clamp(snr[t], max=5.0) / snr[t]).view(-1, 1, 1, 1)  # min-SNR-5 for epsilon prediction
-        loss = (w * (pred - noise) ** 2).mean()
+        loss = denoising_loss(pred, x0, noise, t, abar, "epsilon")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -79,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 def export(unet: torch.nn.Module, out: Path, train_info: dict, prediction_type: str = "epsilon") -> None:
     """Ship weights as fp16 safetensors plus a JSON config (the repo stores small files only)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()}, str(out.with_suffix(".safetensors")))
+    save_file({k: v.detach().half().cpu().contiguous() for k, v in unet.state_dict().items()},
+              str(out.with_suffix(".safetensors")))
     cfg = dict(unet.config) if hasattr(unet, "config") else {}
     out.with_suffix(".json").write_text(json.dumps({"unet_config": {k: v for k, v in cfg.items()
                                                                     if not k.startswith("_")},

@@ -20,6 +20,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             pe.lerp_(pm, 1.0 - decay)
 
 
+def denoising_loss(out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, abar: torch.Tensor,
+                   prediction_type: str) -> torch.Tensor:
+    """Plain diffusion loss against the true eps / v of ``x0`` noised at ``t``, min-SNR-5 weighted."""
+    at = abar[t].view(-1, 1, 1, 1)
+    snr = at / (1 - at)
+    if prediction_type == "v_prediction":
+        target, wt = at.sqrt() * noise - (1 - at).sqrt() * x0, snr.clamp(max=5.0) / (snr + 1)
+    else:
+        target, wt = noise, snr.clamp(max=5.0) / snr
+    return (wt * (out - target) ** 2).mean()
+
+
 def lr_at(step: int, total: int, base: float, warmup: int = 100, final_frac: float = 0.05) -> float:
     """Linear warm-up then cosine decay to ``final_frac * base``."""
     if step < warmup:
