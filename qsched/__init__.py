@@ -3,16 +3,30 @@
 Public API (imported lazily so that ``import qsched`` stays fast):
 
     Schedule, QSchedScheduler, apply_schedule          -- per-step coefficients (schedule.py, scheduler.py)
-    quantize, save_quantized, load_quantized, QuantSpec -- denoiser quantization (quantization.py)
+    quantize, quant_spec_of, QuantSpec                 -- denoiser quantization (quantization.py)
+    save_quantized, load_quantized, CheckpointError    -- quantized checkpoints, diffusers layout (checkpoint.py)
+    QSchedConfig                                       -- diffusers quantization_config (hf_quantizer.py)
     load_pipeline, MODELS                              -- diffusers pipelines and the testbed (pipelines.py)
     JAQ, calibrate, CalibrationResult                  -- scoring and search (scoring.py, calibrate.py)
     evaluate                                           -- side-by-side evaluation (evaluate.py)
+
+Every name above is that object on every access: importing a submodule of the same name (``qsched.calibrate``,
+``qsched.evaluate``) does not replace the function on the package (use ``sys.modules["qsched.calibrate"]`` or
+``from qsched.calibrate import ...`` for the module). ``import qsched`` also makes every folder qsched writes
+loadable by plain diffusers: ``qsched.scheduler`` is registered (lazily) in ``sys.modules``, where diffusers looks
+for a saved ``QSchedScheduler``, and the ``"qsched"`` quantizer is added to diffusers' quantizer mappings as soon as
+diffusers loads them. Neither imports diffusers or torch before they are needed.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
+import types
+import warnings
 from typing import Any
 
 # Busy-waiting OpenMP worker threads made CPU inference ~25x slower whenever another process shared the cores
@@ -28,8 +42,10 @@ _EXPORTS = {
     "apply_schedule": "qsched.scheduler",
     "QuantSpec": "qsched.quantization",
     "quantize": "qsched.quantization",
-    "save_quantized": "qsched.quantization",
-    "load_quantized": "qsched.quantization",
+    "save_quantized": "qsched.checkpoint",
+    "load_quantized": "qsched.checkpoint",
+    "CheckpointError": "qsched.checkpoint",
+    "QSchedConfig": "qsched.hf_quantizer",
     "quant_spec_of": "qsched.quantization",
     "load_pipeline": "qsched.pipelines",
     "MODELS": "qsched.pipelines",
@@ -46,5 +62,89 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        obj = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = obj  # cached; _Package.__setattr__ keeps a same-named submodule from replacing it
+        return obj
     raise AttributeError(f"module 'qsched' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """The qsched package's module type: when the import system binds a freshly imported submodule whose name is
+    also an export (``qsched.calibrate``, ``qsched.evaluate``), the documented export is bound instead."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+# diffusers module -> qsched module to import right after it: the quantizer registers itself into diffusers'
+# mappings; diffusers resolves a saved ["qsched.scheduler", "QSchedScheduler"] component from sys.modules.
+_AFTER = {"diffusers.quantizers.auto": "qsched.hf_quantizer",
+          "diffusers.pipelines.pipeline_loading_utils": "qsched.scheduler"}
+
+
+def _import_companion(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # an incompatible diffusers must not break diffusers itself
+        warnings.warn(f"qsched could not import {name} after diffusers ({type(e).__name__}: {e}); folders saved by "
+                      "qsched may not load through diffusers' from_pretrained", RuntimeWarning, stacklevel=2)
+
+
+class _AfterLoad(importlib.abc.Loader):
+    """Wraps a module's loader to import its qsched companion right after the module has executed."""
+
+    def __init__(self, loader: Any, companion: str) -> None:
+        self._loader, self._companion = loader, companion
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        _import_companion(self._companion)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class _DiffusersHook(importlib.abc.MetaPathFinder):
+    """Import hook (removes itself when done): imports the ``_AFTER`` companions once diffusers loads the modules
+    they extend, so ``import qsched`` neither imports diffusers nor needs to come after it."""
+
+    def __init__(self, pending: dict[str, str]) -> None:
+        self.pending = pending
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        companion = self.pending.pop(fullname, None)
+        if companion is None:
+            return None
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        if spec is not None and spec.loader is not None:
+            spec.loader = _AfterLoad(spec.loader, companion)
+        return spec
+
+
+def _install_hook() -> None:
+    pending = {}
+    for module, companion in _AFTER.items():
+        if module in sys.modules:
+            _import_companion(companion)
+        else:
+            pending[module] = companion
+    if pending and not any(isinstance(f, _DiffusersHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _DiffusersHook(pending))
+
+
+_install_hook()

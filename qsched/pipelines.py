@@ -21,9 +21,10 @@ import torch
 __all__ = ["MODELS", "ModelSpec", "ModelNotFoundError", "load_pipeline", "default_call_kwargs", "call_defaults",
            "default_steps", "jaq_preset", "denoiser_of"]
 
-QUANT_METADATA = "qsched_quantization.json"  # written by qsched.quantization.save_quantized
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _QSCHED_PIPELINES = {"TestbedPipeline": "qsched.testbed.pipeline"}  # pipeline classes defined in qsched
+_QSCHED_COMPONENTS = {"QSchedScheduler": "qsched.scheduler"}  # component classes defined in qsched
+_SAFE_LIBRARIES = ("diffusers", "transformers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -213,28 +214,47 @@ def _load_hub_alias(spec: ModelSpec, device: str | torch.device, dtype: torch.dt
     return pipe.to(device)
 
 
-def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype | None, **kw: Any) -> Any:
-    # A saved QSchedScheduler component resolves only once qsched.scheduler is imported (diffusers never imports
-    # a module because a model_index.json names it).
-    importlib.import_module("qsched.scheduler")
-    if (path / QUANT_METADATA).is_file():
-        from qsched.quantization import load_quantized
+def pipeline_class(name: str) -> type:
+    """The pipeline class called ``name``: one of qsched's own (``TestbedPipeline``) or a diffusers pipeline."""
+    import diffusers
 
+    if name in _QSCHED_PIPELINES:
+        cls = getattr(importlib.import_module(_QSCHED_PIPELINES[name]), name)
+    else:
+        cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
+        raise ValueError(f"Unknown pipeline class {name!r}: neither a diffusers pipeline nor one of qsched's "
+                         f"({', '.join(_QSCHED_PIPELINES)}).")
+    return cls
+
+
+def _check_components(index: Path, config: Mapping[str, Any]) -> None:
+    """Refuse a model_index.json naming component libraries other than diffusers, transformers and qsched's known
+    classes (older diffusers import whatever module a model_index.json names: a model folder could run code)."""
+    for key, value in config.items():
+        if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+            continue
+        library, cls = value
+        if library in _SAFE_LIBRARIES or (library in ("qsched", _QSCHED_COMPONENTS.get(cls)) and
+                                          cls in _QSCHED_COMPONENTS):
+            continue
+        raise ValueError(f"{index}: component {key!r} names {library}.{cls}; qsched loads only diffusers and "
+                         f"transformers components and its own ({', '.join(_QSCHED_COMPONENTS)}).")
+
+
+def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype | None, **kw: Any) -> Any:
+    from qsched.checkpoint import MANIFEST_FILE, is_quantized_folder, load_quantized
+
+    if is_quantized_folder(path):
+        if dtype is not None:
+            kw["torch_dtype"] = dtype
         return load_quantized(str(path), device=device, **kw)
     index = path / "model_index.json"
     if not index.is_file():
-        raise FileNotFoundError(f"{path} is not a saved pipeline (no model_index.json or {QUANT_METADATA}).")
+        raise FileNotFoundError(f"{path} is not a saved pipeline (no model_index.json or {MANIFEST_FILE}).")
     config = json.loads(index.read_text())
-    for value in config.values():
-        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("qsched"):
-            importlib.import_module(value[0])
-    import diffusers
-
-    class_name = config.get("_class_name", "DiffusionPipeline")
-    if class_name in _QSCHED_PIPELINES:
-        pipe_cls = getattr(importlib.import_module(_QSCHED_PIPELINES[class_name]), class_name)
-    else:
-        pipe_cls = getattr(diffusers, class_name, diffusers.DiffusionPipeline)
+    _check_components(index, config)
+    pipe_cls = pipeline_class(config.get("_class_name", "DiffusionPipeline"))
     pipe = pipe_cls.from_pretrained(str(path), torch_dtype=dtype, **kw)
     return pipe.to(device)
 
@@ -266,7 +286,6 @@ def load_pipeline(
                          "hub id of the form 'org/name'.")
     import diffusers
 
-    importlib.import_module("qsched.scheduler")
     try:
         pipe = diffusers.DiffusionPipeline.from_pretrained(name, torch_dtype=_resolve_dtype(dtype, device, None), **kw)
     except _hub_errors() as e:

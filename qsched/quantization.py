@@ -55,20 +55,14 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
-import json
-import logging
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from qsched._util import package_versions
 
 __all__ = [
     "QuantSpec",
@@ -79,17 +73,11 @@ __all__ = [
     "quantize",
     "quant_spec_of",
     "quantized_layers",
-    "save_quantized",
-    "load_quantized",
     "fake_quant_per_token",
     "quantize_weight",
     "dequantize_weight",
 ]
 
-FORMAT_NAME = "qsched-quantized"
-FORMAT_VERSION = 1
-META_FILE = "qsched_quantization.json"
-WEIGHTS_FILE = "qsched_quantized.safetensors"
 SPEC_ATTR = "qsched_quant_spec"
 BACKEND_ATTR = "qsched_quant_backend"
 
@@ -485,11 +473,7 @@ def _resolve_denoiser(obj: Any) -> tuple[str | None, nn.Module]:
     """(attribute name or None for a bare module, denoiser module)."""
     if isinstance(obj, nn.Module):
         return None, obj
-    try:
-        from qsched.pipelines import denoiser_of  # written by helper core-sched
-    except (ImportError, AttributeError):
-        return _denoiser_fallback(obj)
-    return denoiser_of(obj)
+    return _denoiser_fallback(obj)
 
 
 def quantized_layers(module: nn.Module) -> dict[str, _QuantBase]:
@@ -601,6 +585,7 @@ def quantize(pipe_or_module: Any, spec: QuantSpec | str = "w4a8", skip: list[str
     if prior is not None or quantized_layers(denoiser):
         raise ValueError(f"the denoiser is already quantized ({prior or 'contains quantized layers'}); "
                          f"re-quantizing is not supported: reload the full-precision model and quantize it once")
+    _refuse_adapters(denoiser)
     before = _state_bytes(denoiser)
     if backend == "torchao":
         return _quantize_torchao(denoiser, name, spec, skip_list, before)
@@ -615,8 +600,27 @@ def quantize(pipe_or_module: Any, spec: QuantSpec | str = "w4a8", skip: list[str
         _set_submodule(denoiser, lname, memo[id(layer)])
     setattr(denoiser, SPEC_ATTR, spec.name)
     setattr(denoiser, BACKEND_ATTR, "qsched")
+    if hasattr(denoiser, "register_to_config"):  # a diffusers model: save_pretrained writes the quantized layout
+        from qsched.hf_quantizer import QSchedConfig, attach
+
+        attach(denoiser, QSchedConfig(spec, skip=skip_list, include_conv=include_conv, keep_packed=keep_packed,
+                                      modules=chosen))
     return QuantSummary(spec=spec, quantized=chosen, skipped=skipped, bytes_before=before,
                         bytes_after=_state_bytes(denoiser), backend="qsched", denoiser=name)
+
+
+def _refuse_adapters(denoiser: nn.Module) -> None:
+    """Unfused (or fused but not unloaded) peft adapters would be quantized as ordinary layers and then lost:
+    refuse, saying what to do."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    names = [n for n, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer)]
+    if names:
+        raise ValueError(f"the denoiser holds {len(names)} peft adapter (LoRA) layers, e.g. {names[0]!r}: call "
+                         "pipe.fuse_lora() and pipe.unload_lora_weights() before quantize (quantizing them "
+                         "would drop the LoRA)")
 
 
 def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, skip: list[str],
@@ -675,235 +679,13 @@ def quant_spec_of(pipe_or_module: Any) -> str | None:
     return getattr(denoiser, SPEC_ATTR, None)
 
 
-# ----------------------------------------------------------------------------------- save / load
+# Saving and loading live in qsched.checkpoint (the diffusers layout); these names stay importable from here.
+_MOVED = {"save_quantized", "load_quantized", "WEIGHTS_FILE"}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import qsched.checkpoint
 
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in {META_FILE}")
-    return dtype
-
-
-def _nonpersistent_float_buffers(module: nn.Module) -> dict[str, str]:
-    out = {}
-    for mname, m in module.named_modules():
-        if isinstance(m, _QUANT_TYPES):
-            continue
-        for bname in m._non_persistent_buffers_set:
-            b = m._buffers.get(bname)
-            if b is not None and b.is_floating_point():
-                out[f"{mname}.{bname}" if mname else bname] = _dtype_name(b.dtype)
-    return out
-
-
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    log = logging.getLogger(logger_name)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _save_module(denoiser: nn.Module, folder: Path) -> str:
-    """Config + packed safetensors of the quantized denoiser into ``folder``; returns the weights file name."""
-    from safetensors.torch import save_file
-
-    if not hasattr(denoiser, "save_config"):
-        raise ValueError(f"save_quantized needs a config-based (diffusers ModelMixin/ConfigMixin) denoiser so it "
-                         f"can be rebuilt from its config; got {type(denoiser).__name__}")
-    folder.mkdir(parents=True, exist_ok=True)
-    denoiser.save_config(folder)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for k, t in denoiser.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        if t.data_ptr() in seen and t.numel():
-            t = t.clone()
-        seen.add(t.data_ptr())
-        tensors[k] = t
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "qsched_format": FORMAT_NAME,
-                                                               "spec": getattr(denoiser, SPEC_ATTR)})
-    return WEIGHTS_FILE
-
-
-def save_quantized(pipe_or_module: Any, directory: str | Path) -> Path:
-    """Save a quantized pipeline (or bare denoiser) with packed integer weights. Returns the directory.
-
-    Pipeline layout: ``qsched_quantization.json`` (format, spec, denoiser name and class, layer list,
-    versions); ``<denoiser>/config.json`` + ``<denoiser>/qsched_quantized.safetensors`` (packed codes, fp16
-    scales, zero points, and all other parameters in their current dtype); everything else as written by
-    ``pipe.save_pretrained`` (which is told to skip the denoiser). A bare module is saved at the top level.
-    """
-    directory = Path(directory)
-    name, denoiser = _resolve_denoiser(pipe_or_module)
-    spec_name = getattr(denoiser, SPEC_ATTR, None)
-    if spec_name is None:
-        raise ValueError("save_quantized needs a quantized denoiser: call qsched.quantization.quantize(...) first")
-    if getattr(denoiser, BACKEND_ATTR, "qsched") != "qsched":
-        raise ValueError("save_quantized supports backend='qsched' only; torchao-quantized models are not saved")
-    spec = QuantSpec.parse(spec_name)
-    directory.mkdir(parents=True, exist_ok=True)
-    layers = [{"name": n, "kind": "conv2d" if isinstance(m, QuantConv2d) else "linear",
-               "dtype": _dtype_name(m.dtype), "weight_shape": list(m.weight_shape)}
-              for n, m in quantized_layers(denoiser).items()]
-    meta: dict[str, Any] = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "spec": spec.name,
-        "spec_fields": spec.to_dict(),
-        "denoiser": name,
-        "denoiser_class": f"{type(denoiser).__module__}:{type(denoiser).__qualname__}",
-        "weights_file": f"{name}/{WEIGHTS_FILE}" if name else WEIGHTS_FILE,
-        "pipeline_class": None,
-        "layers": layers,
-        "nonpersistent_buffer_dtypes": _nonpersistent_float_buffers(denoiser),
-        "versions": package_versions(),
-    }
-    if name is None:
-        _save_module(denoiser, directory)
-    else:
-        pipe = pipe_or_module
-        meta["pipeline_class"] = type(pipe).__name__
-        original = pipe.config[name]
-        pipe.__dict__[name] = None  # bypass DiffusionPipeline.__setattr__: the config entry is restored below
-        try:
-            with _quiet("diffusers.pipelines.pipeline_utils"):
-                pipe.save_pretrained(directory)
-        finally:
-            pipe.__dict__[name] = denoiser
-            pipe.register_to_config(**{name: original})
-        index_path = directory / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index[name] = list(original)
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        _save_module(denoiser, directory / name)
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
-def _import_class(path: str, what: str) -> type:
-    module_name, _, qualname = path.partition(":")
-    if not module_name.split(".")[0] in ("diffusers", "qsched", "transformers"):
-        raise ValueError(f"refusing to import {what} class {path!r}: only diffusers, transformers and qsched "
-                         f"classes are rebuilt")
-    obj: Any = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _resolve_pipeline_class(name: str) -> type:
-    import diffusers
-
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        try:
-            cls = getattr(importlib.import_module("qsched.testbed.pipeline"), name, None)
-        except ImportError:
-            cls = None
-    if cls is None:
-        raise ValueError(f"unknown pipeline class {name!r}: neither diffusers nor qsched.testbed.pipeline has it")
-    return cls
-
-
-def _load_module(folder: Path, meta: dict[str, Any], keep_packed: bool, device: str | torch.device) -> nn.Module:
-    from accelerate import init_empty_weights
-    from safetensors import safe_open
-
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"missing quantized weights {weights}")
-    spec = QuantSpec.parse(meta["spec"])
-    cls = _import_class(meta["denoiser_class"], "denoiser")
-    config = cls.load_config(folder)
-    with init_empty_weights(include_buffers=False), _quiet("diffusers.configuration_utils"):
-        model = cls.from_config(config)
-    for entry in meta["layers"]:
-        layer = model.get_submodule(entry["name"])
-        qcls = QuantConv2d if entry["kind"] == "conv2d" else QuantLinear
-        _set_submodule(model, entry["name"], qcls.empty_like(layer, spec, _dtype_from_name(entry["dtype"])))
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        # Fresh allocations: tensors straight from the file can be misaligned, and CPU matmul kernels round
-        # differently on misaligned memory, which would break bit-exact reproduction.
-        state = {k: f.get_tensor(k).clone() for k in f.keys()}
-    model.load_state_dict(state, strict=True, assign=True)
-    del state
-    _trim_heap()
-    for bname, dt in meta.get("nonpersistent_buffer_dtypes", {}).items():
-        mname, _, leaf = bname.rpartition(".")
-        owner = model.get_submodule(mname) if mname else model
-        owner._buffers[leaf] = owner._buffers[leaf].to(_dtype_from_name(dt))
-    meta_left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if meta_left:
-        raise ValueError(f"{weights} does not cover the rebuilt model: {meta_left[:5]} were not loaded")
-    setattr(model, SPEC_ATTR, spec.name)
-    setattr(model, BACKEND_ATTR, "qsched")
-    model.eval()
-    model.to(device)
-    for m in quantized_layers(model).values():
-        m.set_keep_packed(keep_packed)
-    return model
-
-
-def _trim_heap() -> None:
-    """Hand the loader's freed temporary copies back to the OS (glibc keeps them otherwise; ~2x RSS)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-def load_quantized(directory: str | Path, keep_packed: bool = False, device: str | torch.device = "cpu") -> Any:
-    """Load what :func:`save_quantized` wrote: a pipeline (or a bare denoiser module), in eval mode.
-
-    The denoiser class (recorded in ``qsched_quantization.json``; only diffusers/transformers/qsched classes are
-    imported) is rebuilt from its config, its quantized layers swapped in and filled from the packed codes;
-    outputs equal the in-memory quantized model's exactly. ``keep_packed=True`` keeps uint8 codes + fp16 scales
-    in memory and dequantizes per layer during each forward (identical outputs, smaller, slower).
-    """
-    directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: {directory} is not a directory written by save_quantized")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{meta_path} is not a {FORMAT_NAME} file")
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format version {meta.get('format_version')}; this qsched reads up to "
-                         f"{FORMAT_VERSION}: upgrade qsched")
-    name = meta.get("denoiser")
-    if name is None:
-        return _load_module(directory, meta, keep_packed, device)
-    denoiser = _load_module(directory / name, meta, keep_packed, device)
-    index = json.loads((directory / "model_index.json").read_text())
-    pipe_cls = _resolve_pipeline_class(meta.get("pipeline_class") or index["_class_name"])
-    pipe = pipe_cls.from_pretrained(directory, **{name: denoiser})
-    for comp_name, comp in pipe.components.items():
-        if isinstance(comp, nn.Module) and comp_name != name:
-            _realign(comp)
-    pipe.to(device)
-    return pipe
-
-
-def _realign(module: nn.Module, alignment: int = 64) -> None:
-    """Copy parameters/buffers whose memory is not ``alignment``-byte aligned (as loaded from a file) into
-    fresh allocations, so CPU kernels produce the same bits as on a model built in memory."""
-    with torch.no_grad():
-        for m in module.modules():
-            for store in (m._parameters, m._buffers):
-                for k, t in store.items():
-                    if t is not None and t.numel() and t.data_ptr() % alignment:
-                        if isinstance(t, nn.Parameter):
-                            t.data = t.data.clone()
-                        else:
-                            store[k] = t.clone()
+        return getattr(qsched.checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from typing import Any
 
 import diffusers
@@ -18,10 +19,31 @@ from diffusers.configuration_utils import FrozenDict
 
 from qsched.schedule import Schedule
 
-__all__ = ["QSchedScheduler", "apply_schedule"]
+__all__ = ["QSchedScheduler", "apply_schedule", "ScheduleDroppedWarning"]
 
 _OWN = frozenset({"_base", "_schedule", "_count", "_counts_itself"})
 _OUR_KEYS = ("base_scheduler_class", "schedule")
+
+
+class ScheduleDroppedWarning(UserWarning):
+    """``OtherScheduler.from_config(qsched_scheduler.config)`` builds a plain scheduler: the schedule is not kept."""
+
+
+class _WrapperConfig(FrozenDict):
+    """``QSchedScheduler.config``: warns when another scheduler class is built from it with a schedule set.
+
+    diffusers' ``ConfigMixin.extract_init_dict`` (the start of every ``X.from_config``) first reads
+    ``config.get("_use_default_values")``; :meth:`QSchedScheduler.from_config` never does, so that read means the
+    Q-Sched coefficients are about to be dropped."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key == "_use_default_values" and dict.get(self, "schedule") is not None:
+            warnings.warn(
+                f"building another scheduler from a QSchedScheduler's config drops its Q-Sched schedule "
+                f"({dict.get(self, 'base_scheduler_class')} base); keep it with "
+                f"qsched.QSchedScheduler(X.from_config(cfg), pipe.scheduler.schedule) or qsched.apply_schedule",
+                ScheduleDroppedWarning, stacklevel=4)
+        return super().get(key, default)
 
 
 class _Mirror:
@@ -147,7 +169,8 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
     def _internal_dict(self) -> FrozenDict:
         """The base's config plus ``base_scheduler_class`` and ``schedule`` (``config`` reads this)."""
         sched = None if self._schedule is None else self._schedule.to_dict()
-        return FrozenDict({**self._base.config, "base_scheduler_class": type(self._base).__name__, "schedule": sched})
+        return _WrapperConfig({**self._base.config, "base_scheduler_class": type(self._base).__name__,
+                               "schedule": sched})
 
     @_internal_dict.setter
     def _internal_dict(self, value: Any) -> None:  # pipelines rewrite scheduler._internal_dict: forward to the base
