@@ -6,7 +6,7 @@ denoiser): the quantized model's ``config.json`` carries its ``quantization_conf
 ``DiffusionPipeline.from_pretrained(folder)`` reloads it after ``import qsched``. Beside it,
 ``qsched_quantization.json`` (the manifest) records the spec and a SHA-256 of every file written.
 
-Integrity: every qsched safetensors file carries one SHA-256 per tensor in its metadata (``qsched_sha256``), checked
+Integrity: every qsched safetensors file carries one checksum per tensor in its metadata (``qsched_blake2b``), checked
 whenever diffusers loads it; :func:`load_quantized` also checks the manifest's per-file digests first, so a truncated
 or corrupted file is a one-line :class:`CheckpointError` naming the file. The folder is written into a temporary
 sibling and moved into place, every file mode 0644.
@@ -33,7 +33,7 @@ FORMAT_NAME = "qsched-quantized"
 FORMAT_VERSION = 2  # 1: qsched_quantized.safetensors beside config.json (qsched 0.1 before the diffusers layout)
 MANIFEST_FILE = "qsched_quantization.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' own file name (SAFETENSORS_WEIGHTS_NAME)
-DIGEST_KEY = "qsched_sha256"  # safetensors metadata: JSON {tensor name: sha256 of its bytes}
+DIGEST_KEY = "qsched_blake2b"  # safetensors metadata: JSON {tensor name: 128-bit BLAKE2b of its bytes}
 _FILE_MODE, _DIR_MODE = 0o644, 0o755
 _CHUNK = 1 << 22
 
@@ -46,10 +46,10 @@ class CheckpointError(ValueError):
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's bytes (C order, any dtype)."""
+    """128-bit BLAKE2b of a tensor's bytes (C order, any dtype): 32 hex digits, short enough for the header."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().data).hexdigest() if flat.numel() else hashlib.sha256(
-        b"").hexdigest()
+    data = flat.view(torch.uint8).numpy().data if flat.numel() else b""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def digest_metadata(state_dict: Mapping[str, torch.Tensor], spec: str) -> dict[str, str]:
