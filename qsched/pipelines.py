@@ -230,13 +230,16 @@ def pipeline_class(name: str) -> type:
 
 def _check_components(index: Path, config: Mapping[str, Any]) -> None:
     """Refuse a model_index.json naming component libraries other than diffusers, transformers and qsched's known
-    classes (older diffusers import whatever module a model_index.json names: a model folder could run code)."""
+    classes (older diffusers import whatever module a model_index.json names: a model folder could run code), and
+    import the modules of qsched's known classes it names (from qsched's table, not from the file)."""
     for key, value in config.items():
         if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
             continue
         library, cls = value
-        if library in _SAFE_LIBRARIES or (library in ("qsched", _QSCHED_COMPONENTS.get(cls)) and
-                                          cls in _QSCHED_COMPONENTS):
+        if library in _SAFE_LIBRARIES:
+            continue
+        if cls in _QSCHED_COMPONENTS and library in ("qsched", _QSCHED_COMPONENTS[cls]):
+            importlib.import_module(_QSCHED_COMPONENTS[cls])
             continue
         raise ValueError(f"{index}: component {key!r} names {library}.{cls}; qsched loads only diffusers and "
                          f"transformers components and its own ({', '.join(_QSCHED_COMPONENTS)}).")

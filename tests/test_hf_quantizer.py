@@ -256,6 +256,8 @@ def test_fresh_process_plain_diffusers_loads_every_family(tmp_path):
                     _realign(module)
             aligned = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
             print(family, float(np.abs(plain - ref).max()), float(np.abs(aligned - ref).max()))
+        sched = qsched.QSchedScheduler.from_pretrained({str(tmp_path / "pcm")!r}, subfolder="scheduler")
+        assert sched.schedule is not None and type(sched.base_scheduler).__name__ == "TCDScheduler"
     """
     out = _subprocess(code)
     diffs = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.strip().splitlines()}

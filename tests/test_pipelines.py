@@ -201,10 +201,10 @@ def test_testbed_alias_and_quantized_directories_delegate(monkeypatch, tmp_path)
     assert load_pipeline("testbed", variant="teacher") == "tb"
     assert seen == {"path": "qsched.testbed.pipeline:load_testbed_pipeline",
                     "kw": {"device": "cpu", "variant": "teacher"}}
-    fake = types.ModuleType("qsched.quantization")
-    fake.load_quantized = lambda directory, **kw: ("quantized", directory, kw)
-    monkeypatch.setitem(sys.modules, "qsched.quantization", fake)
-    (tmp_path / P.QUANT_METADATA).write_text("{}")
+    import qsched.checkpoint as C
+
+    monkeypatch.setattr(C, "load_quantized", lambda directory, **kw: ("quantized", directory, kw))
+    (tmp_path / C.MANIFEST_FILE).write_text("{}")
     assert load_pipeline(tmp_path) == ("quantized", str(tmp_path), {"device": "cpu"})
 
 

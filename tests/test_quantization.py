@@ -1,31 +1,24 @@
-"""Tests for qsched.quantization: specs, fake-quant layers, in-place quantization, packed save/load."""
+"""Tests for qsched.quantization: specs, fake-quant layers, in-place quantization (save/load: test_checkpoint.py)."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qsched.quantization import (
-    META_FILE,
-    WEIGHTS_FILE,
     QuantConv2d,
     QuantLinear,
     QuantSpec,
     dequantize_weight,
     fake_quant_per_token,
-    load_quantized,
     quant_spec_of,
     quantize,
     quantize_weight,
     quantized_layers,
-    save_quantized,
 )
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -55,40 +48,6 @@ def run_unet(model, inputs):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-def tiny_sd_pipeline(tmp_path):
-    """A tiny random StableDiffusionPipeline (TCD scheduler, as PCM uses), fully offline."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, TCDScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for tok in letters + [c + "</w>" for c in letters]:
-        vocab[tok] = len(vocab)
-    tok_dir = tmp_path / "tok"
-    tok_dir.mkdir()
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=16)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        sample_size=32).eval()
-    scheduler = TCDScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                             timestep_spacing="trailing")
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_unet(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
-def run_pipe(pipe):
-    out = pipe(["a cat", "dog"], num_inference_steps=2, guidance_scale=1.0, height=32, width=32,
-               generator=torch.Generator().manual_seed(0), output_type="np")
-    return out.images
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -331,78 +290,7 @@ def test_error_grows_with_lower_precision():
     assert 0 < errs["w8a8"] < errs["w4a8"] < errs["w4a4"], errs
 
 
-# ------------------------------------------------------------------------------------- save / load
-
-
-@pytest.mark.parametrize("spec", ["w4a8", "w3a8-g16-asym", "w8a8"])
-def test_module_save_load_exact(tmp_path, spec):
-    unet = tiny_unet()
-    quantize(unet, spec)
-    inputs = unet_inputs()
-    out = run_unet(unet, inputs)
-    save_quantized(unet, tmp_path)
-    meta = json.loads((tmp_path / META_FILE).read_text())
-    assert meta["spec"] == QuantSpec.parse(spec).name and meta["denoiser"] is None
-    assert {e["name"] for e in meta["layers"]} == set(quantized_layers(unet))
-    assert "torch" in meta["versions"] and meta["format_version"] == 1
-    assert not [p for p in os.listdir(tmp_path) if p.endswith((".bin", ".pt", ".pkl", ".ckpt"))]
-    for keep_packed in (False, True):
-        loaded = load_quantized(tmp_path, keep_packed=keep_packed)
-        assert quant_spec_of(loaded) == QuantSpec.parse(spec).name and not loaded.training
-        assert torch.equal(run_unet(loaded, inputs), out)
-        layers = quantized_layers(loaded)
-        assert all((m.weight_dq is None) == keep_packed for m in layers.values())
-
-
-def test_packed_file_ratio_w4(tmp_path):
-    from safetensors.torch import save_file
-
-    # a small UNet whose Linear/Conv weights dominate, in fp16 so both files hold the leftovers in fp16
-    unet = tiny_unet(channels=(32, 128), cross_dim=64).half()
-    fp16_file = tmp_path / "fp16.safetensors"
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(fp16_file))
-    quantize(unet, "w4a8")
-    save_quantized(unet, tmp_path / "q")
-    ratio = os.path.getsize(tmp_path / "q" / WEIGHTS_FILE) / os.path.getsize(fp16_file)
-    assert ratio <= 0.30, ratio
-    # packed codes really are 4 bits: two per byte
-    layer = next(iter(quantized_layers(unet).values()))
-    assert layer.qweight.numel() * 2 >= layer.weight.numel() > layer.qweight.numel()
-
-
-def test_pipeline_save_load_exact(tmp_path):
-    pipe = tiny_sd_pipeline(tmp_path)
-    summary = quantize(pipe, "w4a8")
-    assert summary.denoiser == "unet" and quant_spec_of(pipe) == "w4a8"
-    images = run_pipe(pipe)
-    def components():
-        return {k: v for k, v in pipe.config.items() if not k.startswith("_")}
-
-    config_before = components()
-    out_dir = tmp_path / "saved"
-    save_quantized(pipe, out_dir)
-    assert components() == config_before and pipe.unet is not None
-    index = json.loads((out_dir / "model_index.json").read_text())
-    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
-    unet_files = sorted(os.listdir(out_dir / "unet"))
-    assert unet_files == ["config.json", WEIGHTS_FILE]  # no full-precision copy of the denoiser
-    assert (out_dir / "text_encoder").is_dir() and (out_dir / "vae").is_dir()
-    loaded = load_quantized(out_dir)
-    assert type(loaded).__name__ == "StableDiffusionPipeline" and quant_spec_of(loaded) == "w4a8"
-    assert np.array_equal(run_pipe(loaded), images)
-    packed = load_quantized(out_dir, keep_packed=True)
-    assert np.array_equal(run_pipe(packed), images)
-
-
-def test_save_load_errors(tmp_path):
-    with pytest.raises(ValueError, match="quantize"):
-        save_quantized(tiny_unet(), tmp_path / "x")
-    with pytest.raises(FileNotFoundError):
-        load_quantized(tmp_path / "nothing-here")
-    with pytest.raises(ValueError, match="config"):
-        plain = nn.Sequential(nn.Linear(64, 64))
-        quantize(plain, "w4a8")
-        save_quantized(plain, tmp_path / "y")
+# (packed save/load: tests/test_checkpoint.py and tests/test_hf_quantizer.py)
 
 
 # ------------------------------------------------------------------------------------ torchao backend
@@ -419,25 +307,3 @@ def test_torchao_backend_errors(monkeypatch):
         quantize(unet, "w4a8", backend="torchao")
     with pytest.raises(ValueError, match="CUDA"):
         quantize(unet, "w4a16", backend="torchao")
-
-
-@pytest.mark.parametrize("family", ["flux", "testbed"])
-def test_tiny_pipeline_families_roundtrip(tmp_path, family):
-    """Transformer denoisers (FLUX) and the custom TestbedPipeline class reload exactly, Q-Sched scheduler too."""
-    from qsched.schedule import Schedule
-    from qsched.scheduler import apply_schedule
-    from qsched.testing import tiny_pipeline
-
-    pipe = apply_schedule(tiny_pipeline(family), Schedule.linear(0.9, 1.05, 2))
-    summary = quantize(pipe, "w4a8")
-    if family == "flux":
-        assert summary.denoiser == "transformer"
-        assert {"x_embedder", "proj_out"} <= set(summary.skipped)
-    kw = dict(num_inference_steps=2, output_type="np")
-    if family != "testbed":
-        kw.update(height=32, width=32)
-    images = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
-    save_quantized(pipe, tmp_path)
-    loaded = load_quantized(tmp_path)
-    assert type(loaded) is type(pipe) and type(loaded.scheduler).__name__ == "QSchedScheduler"
-    assert np.array_equal(loaded("a red cat", generator=torch.Generator().manual_seed(0), **kw).images, images)

@@ -1,0 +1,72 @@
+"""The qsched package surface: exports that stay the documented objects after any submodule import, a light
+``import qsched``, saved schedulers that load after a plain ``import qsched``, and visible schedule drops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _subprocess(code: str) -> str:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_exports_survive_every_submodule_import():
+    out = _subprocess("""
+        import importlib, pkgutil, sys, time
+        t = time.perf_counter()
+        import qsched
+        print("import_s", time.perf_counter() - t)
+        assert "torch" not in sys.modules and "diffusers" not in sys.modules
+        before = {name: getattr(qsched, name) for name in qsched._EXPORTS}  # resolves every export once
+        for m in pkgutil.walk_packages(qsched.__path__, "qsched."):
+            importlib.import_module(m.name)
+        import qsched.calibrate, qsched.evaluate  # the names that collide with functions
+        from qsched import calibrate, evaluate
+        for name, source in qsched._EXPORTS.items():
+            obj = getattr(qsched, name)
+            assert obj is before[name] is getattr(sys.modules[source], name), name
+        assert calibrate is sys.modules["qsched.calibrate"].calibrate and callable(qsched.calibrate)
+        assert evaluate is sys.modules["qsched.evaluate"].evaluate and callable(qsched.evaluate)
+        for _ in range(2):  # each call reaches the function itself (a module would raise 'not callable')
+            for fn in (qsched.calibrate, qsched.evaluate):
+                try:
+                    fn(no_such_argument=1)
+                except TypeError as e:
+                    assert "unexpected keyword argument" in str(e), e
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+    import_s = float(out.split()[1])
+    assert import_s < 5.0  # no torch/diffusers at import (measured ~0.01 s; generous for a loaded machine)
+
+
+def test_scheduler_swap_warns_when_the_schedule_is_dropped():
+    import diffusers
+
+    from qsched.scheduler import QSchedScheduler, ScheduleDroppedWarning
+    from qsched.schedule import Schedule
+
+    wrapped = QSchedScheduler(diffusers.LCMScheduler(), Schedule.linear(0.9, 1.05, 4))
+    with pytest.warns(ScheduleDroppedWarning, match="drops its Q-Sched schedule"):
+        plain = diffusers.EulerDiscreteScheduler.from_config(wrapped.config)
+    assert type(plain) is diffusers.EulerDiscreteScheduler
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ScheduleDroppedWarning)
+        again = QSchedScheduler.from_config(wrapped.config)  # keeps the schedule: no warning
+        assert again.schedule == wrapped.schedule
+        diffusers.EulerDiscreteScheduler.from_config(QSchedScheduler(diffusers.LCMScheduler()).config)  # none set
+        rewrapped = QSchedScheduler(diffusers.EulerDiscreteScheduler.from_config(wrapped.base_scheduler.config),
+                                    wrapped.schedule)
+    assert rewrapped.schedule == wrapped.schedule
