@@ -38,6 +38,7 @@ __all__ = ["QSchedConfig", "QSchedQuantizer", "QUANT_METHOD", "register", "attac
 QUANT_METHOD = "qsched"
 CONFIG_FORMAT_VERSION = 1  # of the quantization_config fields below
 _QUANT_BUFFERS = ("qweight", "weight_scale", "weight_zero")
+_HOOKS = ("get_state_dict_and_metadata", "maybe_update_loaded_keys")  # diffusers>=0.39
 
 
 class QSchedMethod(str, Enum):
@@ -297,17 +298,19 @@ def _realign(module: nn.Module, alignment: int = 64) -> None:
 
 
 def register() -> None:
-    """Add ``"qsched"`` to diffusers' quantizer mappings (idempotent). Raises ImportError naming what is missing if
-    this diffusers version has no such mappings."""
-    try:
-        from diffusers.quantizers import auto
-    except ImportError as e:
-        raise ImportError(f"this diffusers has no diffusers.quantizers.auto ({e}); qsched needs diffusers>=0.35") from e
+    """Add ``"qsched"`` to diffusers' quantizer mappings (idempotent). Raises ImportError saying what is missing if
+    this diffusers has no such mappings, or lacks the save/load hooks qsched's checksums rely on (diffusers<0.39)."""
+    from diffusers.quantizers import auto
+
     q_map = getattr(auto, "AUTO_QUANTIZER_MAPPING", None)
     c_map = getattr(auto, "AUTO_QUANTIZATION_CONFIG_MAPPING", None)
     if not isinstance(q_map, dict) or not isinstance(c_map, dict):
         raise ImportError("diffusers.quantizers.auto has no AUTO_QUANTIZER_MAPPING / AUTO_QUANTIZATION_CONFIG_MAPPING "
                           "dicts in this diffusers version; qsched cannot register its quantizer")
+    missing = [h for h in _HOOKS if not callable(getattr(DiffusersQuantizer, h, None))]
+    if missing:
+        raise ImportError(f"this diffusers' DiffusersQuantizer has no {', '.join(missing)} (added in diffusers 0.39): "
+                          "qsched's quantized checkpoints need diffusers>=0.39")
     q_map[QUANT_METHOD] = QSchedQuantizer
     c_map[QUANT_METHOD] = QSchedConfig
 
