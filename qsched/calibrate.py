@@ -1,8 +1,8 @@
 """Q-Sched calibration: search the per-step scheduler coefficients that maximise JAQ on a few prompts.
 
 Only the pipeline passed in is run (the quantized one): there is no full-precision forward anywhere. Every
-candidate schedule generates images for the same prompts with the same seeds (one CPU ``torch.Generator`` per
-image, seeded ``seed * 100003 + i`` for prompt ``i``), so candidates differ only by their coefficients.
+candidate schedule generates images for the same prompts with the same seeds through :mod:`qsched.runner`
+(prompt ``i`` of seed ``s`` is image ``i`` of base seed ``s``), so candidates differ only by their coefficients.
 
 Search runs in an Optuna study (TPE, CMA-ES, or the paper's exhaustive grid enumerated point by point) kept in
 durable storage (SQLite in the output directory by default; any Optuna storage URL works, so several workers
@@ -34,20 +34,17 @@ import numpy as np
 import torch
 
 from qsched._util import package_versions
-from qsched.schedule import Schedule
-from qsched.scoring import JAQ, JAQScore, to_tensor
+from qsched.quantization import quant_spec_of
+from qsched.runner import denoiser_of, generate, text_encoders_of, using_schedule
+from qsched.schedule import Schedule, save_schedule
+from qsched.scoring import JAQ, JAQScore
 
 __all__ = [
     "calibrate",
     "CalibrationResult",
     "ForwardCache",
-    "generate_images",
     "grid_candidates",
     "search_space",
-    "save_schedule",
-    "load_schedule",
-    "read_schedules",
-    "image_seed",
     "PARAMETRIZATIONS",
     "STRATEGIES",
 ]
@@ -55,20 +52,8 @@ __all__ = [
 PARAMETRIZATIONS = ("linear", "ramp", "per-step")
 STRATEGIES = ("optuna", "grid")
 SAMPLERS = ("tpe", "cmaes")
-SCHEDULES_FILE = "schedules.json"
-SCHEDULES_FORMAT = "qsched.schedules/1"
-FP_SPEC = "none"
 ROLE_IDENTITY = "identity"
-_SEED_STRIDE = 100003
 MAX_GRID = 1_000_000
-
-
-def image_seed(seed: int, index: int) -> int:
-    """Seed of the generator of image ``index`` for base seed ``seed`` (``seed * 100003 + index``)."""
-    return int(seed) * _SEED_STRIDE + int(index)
-
-
-# ============================================================================================== forward cache
 
 
 class _Uncacheable(Exception):
@@ -254,29 +239,6 @@ def grid_candidates(parametrization: str, steps: int, grid_range: Sequence[float
 # ============================================================================================== generation
 
 
-def _denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
-    try:
-        from qsched.pipelines import denoiser_of
-    except ImportError:  # pragma: no cover - core-sched's module
-        denoiser_of = None
-    if denoiser_of is not None:
-        return denoiser_of(pipe)
-    for name in ("unet", "transformer"):
-        m = getattr(pipe, name, None)
-        if isinstance(m, torch.nn.Module):
-            return name, m
-    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-
-
-def _text_encoders(pipe: Any) -> list[torch.nn.Module]:
-    out = []
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        m = getattr(pipe, name, None)
-        if isinstance(m, torch.nn.Module):
-            out.append(m)
-    return out
-
-
 @torch.no_grad()
 def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
     """A short hash of a module's parameters and buffers (names, shapes, dtypes and up to ``per_tensor`` evenly
@@ -288,41 +250,6 @@ def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return h.hexdigest()[:16]
-
-
-def _quant_spec(pipe: Any) -> str | None:
-    from qsched.quantization import quant_spec_of
-
-    return quant_spec_of(pipe)
-
-
-@torch.no_grad()
-def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, *,
-                    guidance_scale: float | None = None, call_kwargs: dict[str, Any] | None = None,
-                    batch_size: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Generate one image per (seed, prompt) with per-image generators; returns ((N, C, H, W) in [0, 1], prompts).
-
-    Images are ordered seed-major (all prompts for ``seeds[0]``, then ``seeds[1]``...). The initial noise and any
-    sampler noise of image ``i`` come from ``torch.Generator("cpu").manual_seed(image_seed(seed, i))``, so they
-    are identical across calls and independent of ``batch_size``.
-    """
-    prompts = list(prompts)
-    bs = len(prompts) if not batch_size else int(batch_size)
-    kw: dict[str, Any] = {"output_type": "pt", **(call_kwargs or {})}
-    if guidance_scale is not None:
-        kw["guidance_scale"] = float(guidance_scale)
-    kw["num_inference_steps"] = int(steps)
-    images: list[torch.Tensor] = []
-    rep: list[str] = []
-    for seed in seeds:
-        for start in range(0, len(prompts), bs):
-            chunk = prompts[start : start + bs]
-            gens = [torch.Generator("cpu").manual_seed(image_seed(seed, start + j)) for j in range(len(chunk))]
-            out = pipe(prompt=chunk, generator=gens, **kw)
-            imgs = out.images if hasattr(out, "images") else out[0]
-            images.append(to_tensor(imgs).cpu())
-            rep += chunk
-    return torch.cat(images), rep
 
 
 # ============================================================================================== result
@@ -405,70 +332,6 @@ class CalibrationResult:
 
             res.base_scheduler = QSchedScheduler.from_pretrained(str(f.parent / "scheduler")).base_scheduler
         return res
-
-
-# ============================================================================================== schedules.json
-
-
-def _schedules_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p / SCHEDULES_FILE if p.is_dir() or not p.suffix else p
-
-
-def read_schedules(path_or_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``schedules.json`` (or the one inside a directory)."""
-    p = _schedules_path(path_or_dir)
-    if not p.exists():
-        raise FileNotFoundError(f"no schedule file at {p}")
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("schedules"), dict):
-        raise ValueError(f"{p} is not a qsched schedules file (no 'schedules' mapping)")
-    return data
-
-
-def save_schedule(path: str | os.PathLike, spec: str | None, schedule: Schedule, model: str | None, steps: int,
-                  extra: dict[str, Any] | None = None) -> Path:
-    """Merge ``schedule`` for quantization ``spec`` (None = full precision, stored as "none") into a
-    ``schedules.json`` (a file path, or a directory that gets ``schedules.json``). Other specs are kept; the
-    same spec is replaced. A file for another model is refused (ValueError)."""
-    p = _schedules_path(path)
-    if int(steps) != schedule.steps:
-        raise ValueError(f"schedule has {schedule.steps} steps, not {steps}")
-    data: dict[str, Any] = {"format": SCHEDULES_FORMAT, "model": model, "schedules": {}}
-    if p.exists():
-        data = read_schedules(p)
-        if model is not None and data.get("model") not in (None, model):
-            raise ValueError(f"{p} holds schedules for model {data.get('model')!r}, not {model!r}")
-        data["model"] = data.get("model") or model
-    entry = {"steps": int(steps), "schedule": schedule.to_dict()}
-    entry.update(extra or {})
-    data["schedules"][spec or FP_SPEC] = entry
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, p)
-    return p
-
-
-def load_schedule(path_or_dir: str | os.PathLike, pipe: Any = None, *, spec: str | None = None,
-                  steps: int | None = None) -> Schedule:
-    """Pick the schedule matching ``quant_spec_of(pipe)`` (or ``spec``) from a ``schedules.json``.
-
-    Raises ValueError listing the available specs when there is none for this one, or when ``steps`` is given
-    and differs from the stored schedule's.
-    """
-    data = read_schedules(path_or_dir)
-    if spec is None:
-        spec = (_quant_spec(pipe) if pipe is not None else None) or FP_SPEC
-    table = data["schedules"]
-    if spec not in table:
-        have = ", ".join(f"{k} ({v.get('steps')} steps)" for k, v in table.items()) or "nothing"
-        raise ValueError(f"no schedule for quantization spec {spec!r} in {_schedules_path(path_or_dir)}; "
-                         f"it holds: {have}")
-    sched = Schedule.from_dict(table[spec]["schedule"])
-    if steps is not None and sched.steps != int(steps):
-        raise ValueError(f"the {spec!r} schedule has {sched.steps} steps, but {steps} were asked for")
-    return sched
 
 
 # ============================================================================================== calibrate
@@ -595,9 +458,9 @@ def calibrate(
         raise ValueError("calibrate needs at least one seed")
     model = model_name or _model_name(pipe)
     if steps is None:
-        from qsched.pipelines import default_steps
+        from qsched.pipelines import resolve_model
 
-        steps = default_steps(model_name)
+        steps = resolve_model(model_name).steps if model_name else 4
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     space = search_space(kind, steps, (lo, hi), grid_points)
@@ -615,7 +478,7 @@ def calibrate(
         from qsched.scoring import make_jaq
 
         jaq = make_jaq("testbed", k=k)
-    spec = _quant_spec(pipe)
+    spec = quant_spec_of(pipe)
     if spec is None:
         warnings.warn("calibrate: the pipeline is not quantized (full-precision tuning)", UserWarning, stacklevel=2)
 
@@ -628,7 +491,7 @@ def calibrate(
         if not os.access(out, os.W_OK):
             raise ValueError(f"output directory {out} is not writable")
 
-    name_d, denoiser = _denoiser(pipe)
+    name_d, denoiser = denoiser_of(pipe)
     config = {"model": model, "quant_spec": spec, "denoiser_weights": weights_fingerprint(denoiser), "steps": steps,
               "parametrization": kind, "strategy": strategy, "grid_range": [lo, hi], "seeds": seeds,
               "k": float(jaq.k), "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest()}
@@ -655,19 +518,20 @@ def calibrate(
                                       for t in study.get_trials(deepcopy=False, states=live)):
         study.enqueue_trial(identity_params, user_attrs={"role": ROLE_IDENTITY})
 
-    encoders = _text_encoders(pipe)
+    encoders = text_encoders_of(pipe)
     n_calls = len(seeds) * math.ceil(len(prompts) / (batch_size or len(prompts)))
     dcache = ForwardCache(max_entries=n_calls * (steps + 2) + 8, name=name_d, enabled=cache)
     tcache = ForwardCache(max_entries=4 * n_calls + 8, name="text_encoder", enabled=cache)
-    base_scheduler = pipe.scheduler
-    from qsched.scheduler import QSchedScheduler, apply_schedule
+    from qsched.scheduler import QSchedScheduler
 
-    base_unwrapped = base_scheduler.base_scheduler if isinstance(base_scheduler, QSchedScheduler) else base_scheduler
+    base_unwrapped = pipe.scheduler.base_scheduler if isinstance(pipe.scheduler, QSchedScheduler) else pipe.scheduler
+    call = {**(call_kwargs or {}), **({} if guidance_scale is None else {"guidance_scale": float(guidance_scale)})}
 
     def run_schedule(schedule: Schedule) -> JAQScore:
-        apply_schedule(pipe, schedule)
-        images, rep = generate_images(pipe, prompts, seeds, steps, guidance_scale=guidance_scale,
-                                      call_kwargs=call_kwargs, batch_size=batch_size)
+        with using_schedule(pipe, schedule):
+            images = torch.cat([generate(pipe, prompts, steps, seed=s, batch_size=batch_size, call_kwargs=call)
+                                for s in seeds])
+        rep = prompts * len(seeds)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # invalid images are counted in the score
             return jaq.score(images, rep)
@@ -690,7 +554,6 @@ def calibrate(
 
     remaining = n_trials - n_complete()
     with contextlib.ExitStack() as stack:
-        stack.callback(setattr, pipe, "scheduler", base_scheduler)
         stack.enter_context(dcache.attach(denoiser))
         for enc in encoders:
             stack.enter_context(tcache.attach(enc))
