@@ -29,7 +29,7 @@ def env_factory():
     """A BenchEnv on the tiny testbed pipeline with tiny random classifier / CLIP / 'Inception' stand-ins."""
     from qsched.evaluate import AccuracyMetric, FrechetMetric, JAQMetric
     from qsched.scoring import JAQ, TestbedCLIPIQA, TestbedCLIPScore
-    from qsched.testbed.metrics import feature_stats
+    from qsched.frechet import feature_stats
     from qsched.testbed.pipeline import tiny_testbed_pipeline
 
     cfd, ref, clip = tiny_testbed_evaluators()

@@ -15,17 +15,13 @@ from qsched.calibrate import (
     CalibrationResult,
     ForwardCache,
     calibrate,
-    generate_images,
     grid_candidates,
-    load_schedule,
-    read_schedules,
-    save_schedule,
     search_space,
     weights_fingerprint,
 )
-from qsched.pipelines import denoiser_of
 from qsched.quantization import quant_spec_of, quantize, quantized_layers
-from qsched.schedule import Schedule
+from qsched.runner import denoiser_of, generate
+from qsched.schedule import Schedule, load_schedule, read_schedules, save_schedule
 from qsched.scheduler import QSchedScheduler, apply_schedule
 from qsched.scoring import JAQ
 from qsched.testing import tiny_pipeline
@@ -34,6 +30,12 @@ from fakes import BrightTC, ContrastIQ, fake_jaq
 
 PROMPTS = ["a bag", "a red coat", "a dress"]
 KW = {"height": 32, "width": 32, "guidance_scale": 0.0}
+
+
+def generate_images(pipe, prompts, seeds, steps, call_kwargs):
+    """Seed-major images of every (seed, prompt) through the one runner, as calibrate draws them."""
+    return torch.cat([generate(pipe, prompts, steps, seed=s, call_kwargs=call_kwargs) for s in seeds]), \
+        list(prompts) * len(seeds)
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +334,7 @@ def test_save_load_and_scheduler_dir(qpipe, tmp_path):
     assert back.to_dict() == r.to_dict()
     # the pipeline's own scheduler was restored by calibrate
     assert not isinstance(qpipe.scheduler, QSchedScheduler) or qpipe.scheduler.schedule is None
-    assert load_schedule(d, qpipe) == r.schedule
+    assert load_schedule(d, spec=quant_spec_of(qpipe)) == r.schedule
 
 
 def test_schedules_json_holds_several_specs(qpipe, tmp_path):
@@ -342,13 +344,13 @@ def test_schedules_json_holds_several_specs(qpipe, tmp_path):
     save_schedule(tmp_path / "schedules.json", None, Schedule.identity(2), "m", 2)
     data = read_schedules(p)
     assert set(data["schedules"]) == {"w8a8", "w4a8", "none"} and data["model"] == "m"
-    assert load_schedule(tmp_path, qpipe) == s4  # picks quant_spec_of(pipe)
+    assert load_schedule(tmp_path, spec=quant_spec_of(qpipe)) == s4
     assert load_schedule(tmp_path, spec="w8a8") == s8
     with pytest.raises(ValueError, match="w8a8"):
         load_schedule(tmp_path, spec="w4a4")
     with pytest.raises(ValueError, match="steps"):
-        load_schedule(tmp_path, qpipe, steps=4)
+        load_schedule(tmp_path, spec="w4a8", steps=4)
     with pytest.raises(ValueError, match="model"):
         save_schedule(tmp_path, "w4a8", s4, "other-model", 2)
     with pytest.raises(FileNotFoundError):
-        load_schedule(tmp_path / "nothing", qpipe)
+        load_schedule(tmp_path / "nothing", spec="w4a8")

@@ -177,7 +177,7 @@ def test_already_quantized_model_runs_quant_rows_only(pipe):
 
 
 def test_reference_stats_files(tmp_path):
-    from qsched.testbed.metrics import save_stats
+    from qsched.frechet import save_stats
 
     mu, sigma = np.arange(3.0), np.eye(3) * 2
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)

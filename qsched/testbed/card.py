@@ -210,7 +210,9 @@ def render(c: dict, argv: list[str] | None) -> str:
     L.append(f"- FD of the first 5,000 real test images against the whole test set (the floor of the FD scale): "
              f"{c['real_test_fd_first_half_vs_all']:.3f}")
     try:
-        from .metrics import FID_REF_FILE, load_stats
+        from qsched.frechet import load_stats
+
+        from .metrics import FID_REF_FILE
 
         meta = load_stats(HERE / "weights" / FID_REF_FILE)[2]
         L.append(f"- Inception FID reference: TF-Inception pool3 statistics of the {meta.get('subset', '?')} "
