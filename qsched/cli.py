@@ -90,22 +90,34 @@ def _make_jaq(preset: str, device: str, k: float) -> Any:
     return make_jaq(preset, device=device, k=k)
 
 
-def _is_testbed(model: str) -> bool:
-    return model.startswith("testbed")
-
-
-def _check_model(model: str) -> str:
-    """Fail early on a model that is neither an alias, a directory nor a hub id ("org/name")."""
-    import re
+def _check_device(device: str) -> str:
+    """Fail before any model loads on a device this machine does not have."""
+    import torch
 
     try:
-        from qsched.pipelines import MODELS
-    except ImportError:  # pragma: no cover
-        return model
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine")
+    return device
+
+
+def _check_model(model: str) -> Any:
+    """The model's ModelSpec (resolved once, passed down); fails early on a model that is neither an alias, a
+    directory nor a hub id ("org/name")."""
+    import re
+
+    from qsched.pipelines import MODELS, resolve_model
+
     if model in MODELS or Path(model).expanduser().exists():
-        return model
+        return resolve_model(model)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith((".", "/", "~")):
-        return model  # a hub id: resolved (or reported missing) by the loader
+        return resolve_model(model)  # a hub id: resolved (or reported missing) by the loader
     raise UsageError(f"unknown model {model!r}: not an alias ({', '.join(MODELS)}), not a directory and not a "
                      "hub id 'org/name'")
 
@@ -158,13 +170,13 @@ def _floats(text: str, what: str) -> list[float]:
     return vals
 
 
-def _prompts(path: Optional[Path], model: str, n: int) -> Any:
+def _prompts(path: Optional[Path], mspec: Any, n: int) -> Any:
     from qsched.prompts import load_prompts
 
     if n < 1:
         raise UsageError(f"--n-prompts must be >= 1, got {n}")
     if path is None:
-        if not _is_testbed(model):
+        if not mspec.is_testbed:
             raise UsageError("pass --prompts FILE (one prompt per line, CSV, sDCI YAML...) for a real model")
         return load_prompts("testbed-calib", n=n)  # training wording, disjoint from the held-out eval prompts
     if not path.exists():
@@ -174,39 +186,22 @@ def _prompts(path: Optional[Path], model: str, n: int) -> Any:
     return load_prompts(str(path), n=n)
 
 
-def _quantized_pipeline(model: str, spec: str | None, device: str) -> tuple[Any, Any]:
-    """Load ``model`` and quantize it to ``spec`` (None: keep full precision). Returns (pipe, summary|None)."""
-    from qsched.quantization import quant_spec_of, quantize
+def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any]:
+    """(full-precision pipeline or None, pipeline to run, quantization summary or None) for ``spec`` (None:
+    full precision). A folder that is already quantized must match ``spec``; otherwise the quantized pipeline is
+    :func:`qsched.quantization.quantized_copy` of the full-precision one (loaded once)."""
+    from qsched.quantization import quant_spec_of, quantized_copy
 
-    pipe = _load_pipeline(model, device)
+    pipe = _load_pipeline(mspec.alias, device)
     have = quant_spec_of(pipe)
     if have is not None:
         if spec != have:
-            raise UsageError(f"{model} is already quantized as {have}, not {spec or 'full precision'}")
-        return pipe, None
+            raise UsageError(f"{mspec.alias} is already quantized as {have}, not {spec or 'full precision'}")
+        return None, pipe, None
     if spec is None:
-        return pipe, None
-    return pipe, quantize(pipe, spec)
-
-
-def _load_any_schedule(path: Path, pipe: Any) -> Any:
-    """A schedule from a calibration directory / schedules.json (matching the pipe's spec) or a scheduler dir."""
-    from qsched.calibrate import SCHEDULES_FILE, load_schedule
-    from qsched.scheduler import QSchedScheduler
-
-    if not path.exists():
-        raise FileNotFoundError(f"schedule not found: {path}")
-    if path.is_file() and path.suffix == ".json" and path.name != "scheduler_config.json":
-        return load_schedule(path, pipe)
-    if path.is_dir() and (path / SCHEDULES_FILE).exists():
-        return load_schedule(path, pipe)
-    for d in (path, path / "scheduler"):
-        if (d / "scheduler_config.json").exists():
-            s = QSchedScheduler.from_pretrained(str(d)).schedule
-            if s is None:
-                raise UsageError(f"{d} holds a scheduler without a Q-Sched schedule")
-            return s
-    raise FileNotFoundError(f"{path} holds neither schedules.json nor a saved Q-Sched scheduler")
+        return pipe, pipe, None
+    qpipe, summary = quantized_copy(pipe, spec)
+    return pipe, qpipe, summary
 
 
 def _version_callback(value: bool) -> None:
@@ -256,8 +251,9 @@ def calibrate(
     from qsched.calibrate import calibrate as run_calibration
     from qsched.calibrate import search_space
 
-    _check_model(model)
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     seed_list = _ints(seeds, "--seeds")
     lo_hi = _floats(grid_range, "--grid-range")
     if len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]:
@@ -268,19 +264,17 @@ def calibrate(
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if trials is not None and trials < 1:
         raise UsageError(f"--trials must be >= 1, got {trials}")
-    from qsched.pipelines import call_defaults, default_steps, jaq_preset  # lazy: torch stays out of --help
-
-    T = steps or default_steps(model)
+    T = steps or mspec.steps
     search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
     if strategy not in ("optuna", "grid"):
         raise UsageError(f"unknown --strategy {strategy!r}; choose optuna or grid")
     out = _writable_dir(out)
-    ps = _prompts(prompts, model, n_prompts)
-    preset = scorer or jaq_preset(model)
+    ps = _prompts(prompts, mspec, n_prompts)
+    preset = scorer or mspec.jaq_preset
 
-    pipe, summary = _quantized_pipeline(model, spec_name, device)
+    fp, pipe, _ = _pipelines(mspec, spec_name, device)
     jaq = _make_jaq(preset, device, k)
-    call_kwargs = call_defaults(model)
+    call_kwargs = mspec.call_defaults()
     console.print(f"[bold]qsched calibrate[/] model [cyan]{model}[/] spec [cyan]{spec_name or 'none'}[/] "
                   f"{T} steps, {len(ps)} prompts x {len(seed_list)} seed(s), {parametrization}/{strategy}, "
                   f"JAQ preset {preset} (k={k:g})")
@@ -290,39 +284,13 @@ def calibrate(
         guidance_scale=guidance_scale, storage=storage, study_name=study_name, out_dir=out, progress=progress,
         call_kwargs=call_kwargs, model_name=model,
     )
-    report_path = None
-    try:
-        from qsched.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        samples = _report_samples(model, pipe, res, list(ps.prompts)[:8], guidance_scale, call_kwargs, device)
-        report_path = write_report(out / "report", calibration=res, samples=samples,
-                                   title=f"Q-Sched calibration: {model}")
+    from qsched.report import calibration_samples, write_report
+
+    call = {**call_kwargs, **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
+    samples = calibration_samples(res, pipe, list(ps.prompts)[:8], fp_pipe=fp, call_kwargs=call)
+    report_path = write_report(out / "report", calibration=res, samples=samples,
+                               title=f"Q-Sched calibration: {model}")
     _print_calibration(res, out, report_path)
-
-
-def _report_samples(model: str, pipe: Any, res: Any, prompts: list[str], guidance_scale: float | None,
-                    call_kwargs: dict[str, Any], device: str) -> dict[str, Any]:
-    """Image grid rows for the report: full precision, quantized (original schedule), quantized + Q-Sched.
-
-    Runs after calibration is finished (the full-precision model is only loaded for this picture), with the
-    calibration's first seed so that every row starts from the same noise.
-    """
-    from qsched import Schedule, apply_schedule
-    from qsched.calibrate import generate_images
-
-    kw = dict(guidance_scale=guidance_scale, call_kwargs=call_kwargs)
-    seeds = list(res.seeds[:1])
-    rows: dict[str, Any] = {}
-    fp = _load_pipeline(model, device)
-    rows["full precision"] = generate_images(fp, prompts, seeds, res.steps, **kw)[0]
-    del fp
-    apply_schedule(pipe, Schedule.identity(res.steps))
-    rows[f"{res.quant_spec} original schedule"] = generate_images(pipe, prompts, seeds, res.steps, **kw)[0]
-    apply_schedule(pipe, res.schedule)
-    rows[f"{res.quant_spec} + Q-Sched"] = generate_images(pipe, prompts, seeds, res.steps, **kw)[0]
-    return rows
 
 
 def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
@@ -367,14 +335,15 @@ def generate(
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """Generate one image, optionally with a calibrated Q-Sched schedule."""
-    from qsched.calibrate import generate_images
-    from qsched.schedule import Schedule
-    from qsched.scheduler import apply_schedule
+    from qsched.runner import generate as run_generate
+    from qsched.runner import using_schedule
+    from qsched.schedule import Schedule, load_schedule
 
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    _check_model(model)
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     manual = None
@@ -384,34 +353,32 @@ def generate(
         mc = _floats(model_coeff or "", "--model-coeff")
         sc = _floats(sample_coeff or ",".join("1" for _ in mc), "--sample-coeff")
         manual = Schedule.per_step(model_coeff=mc, sample_coeff=sc)
-    if schedule is not None and not schedule.exists():
-        raise FileNotFoundError(f"schedule not found: {schedule}")
+    sched = manual if manual is not None else (
+        load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise UsageError(f"--out must be an image file (.png, .jpg, ...), got {out}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; name an image file")
     _writable_dir(out.parent if str(out.parent) else Path("."))
+    T = steps or (sched.steps if sched is not None else mspec.steps)
+    if sched is not None and sched.steps != T:
+        raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
 
-    from qsched.pipelines import call_defaults, default_steps
-
-    pipe, _ = _quantized_pipeline(model, spec_name, device)
-    sched = manual if manual is not None else (_load_any_schedule(schedule, pipe) if schedule is not None else None)
-    T = steps or (sched.steps if sched is not None else default_steps(model))
-    if sched is not None:
-        if sched.steps != T:
-            raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
-        apply_schedule(pipe, sched)
-    images, _ = generate_images(pipe, [prompt], [seed], T, guidance_scale=guidance_scale,
-                                call_kwargs=call_defaults(model))
-    _save_image(images[0], out)
+    _, pipe, _ = _pipelines(mspec, spec_name, device)
+    call = {**mspec.call_defaults(), **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
+    with using_schedule(pipe, sched):
+        image = run_generate(pipe, [prompt], T, seed=seed, call_kwargs=call)[0]
+    _save_image(image, out)
     how = "Q-Sched schedule" if sched is not None else "original schedule"
     console.print(f"wrote {out} ({model}, spec {spec_name or 'none'}, {T} steps, seed {seed}, {how})")
 
 
 def _save_image(img: Any, path: Path) -> None:
-    import numpy as np
     from PIL import Image
 
-    a = img.detach().float().nan_to_num(0.0).clamp(0, 1).permute(1, 2, 0).numpy()
-    a = (a * 255).round().astype(np.uint8)
+    from qsched.images import to_uint8
+
+    a = to_uint8(img)[0]
     Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
 
 
@@ -429,12 +396,13 @@ def quantize(
     """Quantize a model's denoiser and save it (load it back with qsched.load_quantized)."""
     from qsched.quantization import save_quantized
 
-    _check_model(model)
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     if spec_name is None:
         raise UsageError("quantize needs a quantization spec, not 'none'")
     out = _writable_dir(out)
-    pipe, summary = _quantized_pipeline(model, spec_name, device)
+    _, pipe, summary = _pipelines(mspec, spec_name, device)
     path = save_quantized(pipe, out)
     if summary is not None:
         console.print(str(summary), highlight=False)
@@ -463,26 +431,33 @@ def evaluate(
     device: str = typer.Option("cpu", help="Torch device."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Side-by-side evaluation: full precision vs naive quantization vs Q-Sched (vs FP + tuned)."""
-    from qsched.calibrate import load_schedule
+    """Side-by-side evaluation: full precision vs naive quantization vs Q-Sched (vs FP + tuned).
 
-    _check_model(model)
+    Several processes (``accelerate launch -m qsched evaluate ...`` or ``torchrun --nproc_per_node N -m qsched
+    evaluate ...``) share the batches and give the numbers of a single-process run; the first one writes.
+    """
+    from qsched.schedule import load_schedule
+
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     out = _writable_dir(out)
     if n_images is not None and n_images < 1:
         raise UsageError(f"--n-images must be >= 1, got {n_images}")
     if prompts is not None and not prompts.startswith("testbed-") and not Path(prompts).exists():
         raise FileNotFoundError(f"prompt file not found: {prompts}")
-    q_sched = load_schedule(schedule, spec=spec_name or "none") if schedule is not None else None
-    fp_sched = load_schedule(fp_schedule, spec="none") if fp_schedule is not None else None
+    q_sched = load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None
+    fp_sched = load_schedule(fp_schedule, spec=None, steps=steps) if fp_schedule is not None else None
     from qsched.evaluate import evaluate as run_evaluation
 
     res = run_evaluation(
-        model=model, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
+        model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
         n_images=n_images, seed=seed, batch_size=batch_size,
         metrics=[m for m in metrics.replace(" ", "").split(",") if m], device=device, progress=progress,
         fid_ref=fid_ref, pipe_loader=functools.partial(_load_pipeline, model, device),
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one process of a distributed run: the first one writes and prints
     path = res.to_json(out / "evaluation.json")
     from qsched.report import write_report
 
@@ -494,7 +469,7 @@ def evaluate(
     console.print(f"results: {path}\nreport: {report}")
 
 
-_EVAL_COLUMNS = ("fd", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_non_finite")
+_EVAL_COLUMNS = ("fd", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_nonfinite")
 
 
 def _print_rows(res: Any) -> None:
