@@ -27,7 +27,7 @@ class _Quiet:
 @pytest.fixture(scope="module")
 def env_factory():
     """A BenchEnv on the tiny testbed pipeline with tiny random classifier / CLIP / 'Inception' stand-ins."""
-    from qsched.evaluate import AccuracyMetric, FrechetMetric, JAQMetric
+    from qsched.metrics import AccuracyMetric, FrechetMetric, JAQMetric
     from qsched.scoring import JAQ, TestbedCLIPIQA, TestbedCLIPScore
     from qsched.frechet import feature_stats
     from qsched.testbed.pipeline import tiny_testbed_pipeline

@@ -13,12 +13,12 @@ import torch
 
 from qsched.calibrate import (
     CalibrationResult,
-    ForwardCache,
     calibrate,
     grid_candidates,
     search_space,
     weights_fingerprint,
 )
+from qsched.cache import ForwardCache
 from qsched.quantization import quant_spec_of, quantize, quantized_layers
 from qsched.runner import denoiser_of, generate
 from qsched.schedule import Schedule, load_schedule, read_schedules, save_schedule

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from qsched.evaluate import (AccuracyMetric, EvalMetric, EvalResult, FrechetMetric, JAQMetric, build_metrics,
-                             evaluate, load_reference_stats)
+from qsched.evaluate import EvalResult, evaluate
+from qsched.frechet import load_reference_stats
+from qsched.metrics import AccuracyMetric, EvalMetric, FrechetMetric, JAQMetric, build_metrics
 from qsched.prompts import load_prompts
 from qsched.quantization import quant_spec_of
 from qsched.schedule import Schedule

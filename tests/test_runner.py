@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from qsched.calibrate import calibrate
-from qsched.evaluate import EvalMetric, evaluate
+from qsched.evaluate import evaluate
+from qsched.metrics import EvalMetric
 from qsched.prompts import PromptSet
 from qsched.quantization import quantized_copy
 from qsched.runner import generate, generate_batches, image_seed, using_schedule
