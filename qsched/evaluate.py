@@ -38,7 +38,20 @@ import numpy as np
 import torch
 
 from qsched._util import fmt_num, json_default, package_versions
-from qsched.pipelines import call_defaults, default_steps, jaq_preset
+from qsched.pipelines import resolve_model
+
+
+# TEMPORARY (bench branch): main's WIP removed these module functions; drop at merge with main's evaluate refactor.
+def call_defaults(model: Any) -> dict[str, Any]:
+    return resolve_model(model).call_defaults()
+
+
+def default_steps(model: Any) -> int:
+    return resolve_model(model).steps
+
+
+def jaq_preset(model: Any) -> str:
+    return resolve_model(model).jaq_preset
 from qsched.prompts import PromptSet, load_prompts
 
 __all__ = [
