@@ -158,6 +158,14 @@ def test_bad_input_errors(tmp_path):
                   out=tmp_path / "B.md", console=_Quiet())
     with pytest.raises(SystemExit):
         main(["--fid-rows", "nope"])
+    with pytest.raises(SystemExit):
+        main(["--jobs", "0"])
+    unpicklable = BenchEnv(load_pipe=lambda: None, jaq=lambda: None)
+    with pytest.raises(ValueError, match="pickled"):  # helper processes need an env they can receive
+        run_bench(tiny_settings(), unpicklable, work=tmp_path / "j", out=tmp_path / "B.md", console=_Quiet(), jobs=2)
+    with pytest.raises(ValueError, match="unknown section"):
+        run_bench(tiny_settings(), unpicklable, work=tmp_path / "j", out=tmp_path / "B.md", console=_Quiet(),
+                  sections=("speed",))
 
 
 def _spawn(target, *args):
