@@ -251,3 +251,19 @@ def test_unit_store_passes_over_held_units_and_takes_over_a_killed_workers(tmp_p
     store = UnitStore(work, _Quiet())
     assert store.run_all([job("z")]) == [{"v": "z", "pid": 0}] and store.computed == ["k/z"]
     assert not list((work / "units").rglob("*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_sd15_measurement_runs_in_process_as_a_unit_and_is_read_back(tmp_path, monkeypatch):
+    """Section 3's SD1.5-sized UNet numbers come from qsched.bench.sd15 in this process (tiny widths here, no
+    speed part), stored as a unit that ``sd15="read"`` (the --quick default) finds again."""
+    from qsched.bench import sd15, size_speed
+    from qsched.bench.units import UnitStore
+
+    real = sd15.measure
+    monkeypatch.setattr(sd15, "measure", lambda **kw: real(**{**kw, "smoke": True, "speed": False}))
+    r = size_speed._sd15(BenchSettings.quick(sd15="run"), UnitStore(tmp_path, _Quiet()))
+    d = r["data"]
+    assert r["ran"] and d["smoke"] and d["layers_quantized"] > 0 and 0 < d["packed_ratio"] < 0.5
+    assert d["tiny_rel_error"]["w8a8"] < d["tiny_rel_error"]["w4a8"] < d["tiny_rel_error"]["w4a4"]
+    again = size_speed._sd15(BenchSettings.quick(), UnitStore(tmp_path, _Quiet()))
+    assert again["data"] == d and again["reused"].endswith("result.json")
