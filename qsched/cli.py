@@ -508,5 +508,9 @@ def report(
     console.print(f"report: {path}")
 
 
+from qsched.bench.cli import bench as _bench  # noqa: E402  (typer only; the benchmark loads when it runs)
+
+app.command("bench", help=_bench.__doc__)(_bench)
+
 if __name__ == "__main__":  # pragma: no cover
     app()
