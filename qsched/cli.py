@@ -31,6 +31,12 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+#: Defaults of the main job, chosen on the testbed (BENCHMARKS.md, "default path"): search on 20 prompts x 1 seed,
+#: 60 trials shared by auto's parametrizations, validate on 48 other prompts x 2 other seeds.
+DEFAULT_SEARCH_PROMPTS = 20
+DEFAULT_VALIDATION_PROMPTS = 48
+DEFAULT_VALIDATION_SEEDS = "1,2"
+DEFAULT_TRIALS = 60
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 _USER_ERROR_NAMES = {"ModelNotFoundError", "MissingWeightsError"}
 
@@ -40,7 +46,9 @@ class UsageError(ValueError):
 
 
 def _fail(msg: str) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -227,15 +235,23 @@ def calibrate(
     model: str = typer.Option("testbed", help="Model alias or path (see qsched.pipelines.MODELS)."),
     spec: str = typer.Option("w4a8", help="Quantization spec (w4a8, w8a8, ...) or 'none' for full precision."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's; 4 for the testbed)."),
-    prompts: Optional[Path] = typer.Option(None, help="Calibration prompt file (default on the testbed: "
-                                           "training-wording prompts, one per class, disjoint from evaluation)."),
-    n_prompts: int = typer.Option(10, help="Number of calibration prompts."),
-    seeds: str = typer.Option("0", help="Comma-separated seeds; one image per (seed, prompt)."),
-    parametrization: str = typer.Option("linear", help="linear (2 params, the paper), ramp (4) or per-step (2T)."),
+    prompts: Optional[Path] = typer.Option(None, help="Calibration prompt file: the first --n-prompts lines are "
+                                           "searched on, the next --n-validation validate (default on the testbed: "
+                                           "training-wording prompts, disjoint from evaluation)."),
+    n_prompts: int = typer.Option(DEFAULT_SEARCH_PROMPTS, help="Number of search prompts."),
+    n_validation: int = typer.Option(DEFAULT_VALIDATION_PROMPTS, help="Number of validation prompts (disjoint from "
+                                     "the search prompts; 0: no validation)."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds of the search images; one image per (seed, prompt)."),
+    validation_seeds: str = typer.Option(DEFAULT_VALIDATION_SEEDS, help="Comma-separated seeds of the validation "
+                                         "images."),
+    do_no_harm: bool = typer.Option(True, help="Keep the original schedule unless the validation gain is reliable "
+                                    "(its confidence interval above zero)."),
+    parametrization: str = typer.Option("auto", help="auto (linear, ramp and per-step, chosen by validation), "
+                                        "linear (2 params, the paper), ramp (4) or per-step (2T)."),
     strategy: str = typer.Option("optuna", help="optuna (TPE/CMA-ES) or grid (the paper's exhaustive grid)."),
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe or cmaes."),
-    trials: Optional[int] = typer.Option(None, help="Completed trials in the study, the identity included "
-                                         "(default 40; grid: the whole grid)."),
+    trials: Optional[int] = typer.Option(None, help=f"Completed trials, the identity included (default "
+                                         f"{DEFAULT_TRIALS}, shared by auto's parametrizations; grid: the whole grid)."),
     grid_points: int = typer.Option(10, help="Grid points per axis (strategy grid)."),
     grid_range: str = typer.Option("0.8,1.2", help="Coefficient search range 'low,high'."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite in --out)."),
@@ -255,6 +271,9 @@ def calibrate(
     spec_name = _check_spec(spec)
     _check_device(device)
     seed_list = _ints(seeds, "--seeds")
+    val_seed_list = _ints(validation_seeds, "--validation-seeds")
+    if n_validation < 0 or n_validation == 1:
+        raise UsageError(f"--n-validation must be 0 (no validation) or >= 2, got {n_validation}")
     lo_hi = _floats(grid_range, "--grid-range")
     if len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]:
         raise UsageError(f"--grid-range must be 'low,high' with 0 < low < high, got {grid_range!r}")
@@ -265,13 +284,20 @@ def calibrate(
     if trials is not None and trials < 1:
         raise UsageError(f"--trials must be >= 1, got {trials}")
     T = steps or mspec.steps
-    search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
+    if parametrization != "auto":
+        search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
     if strategy not in ("optuna", "grid"):
         raise UsageError(f"unknown --strategy {strategy!r}; choose optuna or grid")
     out = _writable_dir(out)
-    ps = _prompts(prompts, mspec, n_prompts)
+    both = _prompts(prompts, mspec, n_prompts + n_validation)
+    if len(both) < n_prompts + n_validation:
+        raise UsageError(f"{prompts} holds {len(both)} prompts; --n-prompts {n_prompts} + --n-validation "
+                         f"{n_validation} need {n_prompts + n_validation} (lower them, or pass --n-validation 0)")
+    ps, val = both.take(n_prompts), list(both.prompts[n_prompts:n_prompts + n_validation])
     preset = scorer or mspec.jaq_preset
+    from qsched.search import check_storage
 
+    check_storage(storage)
     fp, pipe, _ = _pipelines(mspec, spec_name, device)
     jaq = _make_jaq(preset, device, k)
     call_kwargs = mspec.call_defaults()
@@ -279,10 +305,12 @@ def calibrate(
                   f"{T} steps, {len(ps)} prompts x {len(seed_list)} seed(s), {parametrization}/{strategy}, "
                   f"JAQ preset {preset} (k={k:g})")
     res = run_calibration(
-        pipe, list(ps.prompts), T, jaq=jaq, parametrization=parametrization, strategy=strategy, n_trials=trials,
+        pipe, list(ps.prompts), T, jaq=jaq, parametrization=parametrization, strategy=strategy,
+        n_trials=trials if trials is not None else (None if strategy == "grid" else DEFAULT_TRIALS),
         sampler=sampler, grid_range=tuple(lo_hi), grid_points=grid_points, seeds=seed_list,
         guidance_scale=guidance_scale, storage=storage, study_name=study_name, out_dir=out, progress=progress,
-        call_kwargs=call_kwargs, model_name=model,
+        call_kwargs=call_kwargs, model_name=model, validation_prompts=val or None,
+        validation_seeds=val_seed_list, do_no_harm=do_no_harm,
     )
     from qsched.report import calibration_samples, write_report
 
@@ -294,22 +322,40 @@ def calibrate(
 
 
 def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
+    from rich.markup import escape
+
     t = Table(title="Q-Sched calibration", show_header=True, header_style="bold")
-    for col in ("", "JAQ", "TC", "IQ"):
-        t.add_column(col, justify="right" if col else "left")
+    for col in ("schedule", "set", "JAQ", "TC (text-image alignment)", "IQ (image quality)", "gain [CI]"):
+        t.add_column(col, justify="left" if col in ("schedule", "set") else "right")
+    n_s = f"search {len(res.prompts)}"
     if res.naive is not None:
-        t.add_row("naive (identity schedule)", _fmt(res.naive["jaq"]), _fmt(res.naive["tc"]), _fmt(res.naive["iq"]))
-    t.add_row("[bold]Q-Sched[/]", _fmt(res.best["jaq"]), _fmt(res.best["tc"]), _fmt(res.best["iq"]))
+        t.add_row("original", n_s, _fmt(res.naive["jaq"]), _fmt(res.naive["tc"]), _fmt(res.naive["iq"]), "")
+    t.add_row("best found", n_s, _fmt(res.best["jaq"]), _fmt(res.best["tc"]), _fmt(res.best["iq"]),
+              "" if res.improvement is None else f"{res.improvement:+.3f}")
+    v = res.validation
+    if v:
+        n_v = f"valid. {len(v['prompts'])}"
+        t.add_row("original", n_v, _fmt(v["identity"]["jaq"]), _fmt(v["identity"]["tc"]), _fmt(v["identity"]["iq"]), "")
+        for c in v["candidates"]:
+            g = c["gain"]
+            t.add_row(c["name"], n_v, _fmt(c["jaq"]), _fmt(c["tc"]), _fmt(c["iq"]),
+                      f"{g['mean']:+.2f} [{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]")
     console.print(t)
+    console.print(f"JAQ = TC + {res.k:g} x IQ, higher is better. c^e multiplies the model's prediction and c^x the "
+                  "sample at each step (all 1: the original sampler).", highlight=False)
     sched = res.schedule
-    console.print(f"schedule ({sched.kind}): c^e = [{', '.join(f'{v:.4f}' for v in sched.model_coeff)}], "
-                  f"c^x = [{', '.join(f'{v:.4f}' for v in sched.sample_coeff)}]")
-    if res.improvement is not None:
-        console.print(f"JAQ improvement over naive: {res.improvement:+.4f}")
+    console.print(f"schedule ({sched.kind}): c^e = [{', '.join(f'{x:.4f}' for x in sched.model_coeff)}], "
+                  f"c^x = [{', '.join(f'{x:.4f}' for x in sched.sample_coeff)}]", highlight=False)
+    for note in res.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
     n_done = sum(1 for tr in res.trials if tr["state"] == "COMPLETE")
+    if res.resumed:
+        before = sum(s.get("trials_before", 0) for s in res.searches.values())
+        console.print(f"continued the stored study in {out} ({before} trials were already there)", highlight=False)
     console.print(f"trials: {n_done} complete; model evaluations this run: {res.model_evals} denoiser forwards "
                   f"({res.cache_hits} cache hits), text encoder {res.text_encoder_evals} ({res.text_encoder_hits} "
-                  f"hits); wall time {res.wall_time_s:.1f} s")
+                  f"hits); wall time {res.wall_time_s:.1f} s", highlight=False)
+    console.print(f"[bold]{escape(res.verdict[0].upper() + res.verdict[1:])}[/]", highlight=False)
     console.print(f"results: {out / 'calibration.json'}, schedules: {out / 'schedules.json'}, "
                   f"scheduler: {out / 'scheduler'}")
     if report_path is not None:
