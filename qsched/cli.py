@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import qsched
+from qsched import defaults
 from qsched._util import fmt_num as _fmt
 
 app = typer.Typer(
@@ -31,12 +32,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
-#: Defaults of the main job, chosen on the testbed (BENCHMARKS.md, "default path"): search on 20 prompts x 1 seed,
-#: 60 trials shared by auto's parametrizations, validate on 48 other prompts x 2 other seeds.
-DEFAULT_SEARCH_PROMPTS = 20
-DEFAULT_VALIDATION_PROMPTS = 48
-DEFAULT_VALIDATION_SEEDS = "1,2"
-DEFAULT_TRIALS = 60
+DEFAULT_SEARCH_PROMPTS = defaults.SEARCH_PROMPTS
+DEFAULT_VALIDATION_PROMPTS = defaults.VALIDATION_PROMPTS
+DEFAULT_VALIDATION_SEEDS = ",".join(map(str, defaults.VALIDATION_SEEDS))
+DEFAULT_TRIALS = defaults.TRIALS
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 _USER_ERROR_NAMES = {"ModelNotFoundError", "MissingWeightsError"}
 
@@ -246,7 +245,7 @@ def calibrate(
                                          "images."),
     do_no_harm: bool = typer.Option(True, help="Keep the original schedule unless the validation gain is reliable "
                                     "(its confidence interval above zero)."),
-    parametrization: str = typer.Option("auto", help="auto (linear, ramp and per-step, chosen by validation), "
+    parametrization: str = typer.Option(defaults.PARAMETRIZATION, help="auto (linear, ramp and per-step, chosen by validation), "
                                         "linear (2 params, the paper), ramp (4) or per-step (2T)."),
     strategy: str = typer.Option("optuna", help="optuna (TPE/CMA-ES) or grid (the paper's exhaustive grid)."),
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe or cmaes."),

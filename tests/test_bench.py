@@ -33,6 +33,7 @@ def env_factory():
     from qsched.testbed.pipeline import tiny_testbed_pipeline
 
     cfd, ref, clip = tiny_testbed_evaluators()
+    cfd._ref = ref  # the tiny classifier's reference statistics
     proj = torch.randn(32 * 32, 6, generator=torch.Generator().manual_seed(1))
     fid_ref = feature_stats(torch.rand(64, 32 * 32) @ proj)
     pipe = tiny_testbed_pipeline(seed=0)
@@ -46,7 +47,8 @@ def env_factory():
             load_pipe=load, jaq=lambda: JAQ(TestbedCLIPScore(model=clip), TestbedCLIPIQA(model=clip)), name="tiny",
             eval_metrics=lambda: [FrechetMetric("fd", cfd.features, lambda: ref), AccuracyMetric(cfd.predict),
                                   JAQMetric(JAQ(TestbedCLIPScore(model=clip), TestbedCLIPIQA(model=clip)))],
-            fid_metrics=lambda: [FrechetMetric("fid", lambda x: x.reshape(x.shape[0], -1) @ proj, lambda: fid_ref)])
+            fid_metrics=lambda: [FrechetMetric("fid", lambda x: x.reshape(x.shape[0], -1) @ proj, lambda: fid_ref)],
+            evaluator=lambda: cfd)
 
     return make
 
@@ -56,7 +58,9 @@ def tiny_settings(**kw):
                                eval_images=6, eval_batch=3, fid_images=4,
                                fid_rows=parse_fid_rows("fp32:original,w4a8:qsched"), grid_points=3, search_steps=2,
                                search_trials=3, search_seeds=(0, 1), speed_batch=2, speed_steps=2, speed_repeats=2,
-                               overhead_calls=40, rss=False, sd15="skip", progress=False, **kw)
+                               overhead_calls=40, rss=False, sd15="skip", progress=False, default_draws=2,
+                               default_images=6, default_search_prompts=3, default_val_prompts=3, default_trials=3,
+                               **kw)
 
 
 def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
@@ -66,8 +70,16 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
     R = run_bench(tiny_settings(), env_factory(counter), out=out, work=work, command="python -m qsched.bench --x",
                   console=con)
     md = out.read_text()
-    for heading in ("## 1. Quality", "## 2. Search cost", "## 3. Size and speed", "## Headline", "QUICK MODE"):
+    for heading in ("## 1. Quality", "## 2. Search cost", "## 3. Size and speed", "## Headline", "QUICK MODE",
+                    "## Default path"):
         assert heading in md
+    # the default path: every draw calibrated with the defaults; a kept identity differs by exactly 0
+    D = R["default"]["rows"]["2:w4a8"]
+    assert len(D["draws"]) == 2 and D["kept_identity"] == sum(d["decision"] != "qsched" for d in D["draws"])
+    for d in D["draws"]:
+        assert d["fd"]["ci_low"] <= d["fd"]["diff"] <= d["fd"]["ci_high"]
+        if d["decision"] != "qsched":
+            assert d["fd"]["diff"] == d["accuracy"]["diff"] == d["jaq"]["diff"] == 0.0
     assert "pending" not in md
     assert "python -m qsched.bench --x" in md and "cores" in md and "torch " in md
     assert (tmp_path / "benchmarks_search.png").stat().st_size > 1000

@@ -64,6 +64,13 @@ def bench(
     calib_trials: Optional[int] = typer.Option(None, "--calib-trials", help="Override trials per calibration."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (log lines only)."),
     jobs: int = typer.Option(1, "--jobs", help="Processes sharing the work (each gets cores/jobs torch threads)."),
+    sections: str = typer.Option("quality,default,search,size", "--sections",
+                                 help="Comma-separated sections to run: quality, default, search, size."),
+    default_images: Optional[int] = typer.Option(None, "--default-images", help="Override held-out images per "
+                                                 "default-path row."),
+    default_draws: Optional[int] = typer.Option(None, "--default-draws", help="Override calibration draws per "
+                                                "(steps, spec) of the default-path section."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Override the step counts, e.g. 1,2,4,8."),
 ) -> dict[str, Any]:
     """Regenerate BENCHMARKS.md from scratch: Q-Sched on the testbed (quality, search cost, size and speed).
 
@@ -79,8 +86,14 @@ def bench(
         kw: dict[str, Any] = {}
         if fid_rows is not None:
             kw["fid_rows"] = parse_fid_rows(fid_rows)
+        if steps is not None:
+            try:
+                kw["steps"] = tuple(int(x) for x in steps.split(",") if x.strip())
+            except ValueError:
+                raise ValueError(f"--steps must be comma-separated integers, got {steps!r}") from None
         for name, value in (("threads", threads), ("sd15", sd15), ("sd15_json", sd15_json),
-                            ("eval_images", eval_images), ("calib_trials", calib_trials)):
+                            ("eval_images", eval_images), ("calib_trials", calib_trials),
+                            ("default_images", default_images), ("default_draws", default_draws)):
             if value is not None:
                 kw[name] = value
         if no_rss:
@@ -95,7 +108,8 @@ def bench(
         _fail(e)
     try:
         return run_bench(s, env, out=out, work=work or Path("runs/bench-quick" if quick else "runs/bench"),
-                         fresh=fresh, command=_command_line(ctx), jobs=jobs)
+                         fresh=fresh, command=_command_line(ctx), jobs=jobs,
+                         sections=[x.strip() for x in sections.split(",") if x.strip()])
     except _USER_ERRORS as e:
         _fail(e)
     raise AssertionError("unreachable")

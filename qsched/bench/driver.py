@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from qsched.bench.default_path import section_default
 from qsched.bench.env import BenchEnv, Models, git_commit, machine_info, versions
 from qsched.bench.quality import section_quality
 from qsched.bench.render import headline_table, render_markdown, samples_figure, search_plot
@@ -25,8 +26,8 @@ from qsched.bench.units import UnitStore, now, write_json
 
 __all__ = ["run_bench", "SECTIONS"]
 
-SECTIONS = ("quality", "search", "size")
-_SHARED = ("quality", "search")  # the sections helper processes work on (size/speed runs alone, at the end)
+SECTIONS = ("quality", "default", "search", "size")
+_SHARED = ("quality", "default", "search")  # the sections helper processes work on (size/speed runs alone, at the end)
 
 
 def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None, out: str | Path = "BENCHMARKS.md",
@@ -90,6 +91,8 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
             names = samples_figure(R, out.parent / f"{stem}_samples.png")
             if names:
                 R["samples_png"], R["samples_rows"] = f"{stem}_samples.png", names
+        if "default" in sections and env.evaluator is not None:
+            section_default(s, env, models, units, R, write)
         if "search" in sections:
             section_search(s, env, models, units, R, write)
             search_plot(R["search"], out.parent / R["search_png"])
@@ -155,6 +158,8 @@ def _helper(index: int, s: BenchSettings, env: BenchEnv, work: str, sections: tu
         R: dict[str, Any] = {}
         if "quality" in sections:
             section_quality(s, env, models, units, R, lambda: None)
+        if "default" in sections and env.evaluator is not None:
+            section_default(s, env, models, units, R, lambda: None)
         if "search" in sections:
             section_search(s, env, models, units, R, lambda: None)
         return list(units.computed)

@@ -37,6 +37,7 @@ class BenchEnv:
     fid_metrics: Callable[[], list[Any]] | None = None
     model: str = "testbed"
     fid_reference: str = ""  # identifies the FID reference statistics (FID units are keyed by it)
+    evaluator: Callable[[], Any] | None = None  # -> .features(images), .predict(images), .reference (mu, sigma)
 
     @classmethod
     def testbed(cls, variant: str = "student") -> "BenchEnv":
@@ -52,9 +53,11 @@ class BenchEnv:
         digest = hashlib.sha1(w.read_bytes()).hexdigest()[:8]  # units are keyed by the weights they measured
         ref = WEIGHTS_DIR / FID_REF_FILE
         ref_id = hashlib.sha1(ref.read_bytes()).hexdigest()[:8] if ref.exists() else ""
+        from qsched.testbed.metrics import ClassifierFD
+
         return cls(load_pipe=functools.partial(load_testbed_pipeline, variant),
                    jaq=functools.partial(make_jaq, "testbed"), name=f"testbed-{variant}-{digest}",
-                   fid_reference=ref_id)
+                   fid_reference=ref_id, evaluator=ClassifierFD)
 
     def call_kwargs(self) -> dict[str, Any]:
         """Pipeline call defaults of ``model`` (guidance, resolution, ...; none for the testbed)."""

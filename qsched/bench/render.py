@@ -391,6 +391,9 @@ def render_markdown(R: dict[str, Any]) -> str:
     fnd = _findings(R) if R.get("rows") else []
     if fnd:
         L += ["### Where Q-Sched helps and where it does not", "", *[f"- {x}" for x in fnd], ""]
+    from qsched.bench.default_path import render_default
+
+    L += render_default(R)
     L += _search_section(R)
     L += _size_speed_section(R)
     return "\n".join(L).rstrip() + "\n"

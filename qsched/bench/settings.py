@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from qsched import defaults
+
 __all__ = ["BenchSettings", "parse_fid_rows", "PRECISIONS", "PARAMETRIZATIONS", "ROW_LABELS", "DEFAULT_FID_ROWS",
            "LABEL_ALIASES"]
 
@@ -38,6 +40,11 @@ class BenchSettings:
     eval_batch: int = 50
     fid_images: int = 2000
     fid_rows: tuple[tuple[str, str], ...] | None = None  # None: DEFAULT_FID_ROWS
+    default_draws: int = 3  # the default-path section: calibration draws per (steps, spec)
+    default_images: int = 5000  # held-out images per default-path row
+    default_search_prompts: int = defaults.SEARCH_PROMPTS
+    default_val_prompts: int = defaults.VALIDATION_PROMPTS
+    default_trials: int = defaults.TRIALS
     grid_points: int = 50
     grid_range: tuple[float, float] = (0.8, 1.2)
     search_steps: int = 4
@@ -72,7 +79,8 @@ class BenchSettings:
             self.headline_steps = 4 if 4 in self.steps else max(self.steps)
         if self.sd15 not in ("run", "read", "skip"):
             raise ValueError(f"sd15 must be 'run', 'read' or 'skip', got {self.sd15!r}")
-        for name in ("calib_prompts", "val_prompts", "calib_trials", "eval_images", "eval_batch", "grid_points", "search_trials",
+        for name in ("calib_prompts", "val_prompts", "calib_trials", "default_draws", "default_images",
+                     "default_search_prompts", "default_val_prompts", "default_trials", "eval_images", "eval_batch", "grid_points", "search_trials",
                      "speed_batch", "speed_steps", "speed_repeats"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -90,7 +98,8 @@ class BenchSettings:
         network at 299x299 and the 2048-d statistics are slow on a CPU; ask with ``fid_rows``); SD1.5
         numbers read from an earlier run if present (never run)."""
         base: dict[str, Any] = dict(
-            mode="quick", steps=(4,), calib_prompts=10, val_prompts=6, calib_trials=6, eval_images=96, eval_batch=48,
+            mode="quick", steps=(4,), calib_prompts=10, val_prompts=6, calib_trials=6, default_draws=2,
+            default_images=48, default_search_prompts=6, default_val_prompts=6, default_trials=6, eval_images=96, eval_batch=48,
             fid_images=48, fid_rows=(), grid_points=5, search_trials=8, search_seeds=(0, 1, 2), speed_batch=8,
             speed_repeats=5, overhead_calls=800, sd15="read")
         base.update(kw)
