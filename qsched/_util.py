@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import math
 import platform
@@ -55,3 +56,26 @@ def fmt_num(v: Any, nd: int = 4, thousands: bool = False, sci_above: float = 1e4
             return str(v)
         return f"{v:.{nd}f}" if abs(v) < sci_above else f"{v:.4g}"
     return str(v)
+
+
+def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync'ed, then renamed, so a
+    full disk or a kill never leaves a truncated file behind (the old file, if any, stays intact)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path

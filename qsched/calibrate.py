@@ -1,14 +1,20 @@
 """Q-Sched calibration: search the per-step scheduler coefficients that maximise JAQ on a few prompts.
 
 Only the pipeline passed in is run (the quantized one): there is no full-precision forward anywhere. Every
-candidate schedule generates images for the same prompts with the same seeds (one CPU ``torch.Generator`` per
-image, seeded ``seed * 100003 + i`` for prompt ``i``), so candidates differ only by their coefficients.
+candidate schedule generates images for the same prompts with the same seeds through :mod:`qsched.runner`
+(prompt ``i`` of seed ``s`` is image ``i`` of base seed ``s``), so candidates differ only by their coefficients.
 
 Search runs in an Optuna study (TPE, CMA-ES, or the paper's exhaustive grid enumerated point by point) kept in
 durable storage (SQLite in the output directory by default; any Optuna storage URL works, so several workers
-can share one study). Calling again with the same arguments resumes the study: completed trials are kept,
-a killed run loses at most the trial in flight. The identity schedule (all coefficients 1) is always the first
-trial, so the naive quantized model is measured exactly like the candidates.
+can share one study); :mod:`qsched.search` makes it reproducible (a killed and restarted run ends exactly like
+an uninterrupted one), duplicate-free across workers, and recovers dead workers' trials. The identity schedule
+(all coefficients 1) is always the first trial, so the naive quantized model is measured like the candidates.
+
+Then the result is *validated*, still without any full-precision inference: the best candidates of the search
+(with ``parametrization="auto"``: of linear, ramp and per-step, and per-step shrunk halfway toward the identity)
+are re-scored on validation prompts and seeds disjoint from the search's, paired with the identity schedule on
+the same images' noise (:mod:`qsched.validation`). **Do no harm**: unless a candidate's validation gain has a
+confidence interval above zero, the original schedule is kept, and the result says so.
 
 Model evaluations are counted and the work that cannot change is not redone: the coefficients act inside the
 scheduler step, after the denoiser call, so the first step's denoiser output and the text embeddings are the
@@ -25,29 +31,25 @@ import math
 import os
 import time
 import warnings
-from collections import OrderedDict
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from qsched._util import package_versions
-from qsched.schedule import Schedule
-from qsched.scoring import JAQ, JAQScore, to_tensor
+from qsched.cache import ForwardCache
+from qsched.quantization import quant_spec_of
+from qsched.runner import denoiser_of, generate, text_encoders_of, using_schedule
+from qsched.schedule import Schedule, save_schedule
+from qsched.scoring import JAQ, JAQScore
 
 __all__ = [
     "calibrate",
     "CalibrationResult",
-    "ForwardCache",
-    "generate_images",
     "grid_candidates",
     "search_space",
-    "save_schedule",
-    "load_schedule",
-    "read_schedules",
-    "image_seed",
     "PARAMETRIZATIONS",
     "STRATEGIES",
 ]
@@ -55,161 +57,7 @@ __all__ = [
 PARAMETRIZATIONS = ("linear", "ramp", "per-step")
 STRATEGIES = ("optuna", "grid")
 SAMPLERS = ("tpe", "cmaes")
-SCHEDULES_FILE = "schedules.json"
-SCHEDULES_FORMAT = "qsched.schedules/1"
-FP_SPEC = "none"
-ROLE_IDENTITY = "identity"
-_SEED_STRIDE = 100003
 MAX_GRID = 1_000_000
-
-
-def image_seed(seed: int, index: int) -> int:
-    """Seed of the generator of image ``index`` for base seed ``seed`` (``seed * 100003 + index``)."""
-    return int(seed) * _SEED_STRIDE + int(index)
-
-
-# ============================================================================================== forward cache
-
-
-class _Uncacheable(Exception):
-    pass
-
-
-def _hash_into(h: "hashlib._Hash", obj: Any) -> None:
-    """Feed an exact, type-tagged description of ``obj`` (tensors by bytes, shape, dtype) into ``h``."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        h.update(f"T{tuple(t.shape)}{t.dtype}".encode())
-        if t.numel():
-            flat = t.contiguous().reshape(-1)
-            if flat.device.type != "cpu":
-                flat = flat.cpu()
-            h.update(flat.view(torch.uint8).numpy().tobytes())
-    elif obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        h.update(f"P{type(obj).__name__}:{obj!r};".encode())
-    elif isinstance(obj, np.ndarray):
-        h.update(f"N{obj.shape}{obj.dtype}".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, (list, tuple)):
-        h.update(f"L{type(obj).__name__}{len(obj)}[".encode())
-        for v in obj:
-            _hash_into(h, v)
-        h.update(b"]")
-    elif isinstance(obj, dict):
-        h.update(f"D{len(obj)}{{".encode())
-        for k in sorted(obj, key=repr):
-            h.update(repr(k).encode())
-            _hash_into(h, obj[k])
-        h.update(b"}")
-    elif isinstance(obj, torch.dtype | torch.device):
-        h.update(f"X{obj};".encode())
-    else:
-        raise _Uncacheable(type(obj).__name__)
-
-
-def input_key(args: tuple, kwargs: dict) -> str:
-    """Exact key of a forward's inputs: a BLAKE2 hash of every tensor's bytes, shape and dtype, and the kwargs."""
-    h = hashlib.blake2b(digest_size=20)
-    _hash_into(h, list(args))
-    _hash_into(h, dict(kwargs))
-    return h.hexdigest()
-
-
-def _clone(obj: Any) -> Any:
-    """Deep-copy the tensors of a forward output (tuples, lists, dicts, diffusers/transformers outputs)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_clone(v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone(v) for v in obj)
-    if isinstance(obj, dict):
-        items = {k: _clone(v) for k, v in obj.items()}
-        if type(obj) is dict:
-            return items
-        try:
-            return type(obj)(**items)  # diffusers BaseOutput / transformers ModelOutput dataclasses
-        except TypeError:
-            out = type(obj)()
-            out.update(items)
-            return out
-    return obj
-
-
-class ForwardCache:
-    """Memoise a module's forward on an exact key of its inputs (bounded, with a protected segment).
-
-    Entries that were hit at least once (the first denoising step, the text embeddings: inputs identical for
-    every candidate) are kept; entries never hit are evicted first, least recently used, so later steps
-    (whose inputs change with the coefficients) cannot push the useful entries out. Outputs are cloned on
-    the way in and out, so callers that modify them in place cannot corrupt the cache.
-
-    ``evals`` counts forwards actually executed, ``hits`` those served from the cache.
-    """
-
-    def __init__(self, max_entries: int = 64, name: str = "module", enabled: bool = True):
-        if max_entries < 1:
-            raise ValueError("max_entries must be >= 1")
-        self.max_entries = int(max_entries)
-        self.name = name
-        self.enabled = enabled
-        self.entries: OrderedDict[str, list] = OrderedDict()  # key -> [output, hits]
-        self.evals = 0
-        self.hits = 0
-        self.uncacheable = 0
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def call(self, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """Run ``forward(*args, **kwargs)`` or return the cached output for identical inputs."""
-        if not self.enabled:  # counting only
-            self.evals += 1
-            return forward(*args, **kwargs)
-        try:
-            key = input_key(args, kwargs)
-        except _Uncacheable:
-            self.uncacheable += 1
-            self.evals += 1
-            return forward(*args, **kwargs)
-        entry = self.entries.get(key)
-        if entry is not None:
-            entry[1] += 1
-            self.entries.move_to_end(key)
-            self.hits += 1
-            return _clone(entry[0])
-        out = forward(*args, **kwargs)
-        self.evals += 1
-        self._insert(key, _clone(out))
-        return out
-
-    def _insert(self, key: str, out: Any) -> None:
-        while len(self.entries) >= self.max_entries:
-            victim = next((k for k, e in self.entries.items() if e[1] == 0), None)
-            if victim is None:
-                victim = next(iter(self.entries))
-            del self.entries[victim]
-        self.entries[key] = [out, 0]
-
-    @contextlib.contextmanager
-    def attach(self, module: torch.nn.Module) -> Iterator["ForwardCache"]:
-        """Route ``module``'s forward through the cache inside the ``with`` block (restored afterwards)."""
-        had = "forward" in module.__dict__
-        previous = module.__dict__.get("forward")
-        inner = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return self.call(inner, args, kwargs)
-
-        forward.__wrapped__ = inner  # keeps inspect.signature(module.forward) truthful
-        module.forward = forward
-        try:
-            yield self
-        finally:
-            if had:
-                module.forward = previous
-            else:
-                del module.forward
 
 
 # ============================================================================================== search space
@@ -254,29 +102,6 @@ def grid_candidates(parametrization: str, steps: int, grid_range: Sequence[float
 # ============================================================================================== generation
 
 
-def _denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
-    try:
-        from qsched.pipelines import denoiser_of
-    except ImportError:  # pragma: no cover - core-sched's module
-        denoiser_of = None
-    if denoiser_of is not None:
-        return denoiser_of(pipe)
-    for name in ("unet", "transformer"):
-        m = getattr(pipe, name, None)
-        if isinstance(m, torch.nn.Module):
-            return name, m
-    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
-
-
-def _text_encoders(pipe: Any) -> list[torch.nn.Module]:
-    out = []
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-        m = getattr(pipe, name, None)
-        if isinstance(m, torch.nn.Module):
-            out.append(m)
-    return out
-
-
 @torch.no_grad()
 def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
     """A short hash of a module's parameters and buffers (names, shapes, dtypes and up to ``per_tensor`` evenly
@@ -290,47 +115,17 @@ def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
-def _quant_spec(pipe: Any) -> str | None:
-    from qsched.quantization import quant_spec_of
-
-    return quant_spec_of(pipe)
-
-
-@torch.no_grad()
-def generate_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int, *,
-                    guidance_scale: float | None = None, call_kwargs: dict[str, Any] | None = None,
-                    batch_size: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """Generate one image per (seed, prompt) with per-image generators; returns ((N, C, H, W) in [0, 1], prompts).
-
-    Images are ordered seed-major (all prompts for ``seeds[0]``, then ``seeds[1]``...). The initial noise and any
-    sampler noise of image ``i`` come from ``torch.Generator("cpu").manual_seed(image_seed(seed, i))``, so they
-    are identical across calls and independent of ``batch_size``.
-    """
-    prompts = list(prompts)
-    bs = len(prompts) if not batch_size else int(batch_size)
-    kw: dict[str, Any] = {"output_type": "pt", **(call_kwargs or {})}
-    if guidance_scale is not None:
-        kw["guidance_scale"] = float(guidance_scale)
-    kw["num_inference_steps"] = int(steps)
-    images: list[torch.Tensor] = []
-    rep: list[str] = []
-    for seed in seeds:
-        for start in range(0, len(prompts), bs):
-            chunk = prompts[start : start + bs]
-            gens = [torch.Generator("cpu").manual_seed(image_seed(seed, start + j)) for j in range(len(chunk))]
-            out = pipe(prompt=chunk, generator=gens, **kw)
-            imgs = out.images if hasattr(out, "images") else out[0]
-            images.append(to_tensor(imgs).cpu())
-            rep += chunk
-    return torch.cat(images), rep
-
-
 # ============================================================================================== result
 
 
 @dataclass
 class CalibrationResult:
-    """Outcome of :func:`calibrate` (all JSON-able except the base scheduler used by :meth:`save`)."""
+    """Outcome of :func:`calibrate` (all JSON-able except the base scheduler used by :meth:`save`).
+
+    ``schedule`` is the schedule to use: the validated winner, or the identity when do-no-harm kept the original
+    sampler (``decision`` "qsched" / "identity" / "not-validated"; ``verdict`` says it in one sentence).
+    ``best`` / ``naive`` are the search's best trial and the identity trial on the search prompts.
+    """
 
     schedule: Schedule
     best: dict[str, Any]
@@ -356,12 +151,25 @@ class CalibrationResult:
     study_name: str | None = None
     storage: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
+    decision: str = "not-validated"
+    verdict: str = ""
+    chosen: str | None = None
+    validation: dict[str, Any] | None = None
+    searches: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    resumed: bool = False
     base_scheduler: Any = field(default=None, repr=False, compare=False)
 
     @property
     def improvement(self) -> float | None:
-        """Best JAQ minus the naive (identity schedule) JAQ."""
+        """Best JAQ minus the naive (identity schedule) JAQ on the search prompts."""
         return None if self.naive is None else self.best["jaq"] - self.naive["jaq"]
+
+    @property
+    def validation_gain(self) -> dict[str, Any] | None:
+        """The chosen candidate's validation gain (mean, ci_low, ci_high, n, confidence), or None."""
+        c = _candidate(self.validation, self.validation.get("best_candidate")) if self.validation else None
+        return None if c is None else c["gain"]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (the schedule as its dict)."""
@@ -380,16 +188,19 @@ class CalibrationResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``calibration.json``, a ``scheduler/`` directory (QSchedScheduler.from_pretrained loads it) and
-        merge the schedule into ``schedules.json``. Returns the directory."""
+        merge the schedule into ``schedules.json``, each atomically. Returns the directory."""
+        from qsched._util import write_atomic
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "calibration.json").write_text(json.dumps(self.to_dict(), indent=2))
         if self.base_scheduler is not None:
             from qsched.scheduler import QSchedScheduler
 
             QSchedScheduler.from_scheduler(self.base_scheduler, self.schedule).save_pretrained(str(d / "scheduler"))
         save_schedule(d, self.quant_spec, self.schedule, self.model, self.steps,
-                      extra={"jaq": self.best.get("jaq"), "naive_jaq": (self.naive or {}).get("jaq")})
+                      extra={"jaq": self.best.get("jaq"), "naive_jaq": (self.naive or {}).get("jaq"),
+                             "decision": self.decision})
+        write_atomic(d / "calibration.json", json.dumps(self.to_dict(), indent=2))
         return d
 
     @classmethod
@@ -399,76 +210,15 @@ class CalibrationResult:
         f = d / "calibration.json" if d.is_dir() else d
         if not f.exists():
             raise FileNotFoundError(f"no calibration.json in {d}")
-        res = cls.from_dict(json.loads(f.read_text()))
+        try:
+            res = cls.from_dict(json.loads(f.read_text(encoding="utf-8")))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f} is not a readable qsched calibration result ({type(e).__name__}: {e})") from None
         if (f.parent / "scheduler").is_dir():
             from qsched.scheduler import QSchedScheduler
 
             res.base_scheduler = QSchedScheduler.from_pretrained(str(f.parent / "scheduler")).base_scheduler
         return res
-
-
-# ============================================================================================== schedules.json
-
-
-def _schedules_path(path: str | os.PathLike) -> Path:
-    p = Path(path)
-    return p / SCHEDULES_FILE if p.is_dir() or not p.suffix else p
-
-
-def read_schedules(path_or_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read a ``schedules.json`` (or the one inside a directory)."""
-    p = _schedules_path(path_or_dir)
-    if not p.exists():
-        raise FileNotFoundError(f"no schedule file at {p}")
-    data = json.loads(p.read_text())
-    if not isinstance(data, dict) or not isinstance(data.get("schedules"), dict):
-        raise ValueError(f"{p} is not a qsched schedules file (no 'schedules' mapping)")
-    return data
-
-
-def save_schedule(path: str | os.PathLike, spec: str | None, schedule: Schedule, model: str | None, steps: int,
-                  extra: dict[str, Any] | None = None) -> Path:
-    """Merge ``schedule`` for quantization ``spec`` (None = full precision, stored as "none") into a
-    ``schedules.json`` (a file path, or a directory that gets ``schedules.json``). Other specs are kept; the
-    same spec is replaced. A file for another model is refused (ValueError)."""
-    p = _schedules_path(path)
-    if int(steps) != schedule.steps:
-        raise ValueError(f"schedule has {schedule.steps} steps, not {steps}")
-    data: dict[str, Any] = {"format": SCHEDULES_FORMAT, "model": model, "schedules": {}}
-    if p.exists():
-        data = read_schedules(p)
-        if model is not None and data.get("model") not in (None, model):
-            raise ValueError(f"{p} holds schedules for model {data.get('model')!r}, not {model!r}")
-        data["model"] = data.get("model") or model
-    entry = {"steps": int(steps), "schedule": schedule.to_dict()}
-    entry.update(extra or {})
-    data["schedules"][spec or FP_SPEC] = entry
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, p)
-    return p
-
-
-def load_schedule(path_or_dir: str | os.PathLike, pipe: Any = None, *, spec: str | None = None,
-                  steps: int | None = None) -> Schedule:
-    """Pick the schedule matching ``quant_spec_of(pipe)`` (or ``spec``) from a ``schedules.json``.
-
-    Raises ValueError listing the available specs when there is none for this one, or when ``steps`` is given
-    and differs from the stored schedule's.
-    """
-    data = read_schedules(path_or_dir)
-    if spec is None:
-        spec = (_quant_spec(pipe) if pipe is not None else None) or FP_SPEC
-    table = data["schedules"]
-    if spec not in table:
-        have = ", ".join(f"{k} ({v.get('steps')} steps)" for k, v in table.items()) or "nothing"
-        raise ValueError(f"no schedule for quantization spec {spec!r} in {_schedules_path(path_or_dir)}; "
-                         f"it holds: {have}")
-    sched = Schedule.from_dict(table[spec]["schedule"])
-    if steps is not None and sched.steps != int(steps):
-        raise ValueError(f"the {spec!r} schedule has {sched.steps} steps, but {steps} were asked for")
-    return sched
 
 
 # ============================================================================================== calibrate
@@ -482,54 +232,40 @@ def _model_name(pipe: Any) -> str | None:
     return str(name) if name else type(pipe).__name__
 
 
-def _make_sampler(strategy: str, sampler: str, space: dict[str, list[float]], seed: int) -> Any:
+def _sampler_factory(sampler: str) -> Callable[[int], Any]:
     import optuna
 
-    if strategy == "grid":
-        return optuna.samplers.GridSampler(space, seed=seed)
     if sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return lambda seed: optuna.samplers.TPESampler(seed=seed)
     if sampler == "cmaes":
         try:
             import cmaes  # noqa: F401
         except ImportError as e:
             raise ImportError("the CMA-ES sampler needs the cmaes package: pip install cmaes") from e
-        x0 = {n: 1.0 for n in space}
-        return optuna.samplers.CmaEsSampler(x0=x0, sigma0=0.1, seed=seed, warn_independent_sampling=False)
+        return lambda seed: optuna.samplers.CmaEsSampler(sigma0=0.1, seed=seed, warn_independent_sampling=False)
     raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
-def _storage(storage: str | Any | None, out_dir: Path | None) -> Any:
-    import optuna
-
-    if storage is None:
-        if out_dir is None:
-            return optuna.storages.InMemoryStorage()
-        storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
-    if isinstance(storage, str):
-        if storage.startswith(("sqlite:", "postgresql", "mysql", "oracle", "mssql")):
-            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they fail dead workers' trials
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(storage, heartbeat_interval=30, grace_period=120)
-        return storage  # journal files etc.: let optuna parse it
-    return storage
+def auto_plan(steps: int, n_trials: int) -> list[tuple[str, int]]:
+    """The parametrizations ``"auto"`` searches for ``steps`` and how many trials each gets out of ``n_trials``
+    (spaces that coincide at small T are searched once: T = 1 all are linear; T = 2 ramp = per-step)."""
+    kinds = ["linear"] if steps == 1 else (["linear", "per-step"] if steps == 2 else ["linear", "ramp", "per-step"])
+    weights = {"linear": 0.3, "ramp": 0.3, "per-step": 0.4}
+    total = sum(weights[k] for k in kinds)
+    shares = [max(2, int(round(n_trials * weights[k] / total))) for k in kinds]
+    shares[-1] = max(2, n_trials - sum(shares[:-1]))
+    return list(zip(kinds, shares))
 
 
-def _redact(url: Any) -> str | None:
-    if url is None:
-        return None
-    s = str(url) if isinstance(url, str) else type(url).__name__
-    if "@" in s and "://" in s:
-        scheme, rest = s.split("://", 1)
-        s = f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return s
+def _shrunk(s: Schedule, lam: float) -> Schedule:
+    """``s`` moved a fraction ``lam`` of the way from the identity (lam = 1: s itself)."""
+    return Schedule.per_step([1 + lam * (c - 1) for c in s.model_coeff], [1 + lam * (c - 1) for c in s.sample_coeff])
 
 
-def _trial_record(t: Any) -> dict[str, Any]:
-    ua = t.user_attrs
-    return {"number": t.number, "params": dict(t.params), "jaq": t.value, "tc": ua.get("tc"), "iq": ua.get("iq"),
-            "n_invalid": ua.get("n_invalid"), "state": t.state.name, "role": ua.get("role", "search"),
-            "model_evals": ua.get("model_evals"), "cache_hits": ua.get("cache_hits")}
+def _hardware() -> dict[str, Any]:
+    import platform
+
+    return {"threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__}
 
 
 def calibrate(
@@ -537,9 +273,13 @@ def calibrate(
     prompts: Sequence[str],
     steps: int | None = None,
     *,
+    validation_prompts: Sequence[str] | None = None,
+    validation_seeds: Sequence[int] = (1,),
+    do_no_harm: bool = True,
+    confidence: float = 0.95,
     jaq: JAQ | None = None,
     k: float = 2.0,
-    parametrization: str = "linear",
+    parametrization: str = "auto",
     strategy: str = "optuna",
     n_trials: int | None = None,
     sampler: str = "tpe",
@@ -557,35 +297,40 @@ def calibrate(
     sampler_seed: int = 0,
     cache: bool = True,
 ) -> CalibrationResult:
-    """Search Q-Sched coefficients for ``pipe`` (already quantized) maximising JAQ on ``prompts``.
+    """Search Q-Sched coefficients for ``pipe`` (already quantized) maximising JAQ on ``prompts``, then validate.
 
     Args:
         pipe: the quantized pipeline; it is the only model run. Its scheduler is restored afterwards.
-        prompts: calibration prompts (disjoint from evaluation prompts).
+        prompts: search prompts (disjoint from evaluation prompts).
         steps: denoising steps (default: the model table's, else 4).
+        validation_prompts: prompts to validate the chosen schedule on (disjoint from ``prompts``). None: the
+            last third of ``prompts`` when there are at least 6 (the search uses the rest), else no validation.
+        validation_seeds: seeds of the validation images (default (1,): other noise than the search's).
+        do_no_harm: keep the identity schedule unless the validation gain's interval is above zero.
+        confidence: confidence level of the validation interval (widened for the number of candidates).
         jaq: the score (default ``make_jaq("testbed", k=k)``); selection is the argmax of JAQ itself.
-        parametrization: "linear" (2 params, the paper), "ramp" (4) or "per-step" (2T).
+        parametrization: "auto" (linear, ramp and per-step within one budget, picked by validation), "linear"
+            (2 params, the paper), "ramp" (4) or "per-step" (2T).
         strategy: "optuna" (``sampler`` "tpe" or "cmaes", ``n_trials`` default 40) or "grid" (``grid_points``
             per axis over ``grid_range``; ``n_trials`` defaults to the whole grid plus the identity trial).
-        seeds: one image per (seed, prompt); identical noise for every candidate.
+        seeds: one search image per (seed, prompt); identical noise for every candidate.
         storage / study_name: Optuna storage (URL or object; default SQLite ``out_dir/study.db``, in memory
             without ``out_dir``) and study name; the same call resumes the study.
         out_dir: where the result, ``scheduler/`` and ``schedules.json`` are written (nothing when None).
         call_kwargs: extra pipeline call arguments (e.g. height/width).
         cache: memoise the denoiser and text-encoder forwards (identical results; False only counts them).
-        n_trials counts completed trials in the study, the identity trial included.
-
-    Returns:
-        A :class:`CalibrationResult`.
+        n_trials counts completed trials in the study (with "auto": over all parametrizations), the identity
+        trial included.
     """
-    import optuna
-
     t0 = time.perf_counter()
-    kind = _check_parametrization(parametrization)
+    if parametrization != "auto":
+        parametrization = _check_parametrization(parametrization)
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not (0.5 <= float(confidence) < 1):
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
     lo, hi = _check_range(grid_range)
     prompts = [str(p) for p in prompts]
     if not prompts or any(not p.strip() for p in prompts):
@@ -593,29 +338,45 @@ def calibrate(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("calibrate needs at least one seed")
+    notes: list[str] = []
+    if validation_prompts is None and len(prompts) >= 6:
+        n_val = len(prompts) // 3
+        prompts, validation_prompts = prompts[:-n_val], prompts[-n_val:]
+        notes.append(f"validating on the last {n_val} of the given prompts; searching on the other {len(prompts)}")
+    val_prompts = [str(p) for p in validation_prompts] if validation_prompts is not None else []
+    if validation_prompts is not None and (len(val_prompts) < 2 or any(not p.strip() for p in val_prompts)):
+        raise ValueError("validation needs at least 2 non-empty prompts")
+    if set(val_prompts) & set(prompts):
+        raise ValueError("validation prompts must be disjoint from the search prompts")
+    if not val_prompts:
+        notes.append("not validated: fewer than 6 prompts and no validation prompts given")
     model = model_name or _model_name(pipe)
     if steps is None:
-        from qsched.pipelines import default_steps
+        from qsched.pipelines import resolve_model
 
-        steps = default_steps(model_name)
+        steps = resolve_model(model_name).steps if model_name else 4
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    space = search_space(kind, steps, (lo, hi), grid_points)
-    names = list(space)
-    grid_size = int(grid_points) ** len(names)
-    if strategy == "grid" and grid_size > MAX_GRID:
-        raise ValueError(f"a {kind} grid with {grid_points} points per axis has {grid_size:,} candidates "
+    kinds = [parametrization] if parametrization != "auto" else [k_ for k_, _ in auto_plan(steps, 40)]
+    spaces = {kind: search_space(kind, steps, (lo, hi), grid_points) for kind in kinds}
+    grid_sizes = {kind: int(grid_points) ** len(sp) for kind, sp in spaces.items()}
+    if strategy == "grid" and max(grid_sizes.values()) > MAX_GRID:
+        raise ValueError(f"a grid with {grid_points} points per axis has {max(grid_sizes.values()):,} candidates "
                          f"(more than {MAX_GRID:,}); use fewer grid points or strategy='optuna'")
-    if n_trials is None:
-        n_trials = 1 + grid_size if strategy == "grid" else 40
-    if int(n_trials) < 1:
+    if n_trials is not None and int(n_trials) < 1:
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
-    n_trials = int(n_trials)
+    if parametrization == "auto":
+        plan = auto_plan(steps, int(n_trials) if n_trials is not None else 40)
+        if strategy == "grid":
+            plan = [(kind, 1 + grid_sizes[kind]) for kind, _ in plan]
+    else:
+        plan = [(parametrization, int(n_trials) if n_trials is not None else
+                 (1 + grid_sizes[parametrization] if strategy == "grid" else 40))]
     if jaq is None:
         from qsched.scoring import make_jaq
 
         jaq = make_jaq("testbed", k=k)
-    spec = _quant_spec(pipe)
+    spec = quant_spec_of(pipe)
     if spec is None:
         warnings.warn("calibrate: the pipeline is not quantized (full-precision tuning)", UserWarning, stacklevel=2)
 
@@ -628,154 +389,201 @@ def calibrate(
         if not os.access(out, os.W_OK):
             raise ValueError(f"output directory {out} is not writable")
 
-    name_d, denoiser = _denoiser(pipe)
-    config = {"model": model, "quant_spec": spec, "denoiser_weights": weights_fingerprint(denoiser), "steps": steps,
-              "parametrization": kind, "strategy": strategy, "grid_range": [lo, hi], "seeds": seeds,
-              "k": float(jaq.k), "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest()}
-    if strategy == "grid":
-        config["grid_points"] = int(grid_points)
-    study_name = study_name or f"qsched-{kind}-{strategy}-{steps}steps"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = _storage(storage, out)
-    sampler_obj = _make_sampler(strategy, sampler, space, sampler_seed)
-    study = optuna.create_study(study_name=study_name, storage=store, sampler=sampler_obj, direction="maximize",
-                                load_if_exists=True)
-    old = study.user_attrs.get("qsched_config")
-    if old is None:
-        study.set_user_attr("qsched_config", config)
-    elif old != config:
-        diff = {key: (old.get(key), config.get(key))
-                for key in sorted(set(old) | set(config)) if old.get(key) != config.get(key)}
-        raise ValueError(f"study {study_name!r} in this storage was created with other settings {diff}; "
-                         "use another study name or output directory")
-    identity_params = {n: 1.0 for n in names}
-    # a RUNNING identity trial may be one a killed run left behind: enqueue another (a duplicate is harmless)
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING)
-    if strategy != "grid" and not any(t.user_attrs.get("role") == ROLE_IDENTITY
-                                      for t in study.get_trials(deepcopy=False, states=live)):
-        study.enqueue_trial(identity_params, user_attrs={"role": ROLE_IDENTITY})
+    from qsched import search
 
-    encoders = _text_encoders(pipe)
-    n_calls = len(seeds) * math.ceil(len(prompts) / (batch_size or len(prompts)))
+    name_d, denoiser = denoiser_of(pipe)
+    base_config = {"model": model, "quant_spec": spec, "denoiser_weights": weights_fingerprint(denoiser),
+                   "steps": steps, "strategy": strategy, "grid_range": [lo, hi], "seeds": seeds, "k": float(jaq.k),
+                   "prompts_sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(),
+                   "sampler_seed": int(sampler_seed), **_hardware()}
+    if strategy == "grid":
+        base_config["grid_points"] = int(grid_points)
+
+    encoders = text_encoders_of(pipe)
+    n_calls = (len(seeds) + len(validation_seeds)) * math.ceil(max(len(prompts), len(val_prompts) or 1)
+                                                              / (batch_size or max(len(prompts), 1)))
     dcache = ForwardCache(max_entries=n_calls * (steps + 2) + 8, name=name_d, enabled=cache)
     tcache = ForwardCache(max_entries=4 * n_calls + 8, name="text_encoder", enabled=cache)
-    base_scheduler = pipe.scheduler
-    from qsched.scheduler import QSchedScheduler, apply_schedule
+    from qsched.scheduler import QSchedScheduler
 
-    base_unwrapped = base_scheduler.base_scheduler if isinstance(base_scheduler, QSchedScheduler) else base_scheduler
+    base_unwrapped = pipe.scheduler.base_scheduler if isinstance(pipe.scheduler, QSchedScheduler) else pipe.scheduler
+    call = {**(call_kwargs or {}), **({} if guidance_scale is None else {"guidance_scale": float(guidance_scale)})}
+    memo: dict[tuple, tuple[float, dict[str, Any]]] = {}
 
-    def run_schedule(schedule: Schedule) -> JAQScore:
-        apply_schedule(pipe, schedule)
-        images, rep = generate_images(pipe, prompts, seeds, steps, guidance_scale=guidance_scale,
-                                      call_kwargs=call_kwargs, batch_size=batch_size)
+    def run_schedule(schedule: Schedule, ps: list[str], ss: Sequence[int]) -> JAQScore:
+        with using_schedule(pipe, schedule):
+            images = torch.cat([generate(pipe, ps, steps, seed=s, batch_size=batch_size, call_kwargs=call)
+                                for s in ss])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # invalid images are counted in the score
-            return jaq.score(images, rep)
+            return jaq.score(images, ps * len(ss))
 
-    def score_params(params: dict[str, float]) -> tuple[float, dict[str, Any]]:
-        e0, h0 = dcache.evals, dcache.hits
-        s = run_schedule(Schedule.from_params(kind, params, steps))
-        return s.jaq, {"tc": s.tc, "iq": s.iq, "n_invalid": s.n_invalid, "model_evals": dcache.evals - e0,
-                       "cache_hits": dcache.hits - h0,
-                       "per_prompt_jaq": {p: v["jaq"] for p, v in s.per_prompt.items()}}
+    def make_score(kind: str) -> Callable[[dict[str, float]], tuple[float, dict[str, Any]]]:
+        def score_params(params: dict[str, float]) -> tuple[float, dict[str, Any]]:
+            sched = Schedule.from_params(kind, params, steps)
+            key = (tuple(round(c, 12) for c in sched.model_coeff), tuple(round(c, 12) for c in sched.sample_coeff))
+            if key in memo:  # the same coefficients under another parametrization (e.g. the identity)
+                return memo[key][0], {**memo[key][1], "model_evals": 0, "cache_hits": 0}
+            e0, h0 = dcache.evals, dcache.hits
+            s = run_schedule(sched, prompts, seeds)
+            attrs = {"tc": s.tc, "iq": s.iq, "n_invalid": s.n_invalid, "model_evals": dcache.evals - e0,
+                     "cache_hits": dcache.hits - h0, "per_prompt_jaq": {p: v["jaq"] for p, v in s.per_prompt.items()}}
+            memo[key] = (s.jaq, attrs)
+            return s.jaq, attrs
+        return score_params
 
-    def objective(trial: Any) -> float:
-        value, attrs = score_params({n: trial.suggest_float(n, lo, hi) for n in names})
-        for key, v in attrs.items():
-            trial.set_user_attr(key, v)
-        return value
-
-    def n_complete() -> int:
-        return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-
-    remaining = n_trials - n_complete()
+    searches: dict[str, Any] = {}
+    studies: dict[str, Any] = {}
+    resumed = False
     with contextlib.ExitStack() as stack:
-        stack.callback(setattr, pipe, "scheduler", base_scheduler)
         stack.enter_context(dcache.attach(denoiser))
         for enc in encoders:
             stack.enter_context(tcache.attach(enc))
-        if remaining > 0 and strategy == "grid":
-            bar = stack.enter_context(_Progress(n_trials, n_complete(), study)) if progress else None
-            _enumerate_grid(study, grid_candidates(kind, steps, (lo, hi), grid_points), score_params,
-                            remaining, (lo, hi), sampler_seed, bar)
-        elif remaining > 0:
-            done_states = (optuna.trial.TrialState.COMPLETE,)
-            callbacks: list[Any] = [optuna.study.MaxTrialsCallback(n_trials, states=done_states)]
-            if progress:
-                callbacks.append(stack.enter_context(_Progress(n_trials, n_complete(), study)))
-            study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=())
+        # ------------------------------------------------------------ search, one study per parametrization
+        for kind, budget in plan:
+            names = list(spaces[kind])
+            name = (study_name if len(plan) == 1 else f"{study_name}-{kind}") if study_name else \
+                f"qsched-{kind}-{strategy}-{steps}steps"
+            study = search.open_study(name, storage, out, {**base_config, "parametrization": kind})
+            study.sampler = search.per_trial_seed_sampler(_sampler_factory(sampler), sampler_seed)
+            before = search.n_complete(study)
+            resumed = resumed or before > 0
+            if before > budget:
+                notes.append(f"the stored {kind} study already holds {before} completed trials (more than the "
+                             f"{budget} asked); all of them are used")
+            bar = stack.enter_context(_Progress(budget, before, study, kind)) if progress and before < budget \
+                else None
+            if strategy == "grid":
+                search.enumerate_grid(study, grid_candidates(kind, steps, (lo, hi), grid_points), make_score(kind),
+                                      budget - before, (lo, hi), sampler_seed, bar)
+            else:
+                search.run_trials(study, names, (lo, hi), make_score(kind), budget, bar)
+            studies[kind] = study
+            complete = study.get_trials(deepcopy=False, states=(_complete(),))
+            if not complete:
+                raise RuntimeError(f"study {name!r} has no completed trial")
+            best_t = max(complete, key=lambda t: (t.value, -t.number))
+            ident = [t for t in complete if t.user_attrs.get("role") == search.ROLE_IDENTITY]
+            searches[kind] = {"study": name, "trials": len(complete), "trials_before": before,
+                              "best": {"jaq": best_t.value, "tc": best_t.user_attrs.get("tc"),
+                                       "iq": best_t.user_attrs.get("iq"), "n_invalid": best_t.user_attrs.get("n_invalid"),
+                                       "trial": best_t.number, "params": dict(best_t.params)},
+                              "naive": None if not ident else {
+                                  "jaq": ident[0].value, "tc": ident[0].user_attrs.get("tc"),
+                                  "iq": ident[0].user_attrs.get("iq"), "n_invalid": ident[0].user_attrs.get("n_invalid"),
+                                  "trial": ident[0].number},
+                              "schedule": Schedule.from_params(kind, dict(best_t.params), steps).to_dict()}
+        # ------------------------------------------------------------ validation and the do-no-harm decision
+        cands: dict[str, Schedule] = {}
+        for kind in searches:
+            sched = Schedule.from_dict(searches[kind]["schedule"])
+            if not sched.is_identity:
+                cands[kind] = sched
+                if kind == "per-step":
+                    cands["per-step-shrunk"] = _shrunk(sched, 0.5)
+        top = max(searches, key=lambda kd: (searches[kd]["best"]["jaq"], -kinds.index(kd)))
+        validation = None
+        chosen, schedule, decision = top, Schedule.from_dict(searches[top]["schedule"]), "not-validated"
+        if val_prompts:
+            validation = _validate(run_schedule, cands, val_prompts, list(validation_seeds), steps, confidence)
+            best_c = validation["best_candidate"]
+            if best_c is not None and _candidate(validation, best_c)["gain"]["ci_low"] > 0:
+                chosen, schedule, decision = best_c, cands[best_c], "qsched"
+            elif do_no_harm:
+                chosen, schedule, decision = None, Schedule.identity(steps), "identity"
+            else:
+                chosen = best_c or top
+                schedule, decision = (cands[chosen] if chosen in cands else schedule), "unreliable"
+        elif not cands:
+            chosen, schedule, decision = None, Schedule.identity(steps), "identity"
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
-        raise RuntimeError(f"study {study_name!r} has no completed trial")
-    best_t = max(complete, key=lambda t: (t.value, -t.number))
-    best_schedule = Schedule.from_params(kind, {n: best_t.params[n] for n in names}, steps)
-    ident = [t for t in complete if t.user_attrs.get("role") == ROLE_IDENTITY]
-    naive = None
-    if ident:
-        t = ident[0]
-        naive = {"jaq": t.value, "tc": t.user_attrs.get("tc"), "iq": t.user_attrs.get("iq"),
-                 "n_invalid": t.user_attrs.get("n_invalid"), "trial": t.number}
-    if naive is not None and best_t.user_attrs.get("role") == ROLE_IDENTITY:
-        best_schedule = Schedule.identity(steps)
-    best = {"jaq": best_t.value, "tc": best_t.user_attrs.get("tc"), "iq": best_t.user_attrs.get("iq"),
-            "n_invalid": best_t.user_attrs.get("n_invalid"), "trial": best_t.number, "params": dict(best_t.params)}
+    top_s = searches[top]
+    trials = [dict(search.trial_record(t), parametrization=kd) for kd, st in studies.items()
+              for t in st.get_trials(deepcopy=False)]
     result = CalibrationResult(
-        schedule=best_schedule, best=best, naive=naive,
-        trials=[_trial_record(t) for t in study.get_trials(deepcopy=False)],
-        prompts=prompts, seeds=seeds, model=model, quant_spec=spec, steps=steps, parametrization=kind,
+        schedule=schedule, best=top_s["best"], naive=top_s["naive"], trials=trials,
+        prompts=prompts, seeds=seeds, model=model, quant_spec=spec, steps=steps, parametrization=parametrization,
         strategy=strategy, sampler=None if strategy == "grid" else sampler, k=float(jaq.k), grid_range=[lo, hi],
         guidance_scale=guidance_scale, model_evals=dcache.evals, cache_hits=dcache.hits,
         text_encoder_evals=tcache.evals, text_encoder_hits=tcache.hits,
-        n_images=len(prompts) * len(seeds), wall_time_s=time.perf_counter() - t0, study_name=study_name,
-        storage=_redact(storage if storage is not None else (f"sqlite:///{out / 'study.db'}" if out else "memory")),
-        versions=package_versions(), base_scheduler=base_unwrapped,
+        n_images=len(prompts) * len(seeds), wall_time_s=time.perf_counter() - t0, study_name=top_s["study"],
+        storage=search.redact(storage if storage is not None else (f"sqlite:///{out / 'study.db'}" if out else "memory")),
+        versions=package_versions(), decision=decision, chosen=chosen, validation=validation, searches=searches,
+        notes=notes, resumed=resumed, base_scheduler=base_unwrapped,
     )
+    result.verdict = verdict(result, out)
     if out is not None:
         result.save(out)
     return result
 
 
-def _enumerate_grid(study: Any, candidates: list[dict[str, float]], score: Callable[[dict[str, float]], tuple],
-                    budget: int, bounds: tuple[float, float], seed: int, progress: Any = None) -> None:
-    """Evaluate grid candidates not yet in ``study`` (the identity trial first), in a seeded random order.
+def _complete() -> Any:
+    from optuna.trial import TrialState
 
-    The grid is an enumeration, not a search: Optuna's GridSampler re-reads every trial before each new one
-    (quadratic; ~1 s per trial at 600 trials here, with any storage), so the points are scored directly and
-    each is stored as a finished trial with ``study.add_trial`` (constant cost, durable, resumable).
-    """
-    import optuna
+    return TrialState.COMPLETE
 
-    def key(params: dict[str, float]) -> tuple:
-        return tuple(sorted((k, round(v, 12)) for k, v in params.items()))
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    seen = {key(t.params) for t in complete}
-    has_identity = any(t.user_attrs.get("role") == ROLE_IDENTITY for t in complete)
-    names = list(candidates[0]) if candidates else []
-    order = [candidates[i] for i in np.random.default_rng(seed).permutation(len(candidates))]
-    todo: list[tuple[dict[str, float], dict[str, Any]]] = [] if has_identity else [
-        ({n: 1.0 for n in names}, {"role": ROLE_IDENTITY})]
-    todo += [(c, {}) for c in order if key(c) not in seen]
-    dists = {n: optuna.distributions.FloatDistribution(*bounds) for n in names}
-    for params, extra in todo[:budget]:
-        value, attrs = score(params)
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value,
-                                                  user_attrs={**attrs, **extra}))
-        if progress is not None:
-            progress(study, None)
+def _validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], prompts: list[str],
+              seeds: list[int], steps: int, confidence: float) -> dict[str, Any]:
+    """Score the identity and every candidate on the validation prompts/seeds; paired gains with intervals
+    widened (Bonferroni) for the number of candidates."""
+    from qsched.validation import paired_gain, per_prompt_means
+
+    def per_prompt(s: JAQScore) -> np.ndarray:
+        return per_prompt_means(np.asarray(s.tc_per_image) + s.k * np.asarray(s.iq_per_image), len(prompts))
+
+    ident = run_schedule(Schedule.identity(steps), prompts, seeds)
+    base = per_prompt(ident)
+    level = 1 - (1 - confidence) / max(1, len(cands))
+    rows = []
+    for name, sched in cands.items():
+        sc = run_schedule(sched, prompts, seeds)
+        gain = paired_gain(per_prompt(sc), base, confidence=level)
+        rows.append({"name": name, "schedule": sched.to_dict(), "jaq": sc.jaq, "tc": sc.tc, "iq": sc.iq,
+                     "gain": gain.to_dict()})
+    best = max(rows, key=lambda r: r["gain"]["mean"])["name"] if rows else None
+    return {"prompts": prompts, "seeds": seeds, "confidence": confidence, "interval_level": level,
+            "identity": {"jaq": ident.jaq, "tc": ident.tc, "iq": ident.iq}, "candidates": rows,
+            "best_candidate": best}
+
+
+def _candidate(validation: dict[str, Any], name: str | None) -> dict[str, Any] | None:
+    return next((c for c in validation["candidates"] if c["name"] == name), None)
+
+
+def verdict(res: CalibrationResult, out: Path | None = None) -> str:
+    """The result in one plain sentence."""
+    where = f"; schedule saved to {out}" if out is not None else ""
+    v = res.validation
+    if v is None:
+        if res.decision == "identity":
+            return f"no schedule beat the original on the search prompts: kept the original schedule{where}"
+        return (f"Q-Sched improves JAQ on {len(res.prompts)} search prompts by {res.improvement:+.2f} "
+                f"(not validated on other prompts){where}")
+    n = len(v["prompts"])
+    best = _candidate(v, v["best_candidate"])
+    if res.decision == "qsched":
+        g = best["gain"]
+        return (f"Q-Sched ({res.chosen}) improves JAQ on {n} validation prompts by {g['mean']:+.2f} "
+                f"({100 * v['confidence']:.0f}% CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}){where}")
+    if best is None:
+        return f"no candidate differs from the original schedule: kept the original schedule{where}"
+    g = best["gain"]
+    kept = "kept the original schedule" if res.decision == "identity" else f"kept {res.chosen} anyway (do_no_harm off)"
+    return (f"no reliable gain on {n} validation prompts (best: {v['best_candidate']} {g['mean']:+.2f}, "
+            f"CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}): {kept}{where}")
 
 
 class _Progress:
     """A rich progress bar over trials showing the best JAQ so far (an Optuna callback)."""
 
-    def __init__(self, total: int, done: int, study: Any):
-        self.total, self.done, self.study = total, done, study
+    def __init__(self, total: int, done: int, study: Any, label: str = "calibrate"):
+        self.total, self.done, self.study, self.label = total, done, study, label
 
     def __enter__(self) -> "_Progress":
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("[bold]calibrate[/]"), BarColumn(), MofNCompleteColumn(),
+        self.bar = Progress(TextColumn(f"[bold]{self.label:>9}[/]"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.description}"), TimeElapsedColumn())
         self.bar.start()
         self.task = self.bar.add_task(self._desc(), total=self.total, completed=self.done)
@@ -788,7 +596,9 @@ class _Progress:
             return "best JAQ -"
 
     def __call__(self, study: Any, trial: Any) -> None:
-        self.bar.update(self.task, advance=1, description=self._desc())
+        from qsched.search import n_complete
+
+        self.bar.update(self.task, completed=min(self.total, n_complete(study)), description=self._desc())
 
     def __exit__(self, *exc: Any) -> None:
         self.bar.stop()

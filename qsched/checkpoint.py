@@ -141,9 +141,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def _resolve(pipe_or_module: Any) -> tuple[str | None, torch.nn.Module]:
-    from qsched.quantization import _resolve_denoiser
+    from qsched.runner import denoiser_of
 
-    return _resolve_denoiser(pipe_or_module)
+    return denoiser_of(pipe_or_module)
 
 
 def _tree_files(root: Path) -> Iterable[Path]:

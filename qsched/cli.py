@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 import qsched
+from qsched import defaults
 from qsched._util import fmt_num as _fmt
 
 app = typer.Typer(
@@ -31,6 +32,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+DEFAULT_SEARCH_PROMPTS = defaults.SEARCH_PROMPTS
+DEFAULT_VALIDATION_PROMPTS = defaults.VALIDATION_PROMPTS
+DEFAULT_VALIDATION_SEEDS = ",".join(map(str, defaults.VALIDATION_SEEDS))
+DEFAULT_TRIALS = defaults.TRIALS
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
 _USER_ERROR_NAMES = {"ModelNotFoundError", "MissingWeightsError"}
 
@@ -40,7 +45,9 @@ class UsageError(ValueError):
 
 
 def _fail(msg: str) -> None:
-    err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -90,22 +97,34 @@ def _make_jaq(preset: str, device: str, k: float) -> Any:
     return make_jaq(preset, device=device, k=k)
 
 
-def _is_testbed(model: str) -> bool:
-    return model.startswith("testbed")
-
-
-def _check_model(model: str) -> str:
-    """Fail early on a model that is neither an alias, a directory nor a hub id ("org/name")."""
-    import re
+def _check_device(device: str) -> str:
+    """Fail before any model loads on a device this machine does not have."""
+    import torch
 
     try:
-        from qsched.pipelines import MODELS
-    except ImportError:  # pragma: no cover
-        return model
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine")
+    return device
+
+
+def _check_model(model: str) -> Any:
+    """The model's ModelSpec (resolved once, passed down); fails early on a model that is neither an alias, a
+    directory nor a hub id ("org/name")."""
+    import re
+
+    from qsched.pipelines import MODELS, resolve_model
+
     if model in MODELS or Path(model).expanduser().exists():
-        return model
+        return resolve_model(model)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith((".", "/", "~")):
-        return model  # a hub id: resolved (or reported missing) by the loader
+        return resolve_model(model)  # a hub id: resolved (or reported missing) by the loader
     raise UsageError(f"unknown model {model!r}: not an alias ({', '.join(MODELS)}), not a directory and not a "
                      "hub id 'org/name'")
 
@@ -158,13 +177,13 @@ def _floats(text: str, what: str) -> list[float]:
     return vals
 
 
-def _prompts(path: Optional[Path], model: str, n: int) -> Any:
+def _prompts(path: Optional[Path], mspec: Any, n: int) -> Any:
     from qsched.prompts import load_prompts
 
     if n < 1:
         raise UsageError(f"--n-prompts must be >= 1, got {n}")
     if path is None:
-        if not _is_testbed(model):
+        if not mspec.is_testbed:
             raise UsageError("pass --prompts FILE (one prompt per line, CSV, sDCI YAML...) for a real model")
         return load_prompts("testbed-calib", n=n)  # training wording, disjoint from the held-out eval prompts
     if not path.exists():
@@ -174,39 +193,22 @@ def _prompts(path: Optional[Path], model: str, n: int) -> Any:
     return load_prompts(str(path), n=n)
 
 
-def _quantized_pipeline(model: str, spec: str | None, device: str) -> tuple[Any, Any]:
-    """Load ``model`` and quantize it to ``spec`` (None: keep full precision). Returns (pipe, summary|None)."""
-    from qsched.quantization import quant_spec_of, quantize
+def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any]:
+    """(full-precision pipeline or None, pipeline to run, quantization summary or None) for ``spec`` (None:
+    full precision). A folder that is already quantized must match ``spec``; otherwise the quantized pipeline is
+    :func:`qsched.quantization.quantized_copy` of the full-precision one (loaded once)."""
+    from qsched.quantization import quant_spec_of, quantized_copy
 
-    pipe = _load_pipeline(model, device)
+    pipe = _load_pipeline(mspec.alias, device)
     have = quant_spec_of(pipe)
     if have is not None:
         if spec != have:
-            raise UsageError(f"{model} is already quantized as {have}, not {spec or 'full precision'}")
-        return pipe, None
+            raise UsageError(f"{mspec.alias} is already quantized as {have}, not {spec or 'full precision'}")
+        return None, pipe, None
     if spec is None:
-        return pipe, None
-    return pipe, quantize(pipe, spec)
-
-
-def _load_any_schedule(path: Path, pipe: Any) -> Any:
-    """A schedule from a calibration directory / schedules.json (matching the pipe's spec) or a scheduler dir."""
-    from qsched.calibrate import SCHEDULES_FILE, load_schedule
-    from qsched.scheduler import QSchedScheduler
-
-    if not path.exists():
-        raise FileNotFoundError(f"schedule not found: {path}")
-    if path.is_file() and path.suffix == ".json" and path.name != "scheduler_config.json":
-        return load_schedule(path, pipe)
-    if path.is_dir() and (path / SCHEDULES_FILE).exists():
-        return load_schedule(path, pipe)
-    for d in (path, path / "scheduler"):
-        if (d / "scheduler_config.json").exists():
-            s = QSchedScheduler.from_pretrained(str(d)).schedule
-            if s is None:
-                raise UsageError(f"{d} holds a scheduler without a Q-Sched schedule")
-            return s
-    raise FileNotFoundError(f"{path} holds neither schedules.json nor a saved Q-Sched scheduler")
+        return pipe, pipe, None
+    qpipe, summary = quantized_copy(pipe, spec)
+    return pipe, qpipe, summary
 
 
 def _version_callback(value: bool) -> None:
@@ -232,15 +234,23 @@ def calibrate(
     model: str = typer.Option("testbed", help="Model alias or path (see qsched.pipelines.MODELS)."),
     spec: str = typer.Option("w4a8", help="Quantization spec (w4a8, w8a8, ...) or 'none' for full precision."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's; 4 for the testbed)."),
-    prompts: Optional[Path] = typer.Option(None, help="Calibration prompt file (default on the testbed: "
-                                           "training-wording prompts, one per class, disjoint from evaluation)."),
-    n_prompts: int = typer.Option(10, help="Number of calibration prompts."),
-    seeds: str = typer.Option("0", help="Comma-separated seeds; one image per (seed, prompt)."),
-    parametrization: str = typer.Option("linear", help="linear (2 params, the paper), ramp (4) or per-step (2T)."),
+    prompts: Optional[Path] = typer.Option(None, help="Calibration prompt file: the first --n-prompts lines are "
+                                           "searched on, the next --n-validation validate (default on the testbed: "
+                                           "training-wording prompts, disjoint from evaluation)."),
+    n_prompts: int = typer.Option(DEFAULT_SEARCH_PROMPTS, help="Number of search prompts."),
+    n_validation: int = typer.Option(DEFAULT_VALIDATION_PROMPTS, help="Number of validation prompts (disjoint from "
+                                     "the search prompts; 0: no validation)."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds of the search images; one image per (seed, prompt)."),
+    validation_seeds: str = typer.Option(DEFAULT_VALIDATION_SEEDS, help="Comma-separated seeds of the validation "
+                                         "images."),
+    do_no_harm: bool = typer.Option(True, help="Keep the original schedule unless the validation gain is reliable "
+                                    "(its confidence interval above zero)."),
+    parametrization: str = typer.Option(defaults.PARAMETRIZATION, help="auto (linear, ramp and per-step, chosen by validation), "
+                                        "linear (2 params, the paper), ramp (4) or per-step (2T)."),
     strategy: str = typer.Option("optuna", help="optuna (TPE/CMA-ES) or grid (the paper's exhaustive grid)."),
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe or cmaes."),
-    trials: Optional[int] = typer.Option(None, help="Completed trials in the study, the identity included "
-                                         "(default 40; grid: the whole grid)."),
+    trials: Optional[int] = typer.Option(None, help=f"Completed trials, the identity included (default "
+                                         f"{DEFAULT_TRIALS}, shared by auto's parametrizations; grid: the whole grid)."),
     grid_points: int = typer.Option(10, help="Grid points per axis (strategy grid)."),
     grid_range: str = typer.Option("0.8,1.2", help="Coefficient search range 'low,high'."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite in --out)."),
@@ -256,9 +266,13 @@ def calibrate(
     from qsched.calibrate import calibrate as run_calibration
     from qsched.calibrate import search_space
 
-    _check_model(model)
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     seed_list = _ints(seeds, "--seeds")
+    val_seed_list = _ints(validation_seeds, "--validation-seeds")
+    if n_validation < 0 or n_validation == 1:
+        raise UsageError(f"--n-validation must be 0 (no validation) or >= 2, got {n_validation}")
     lo_hi = _floats(grid_range, "--grid-range")
     if len(lo_hi) != 2 or lo_hi[0] >= lo_hi[1]:
         raise UsageError(f"--grid-range must be 'low,high' with 0 < low < high, got {grid_range!r}")
@@ -268,80 +282,79 @@ def calibrate(
         raise UsageError(f"--steps must be >= 1, got {steps}")
     if trials is not None and trials < 1:
         raise UsageError(f"--trials must be >= 1, got {trials}")
-    from qsched.pipelines import call_defaults, default_steps, jaq_preset  # lazy: torch stays out of --help
-
-    T = steps or default_steps(model)
-    search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
+    T = steps or mspec.steps
+    if parametrization != "auto":
+        search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
     if strategy not in ("optuna", "grid"):
         raise UsageError(f"unknown --strategy {strategy!r}; choose optuna or grid")
     out = _writable_dir(out)
-    ps = _prompts(prompts, model, n_prompts)
-    preset = scorer or jaq_preset(model)
+    both = _prompts(prompts, mspec, n_prompts + n_validation)
+    if len(both) < n_prompts + n_validation:
+        raise UsageError(f"{prompts} holds {len(both)} prompts; --n-prompts {n_prompts} + --n-validation "
+                         f"{n_validation} need {n_prompts + n_validation} (lower them, or pass --n-validation 0)")
+    ps, val = both.take(n_prompts), list(both.prompts[n_prompts:n_prompts + n_validation])
+    preset = scorer or mspec.jaq_preset
+    from qsched.search import check_storage
 
-    pipe, summary = _quantized_pipeline(model, spec_name, device)
+    check_storage(storage)
+    fp, pipe, _ = _pipelines(mspec, spec_name, device)
     jaq = _make_jaq(preset, device, k)
-    call_kwargs = call_defaults(model)
+    call_kwargs = mspec.call_defaults()
     console.print(f"[bold]qsched calibrate[/] model [cyan]{model}[/] spec [cyan]{spec_name or 'none'}[/] "
                   f"{T} steps, {len(ps)} prompts x {len(seed_list)} seed(s), {parametrization}/{strategy}, "
                   f"JAQ preset {preset} (k={k:g})")
     res = run_calibration(
-        pipe, list(ps.prompts), T, jaq=jaq, parametrization=parametrization, strategy=strategy, n_trials=trials,
+        pipe, list(ps.prompts), T, jaq=jaq, parametrization=parametrization, strategy=strategy,
+        n_trials=trials if trials is not None else (None if strategy == "grid" else DEFAULT_TRIALS),
         sampler=sampler, grid_range=tuple(lo_hi), grid_points=grid_points, seeds=seed_list,
         guidance_scale=guidance_scale, storage=storage, study_name=study_name, out_dir=out, progress=progress,
-        call_kwargs=call_kwargs, model_name=model,
+        call_kwargs=call_kwargs, model_name=model, validation_prompts=val or None,
+        validation_seeds=val_seed_list, do_no_harm=do_no_harm,
     )
-    report_path = None
-    try:
-        from qsched.report import write_report
-    except ImportError:
-        write_report = None
-    if write_report is not None:
-        samples = _report_samples(model, pipe, res, list(ps.prompts)[:8], guidance_scale, call_kwargs, device)
-        report_path = write_report(out / "report", calibration=res, samples=samples,
-                                   title=f"Q-Sched calibration: {model}")
+    from qsched.report import calibration_samples, write_report
+
+    call = {**call_kwargs, **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
+    samples = calibration_samples(res, pipe, list(ps.prompts)[:8], fp_pipe=fp, call_kwargs=call)
+    report_path = write_report(out / "report", calibration=res, samples=samples,
+                               title=f"Q-Sched calibration: {model}")
     _print_calibration(res, out, report_path)
 
 
-def _report_samples(model: str, pipe: Any, res: Any, prompts: list[str], guidance_scale: float | None,
-                    call_kwargs: dict[str, Any], device: str) -> dict[str, Any]:
-    """Image grid rows for the report: full precision, quantized (original schedule), quantized + Q-Sched.
-
-    Runs after calibration is finished (the full-precision model is only loaded for this picture), with the
-    calibration's first seed so that every row starts from the same noise.
-    """
-    from qsched import Schedule, apply_schedule
-    from qsched.calibrate import generate_images
-
-    kw = dict(guidance_scale=guidance_scale, call_kwargs=call_kwargs)
-    seeds = list(res.seeds[:1])
-    rows: dict[str, Any] = {}
-    fp = _load_pipeline(model, device)
-    rows["full precision"] = generate_images(fp, prompts, seeds, res.steps, **kw)[0]
-    del fp
-    apply_schedule(pipe, Schedule.identity(res.steps))
-    rows[f"{res.quant_spec} original schedule"] = generate_images(pipe, prompts, seeds, res.steps, **kw)[0]
-    apply_schedule(pipe, res.schedule)
-    rows[f"{res.quant_spec} + Q-Sched"] = generate_images(pipe, prompts, seeds, res.steps, **kw)[0]
-    return rows
-
-
 def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
+    from rich.markup import escape
+
     t = Table(title="Q-Sched calibration", show_header=True, header_style="bold")
-    for col in ("", "JAQ", "TC", "IQ"):
-        t.add_column(col, justify="right" if col else "left")
+    for col in ("schedule", "set", "JAQ", "TC (text-image alignment)", "IQ (image quality)", "gain [CI]"):
+        t.add_column(col, justify="left" if col in ("schedule", "set") else "right")
+    n_s = f"search {len(res.prompts)}"
     if res.naive is not None:
-        t.add_row("naive (identity schedule)", _fmt(res.naive["jaq"]), _fmt(res.naive["tc"]), _fmt(res.naive["iq"]))
-    t.add_row("[bold]Q-Sched[/]", _fmt(res.best["jaq"]), _fmt(res.best["tc"]), _fmt(res.best["iq"]))
+        t.add_row("original", n_s, _fmt(res.naive["jaq"]), _fmt(res.naive["tc"]), _fmt(res.naive["iq"]), "")
+    t.add_row("best found", n_s, _fmt(res.best["jaq"]), _fmt(res.best["tc"]), _fmt(res.best["iq"]),
+              "" if res.improvement is None else f"{res.improvement:+.3f}")
+    v = res.validation
+    if v:
+        n_v = f"valid. {len(v['prompts'])}"
+        t.add_row("original", n_v, _fmt(v["identity"]["jaq"]), _fmt(v["identity"]["tc"]), _fmt(v["identity"]["iq"]), "")
+        for c in v["candidates"]:
+            g = c["gain"]
+            t.add_row(c["name"], n_v, _fmt(c["jaq"]), _fmt(c["tc"]), _fmt(c["iq"]),
+                      f"{g['mean']:+.2f} [{g['ci_low']:+.2f}, {g['ci_high']:+.2f}]")
     console.print(t)
+    console.print(f"JAQ = TC + {res.k:g} x IQ, higher is better. c^e multiplies the model's prediction and c^x the "
+                  "sample at each step (all 1: the original sampler).", highlight=False)
     sched = res.schedule
-    console.print(f"schedule ({sched.kind}): c^e = [{', '.join(f'{v:.4f}' for v in sched.model_coeff)}], "
-                  f"c^x = [{', '.join(f'{v:.4f}' for v in sched.sample_coeff)}]")
-    if res.improvement is not None:
-        console.print(f"JAQ improvement over naive: {res.improvement:+.4f}")
+    console.print(f"schedule ({sched.kind}): c^e = [{', '.join(f'{x:.4f}' for x in sched.model_coeff)}], "
+                  f"c^x = [{', '.join(f'{x:.4f}' for x in sched.sample_coeff)}]", highlight=False)
+    for note in res.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
     n_done = sum(1 for tr in res.trials if tr["state"] == "COMPLETE")
+    if res.resumed:
+        before = sum(s.get("trials_before", 0) for s in res.searches.values())
+        console.print(f"continued the stored study in {out} ({before} trials were already there)", highlight=False)
     console.print(f"trials: {n_done} complete; model evaluations this run: {res.model_evals} denoiser forwards "
                   f"({res.cache_hits} cache hits), text encoder {res.text_encoder_evals} ({res.text_encoder_hits} "
-                  f"hits); wall time {res.wall_time_s:.1f} s")
+                  f"hits); wall time {res.wall_time_s:.1f} s", highlight=False)
+    console.print(f"[bold]{escape(res.verdict[0].upper() + res.verdict[1:])}[/]", highlight=False)
     console.print(f"results: {out / 'calibration.json'}, schedules: {out / 'schedules.json'}, "
                   f"scheduler: {out / 'scheduler'}")
     if report_path is not None:
@@ -367,14 +380,15 @@ def generate(
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """Generate one image, optionally with a calibrated Q-Sched schedule."""
-    from qsched.calibrate import generate_images
-    from qsched.schedule import Schedule
-    from qsched.scheduler import apply_schedule
+    from qsched.runner import generate as run_generate
+    from qsched.runner import using_schedule
+    from qsched.schedule import Schedule, load_schedule
 
     if not prompt.strip():
         raise UsageError("the prompt is empty")
-    _check_model(model)
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     if steps is not None and steps < 1:
         raise UsageError(f"--steps must be >= 1, got {steps}")
     manual = None
@@ -384,34 +398,32 @@ def generate(
         mc = _floats(model_coeff or "", "--model-coeff")
         sc = _floats(sample_coeff or ",".join("1" for _ in mc), "--sample-coeff")
         manual = Schedule.per_step(model_coeff=mc, sample_coeff=sc)
-    if schedule is not None and not schedule.exists():
-        raise FileNotFoundError(f"schedule not found: {schedule}")
+    sched = manual if manual is not None else (
+        load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise UsageError(f"--out must be an image file (.png, .jpg, ...), got {out}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; name an image file")
     _writable_dir(out.parent if str(out.parent) else Path("."))
+    T = steps or (sched.steps if sched is not None else mspec.steps)
+    if sched is not None and sched.steps != T:
+        raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
 
-    from qsched.pipelines import call_defaults, default_steps
-
-    pipe, _ = _quantized_pipeline(model, spec_name, device)
-    sched = manual if manual is not None else (_load_any_schedule(schedule, pipe) if schedule is not None else None)
-    T = steps or (sched.steps if sched is not None else default_steps(model))
-    if sched is not None:
-        if sched.steps != T:
-            raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
-        apply_schedule(pipe, sched)
-    images, _ = generate_images(pipe, [prompt], [seed], T, guidance_scale=guidance_scale,
-                                call_kwargs=call_defaults(model))
-    _save_image(images[0], out)
+    _, pipe, _ = _pipelines(mspec, spec_name, device)
+    call = {**mspec.call_defaults(), **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
+    with using_schedule(pipe, sched):
+        image = run_generate(pipe, [prompt], T, seed=seed, call_kwargs=call)[0]
+    _save_image(image, out)
     how = "Q-Sched schedule" if sched is not None else "original schedule"
     console.print(f"wrote {out} ({model}, spec {spec_name or 'none'}, {T} steps, seed {seed}, {how})")
 
 
 def _save_image(img: Any, path: Path) -> None:
-    import numpy as np
     from PIL import Image
 
-    a = img.detach().float().nan_to_num(0.0).clamp(0, 1).permute(1, 2, 0).numpy()
-    a = (a * 255).round().astype(np.uint8)
+    from qsched.images import to_uint8
+
+    a = to_uint8(img)[0]
     Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
 
 
@@ -429,12 +441,13 @@ def quantize(
     """Quantize a model's denoiser and save it (load it back with qsched.load_quantized)."""
     from qsched.quantization import save_quantized
 
-    _check_model(model)
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     if spec_name is None:
         raise UsageError("quantize needs a quantization spec, not 'none'")
     out = _writable_dir(out)
-    pipe, summary = _quantized_pipeline(model, spec_name, device)
+    _, pipe, summary = _pipelines(mspec, spec_name, device)
     path = save_quantized(pipe, out)
     if summary is not None:
         console.print(str(summary), highlight=False)
@@ -463,26 +476,33 @@ def evaluate(
     device: str = typer.Option("cpu", help="Torch device."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Side-by-side evaluation: full precision vs naive quantization vs Q-Sched (vs FP + tuned)."""
-    from qsched.calibrate import load_schedule
+    """Side-by-side evaluation: full precision vs naive quantization vs Q-Sched (vs FP + tuned).
 
-    _check_model(model)
+    Several processes (``accelerate launch -m qsched evaluate ...`` or ``torchrun --nproc_per_node N -m qsched
+    evaluate ...``) share the batches and give the numbers of a single-process run; the first one writes.
+    """
+    from qsched.schedule import load_schedule
+
+    mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _check_device(device)
     out = _writable_dir(out)
     if n_images is not None and n_images < 1:
         raise UsageError(f"--n-images must be >= 1, got {n_images}")
     if prompts is not None and not prompts.startswith("testbed-") and not Path(prompts).exists():
         raise FileNotFoundError(f"prompt file not found: {prompts}")
-    q_sched = load_schedule(schedule, spec=spec_name or "none") if schedule is not None else None
-    fp_sched = load_schedule(fp_schedule, spec="none") if fp_schedule is not None else None
+    q_sched = load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None
+    fp_sched = load_schedule(fp_schedule, spec=None, steps=steps) if fp_schedule is not None else None
     from qsched.evaluate import evaluate as run_evaluation
 
     res = run_evaluation(
-        model=model, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
+        model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
         n_images=n_images, seed=seed, batch_size=batch_size,
         metrics=[m for m in metrics.replace(" ", "").split(",") if m], device=device, progress=progress,
         fid_ref=fid_ref, pipe_loader=functools.partial(_load_pipeline, model, device),
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one process of a distributed run: the first one writes and prints
     path = res.to_json(out / "evaluation.json")
     from qsched.report import write_report
 
@@ -494,7 +514,7 @@ def evaluate(
     console.print(f"results: {path}\nreport: {report}")
 
 
-_EVAL_COLUMNS = ("fd", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_non_finite")
+_EVAL_COLUMNS = ("fd", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_nonfinite")
 
 
 def _print_rows(res: Any) -> None:
@@ -532,6 +552,10 @@ def report(
     path = write_report(out, calibration=calibration, evaluation=evaluation, title=title)
     console.print(f"report: {path}")
 
+
+from qsched.bench.cli import bench as _bench  # noqa: E402  (typer only; the benchmark loads when it runs)
+
+app.command("bench", help=_bench.__doc__)(_bench)
 
 if __name__ == "__main__":  # pragma: no cover
     app()

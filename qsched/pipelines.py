@@ -2,7 +2,7 @@
 
 ``load_pipeline("lcm-sd15")`` loads the real model from the Hugging Face hub (or its local cache) with the
 scheduler used in the paper; ``load_pipeline("testbed")`` loads qsched's small offline testbed; a directory written
-by ``pipe.save_pretrained`` or ``qsched.quantization.save_quantized`` loads back as it was saved.
+by ``pipe.save_pretrained`` or ``qsched.save_quantized`` loads back as it was saved.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["MODELS", "ModelSpec", "ModelNotFoundError", "load_pipeline", "default_call_kwargs", "call_defaults",
-           "default_steps", "jaq_preset", "denoiser_of"]
+__all__ = ["MODELS", "ModelSpec", "ModelNotFoundError", "load_pipeline", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _QSCHED_PIPELINES = {"TestbedPipeline": "qsched.testbed.pipeline"}  # pipeline classes defined in qsched
@@ -62,6 +61,29 @@ class ModelSpec:
     def torch_dtype(self) -> torch.dtype:
         """The table's dtype as a torch dtype."""
         return _DTYPES[self.dtype]
+
+    @property
+    def is_testbed(self) -> bool:
+        """The embedded testbed (its own scorers, FD/accuracy evaluators and prompt sets)."""
+        return self.family == "testbed"
+
+    @property
+    def jaq_preset(self) -> str:
+        """The JAQ scorer preset after the paper: "testbed"; CLIPScore + CLIP-IQA ("sd15") for the SD1.5 family;
+        CLIPScore + HPSv2-style ("sdxl") for SDXL and FLUX."""
+        if self.is_testbed:
+            return "testbed"
+        return "sdxl" if self.family in ("sdxl-turbo", "flux") else "sd15"
+
+    def call_defaults(self) -> dict[str, Any]:
+        """Pipeline call defaults except the step count: guidance_scale, height/width, extras."""
+        kw: dict[str, Any] = {}
+        if self.guidance is not None:
+            kw["guidance_scale"] = self.guidance
+        if self.resolution is not None:
+            kw["height"] = kw["width"] = self.resolution
+        kw.update(self.call_kwargs)
+        return kw
 
 
 _SD15_NO_SAFETY = _frozen({"safety_checker": None, "requires_safety_checker": False})
@@ -106,54 +128,34 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def _spec(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ValueError(f"Unknown model alias {name!r}; known aliases: {', '.join(MODELS)}.")
-    return MODELS[name]
+def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
+    """The :class:`ModelSpec` of an alias, or one derived for a local directory or hub id (resolved once by
+    every command and passed down; nothing else re-interprets a model name).
 
-
-def default_call_kwargs(name: str) -> dict[str, Any]:
-    """Pipeline call defaults of alias ``name``: num_inference_steps, guidance_scale, height/width (+ extras)."""
-    spec = _spec(name)
-    kw: dict[str, Any] = {"num_inference_steps": spec.steps}
-    if spec.guidance is not None:
-        kw["guidance_scale"] = spec.guidance
-    if spec.resolution is not None:
-        kw["height"] = kw["width"] = spec.resolution
-    kw.update(spec.call_kwargs)
-    return kw
-
-
-def call_defaults(model: str) -> dict[str, Any]:
-    """:func:`default_call_kwargs` minus the step count, or ``{}`` for a local path or unknown name."""
-    if model not in MODELS:
-        return {}
-    kw = default_call_kwargs(model)
-    kw.pop("num_inference_steps", None)
-    return kw
-
-
-def default_steps(model: str | None) -> int:
-    """The alias's default number of denoising steps; 4 for a local path or unknown name."""
-    return MODELS[model].steps if model in MODELS else 4
-
-
-def jaq_preset(model: str) -> str:
-    """The JAQ scorer preset after the paper: "testbed"; CLIPScore + CLIP-IQA ("sd15") for the SD1.5 family;
-    CLIPScore + HPSv2-style ("sdxl") for SDXL and FLUX (by alias or, for a local path, by its name)."""
-    if str(model).startswith("testbed"):
-        return "testbed"
-    m = str(model).lower()
-    return "sdxl" if any(s in m for s in ("xl", "flux")) else "sd15"
-
-
-def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
-    """``("unet", pipe.unet)`` or ``("transformer", pipe.transformer)``."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return name, module
-    raise ValueError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module.")
+    A directory holding a saved testbed pipeline gets the testbed's defaults; any other directory or hub id
+    gets 4 steps, the pipeline's own guidance and resolution, and the JAQ preset guessed from its name
+    ("xl"/"flux": sdxl, else sd15).
+    """
+    name = os.fspath(name_or_path)
+    if name in MODELS:
+        return MODELS[name]
+    path = Path(name).expanduser()
+    class_name = None
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            class_name = None  # the loader reports a damaged folder with its own error
+    if class_name in _QSCHED_PIPELINES:
+        base = MODELS["testbed"]
+        return ModelSpec(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, "alias": name,
+                            "loader": None})
+    low = name.lower()
+    return ModelSpec(alias=name, hub_id=None if path.exists() else name, pipeline_class=class_name or
+                     "DiffusionPipeline", scheduler_class="", steps=4, guidance=None, resolution=None,
+                     dtype="float16", denoiser="transformer" if "flux" in low else "unet",
+                     family="sdxl-turbo" if "xl" in low else ("flux" if "flux" in low else "unknown"))
 
 
 def _not_found(what: str, err: BaseException) -> ModelNotFoundError:

@@ -64,6 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qsched.runner import denoiser_of
+
 __all__ = [
     "QuantSpec",
     "QuantLinear",
@@ -72,6 +74,7 @@ __all__ = [
     "DEFAULT_SKIPS",
     "quantize",
     "quant_spec_of",
+    "quantized_copy",
     "quantized_layers",
     "fake_quant_per_token",
     "quantize_weight",
@@ -460,22 +463,6 @@ DEFAULT_SKIPS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _denoiser_fallback(pipe: Any) -> tuple[str, nn.Module]:
-    for attr in ("unet", "transformer"):
-        m = getattr(pipe, attr, None)
-        if isinstance(m, nn.Module):
-            return attr, m
-    raise ValueError(f"{type(pipe).__name__} has no denoiser: expected an nn.Module, or a pipeline with a "
-                     f"'unet' or 'transformer' component")
-
-
-def _resolve_denoiser(obj: Any) -> tuple[str | None, nn.Module]:
-    """(attribute name or None for a bare module, denoiser module)."""
-    if isinstance(obj, nn.Module):
-        return None, obj
-    return _denoiser_fallback(obj)
-
-
 def quantized_layers(module: nn.Module) -> dict[str, _QuantBase]:
     """Name -> QuantLinear/QuantConv2d of every quantized layer in ``module``."""
     return {n: m for n, m in module.named_modules() if isinstance(m, _QUANT_TYPES)}
@@ -580,7 +567,7 @@ def quantize(pipe_or_module: Any, spec: QuantSpec | str = "w4a8", skip: list[str
     if backend not in ("qsched", "torchao"):
         raise ValueError(f"backend must be 'qsched' or 'torchao', got {backend!r}")
     skip_list = [skip] if isinstance(skip, str) else list(skip or [])
-    name, denoiser = _resolve_denoiser(pipe_or_module)
+    name, denoiser = denoiser_of(pipe_or_module)
     prior = getattr(denoiser, SPEC_ATTR, None)
     if prior is not None or quantized_layers(denoiser):
         raise ValueError(f"the denoiser is already quantized ({prior or 'contains quantized layers'}); "
@@ -675,8 +662,39 @@ def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, sk
 
 def quant_spec_of(pipe_or_module: Any) -> str | None:
     """Canonical spec string (e.g. ``"w4a8"``) of a quantized denoiser, None for full precision."""
-    _, denoiser = _resolve_denoiser(pipe_or_module)
+    _, denoiser = denoiser_of(pipe_or_module)
     return getattr(denoiser, SPEC_ATTR, None)
+
+
+def quantized_copy(pipe: Any, spec: "QuantSpec | str", **kwargs: Any) -> tuple[Any, "QuantSummary"]:
+    """A pipeline sharing every component of ``pipe`` except its denoiser, which is a quantized deep copy
+    (``quantize(copy, spec, **kwargs)``), and its scheduler, which is copied (so schedules installed on one do
+    not reach the other). Returns ``(pipeline, summary)``; ``pipe`` is unchanged. The one way qsched makes the
+    quantized sibling of a full-precision pipeline."""
+    import copy
+
+    name, den = denoiser_of(pipe)
+    if name is None:
+        raise ValueError("quantized_copy needs a pipeline; for a bare module use quantize(copy.deepcopy(m), spec)")
+    qden = copy.deepcopy(den)
+    summary = quantize(qden, spec, **kwargs)
+    comps = dict(pipe.components)
+    comps[name] = qden
+    comps["scheduler"] = copy.deepcopy(pipe.scheduler)
+    out = type(pipe)(**comps)
+    if hasattr(out, "set_progress_bar_config"):
+        out.set_progress_bar_config(disable=True)
+    return out, summary
+
+
+def _trim_heap() -> None:
+    """Hand the loader's freed temporary copies back to the OS (glibc keeps them otherwise; ~2x RSS)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 # Saving and loading live in qsched.checkpoint (the diffusers layout); these names stay importable from here.

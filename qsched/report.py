@@ -25,9 +25,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from qsched._util import json_default
+from qsched._util import json_default, write_atomic
 
-__all__ = ["write_report", "calibration_summary", "landscape_figure", "coefficients_figure", "image_grid"]
+__all__ = ["write_report", "calibration_samples", "calibration_summary", "landscape_figure", "coefficients_figure",
+           "image_grid"]
 
 _ROW_LABELS = {"fp-original": "FP (original)", "quant-naive": "Quantized (naive)",
                "quant-qsched": "Quantized + Q-Sched", "fp-tuned": "FP + tuned coefficients"}
@@ -404,7 +405,7 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
         land = landscape_figure(cs)
         if land is not None:
             png, kind = land
-            (out / "landscape.png").write_bytes(png)
+            write_atomic(out / "landscape.png", png)
             figures["landscape"] = kind
             cap = ("JAQ over (model_start, sample_start): star = chosen, circle = identity" if kind == "heatmap"
                    else "JAQ per trial and best so far versus model evaluations")
@@ -424,7 +425,7 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
                 scheds[_ROW_LABELS.get(cfg, cfg)] = s
     coef = coefficients_figure(scheds)
     if coef is not None:
-        (out / "coefficients.png").write_bytes(coef)
+        write_atomic(out / "coefficients.png", coef)
         figures["coefficients"] = "coefficients.png"
         parts.append(f"<h2>Coefficients</h2><img alt=\"coefficient curves\" src=\"{_b64(coef)}\">")
         md += ["## Coefficients", "", "![coefficient curves](coefficients.png)", ""]
@@ -451,7 +452,7 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
                      "initial noise down each column).</p>")
         parts.append(f'<table class="grid">{head}{"".join(body)}</table>')
         grid = image_grid(arrs)
-        (out / "grid.png").write_bytes(grid)
+        write_atomic(out / "grid.png", grid)
         figures["grid"] = "grid.png"
         md += ["## Samples", "", "Rows: " + ", ".join(_ROW_LABELS.get(k, k) for k in arrs) + "; columns: "
                + "; ".join(f"`{p}`" for p in prompts[:ncol]), "", "![samples](grid.png)", ""]
@@ -461,11 +462,30 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
     page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
             + "\n".join(parts) + "</body></html>")
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(rj, indent=2, default=_default, allow_nan=False), encoding="utf-8")
-    (out / "report.md").write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    path = write_atomic(out / "report.html", page)
+    write_atomic(out / "report.json", json.dumps(rj, indent=2, default=_default, allow_nan=False))
+    write_atomic(out / "report.md", "\n".join(md).rstrip() + "\n")
     return path
+
+
+def calibration_samples(result: Any, pipe: Any, prompts: Sequence[str], fp_pipe: Any = None,
+                        call_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Image rows for a calibration report: full precision (when ``fp_pipe`` is given), the quantized ``pipe``
+    with its original schedule, and with the calibrated one; every row from the calibration's first seed, so
+    each column starts from the same noise. Runs after calibration (which never ran the full-precision model)."""
+    from qsched.runner import generate, using_schedule
+
+    kw = {"seed": result.seeds[0] if result.seeds else 0, "call_kwargs": dict(call_kwargs or {})}
+    rows: dict[str, Any] = {}
+    if fp_pipe is not None and fp_pipe is not pipe:
+        with using_schedule(fp_pipe, None):
+            rows["full precision"] = generate(fp_pipe, prompts, result.steps, **kw)
+    label = result.quant_spec or "full precision"
+    with using_schedule(pipe, None):
+        rows[f"{label} original schedule"] = generate(pipe, prompts, result.steps, **kw)
+    with using_schedule(pipe, result.schedule):
+        rows[f"{label} + Q-Sched"] = generate(pipe, prompts, result.steps, **kw)
+    return rows
 
 
 def _default(o: Any) -> Any:

@@ -18,8 +18,11 @@ Kinds and their searchable parameters (``Schedule.param_names(kind, steps)``):
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -235,3 +238,100 @@ def _expand(
     else:
         mc = sc = (1.0,) * steps
     return p, mc, sc
+
+
+# ============================================================================================== schedule files
+# A schedules file (``schedules.json``) maps quantization specs to the schedule calibrated for them, so one file
+# serves a whole model: ``{"format": "qsched.schedules/1", "model": ..., "schedules": {spec: {"steps": T,
+# "schedule": {...}, ...}}}``. Full precision is stored under "none".
+
+SCHEDULES_FILE = "schedules.json"
+SCHEDULES_FORMAT = "qsched.schedules/1"
+FP_SPEC = "none"
+
+
+def _schedules_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / SCHEDULES_FILE if p.is_dir() or not p.suffix else p
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{p} is not a text (JSON) file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def read_schedules(path_or_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``schedules.json`` (or the one inside a directory)."""
+    p = _schedules_path(path_or_dir)
+    if not p.exists():
+        raise FileNotFoundError(f"no schedule file at {p}")
+    data = _read_json(p)
+    if not isinstance(data, dict) or not isinstance(data.get("schedules"), dict):
+        raise ValueError(f"{p} is not a qsched schedules file (no 'schedules' mapping)")
+    return data
+
+
+def save_schedule(path: str | os.PathLike, spec: str | None, schedule: Schedule, model: str | None, steps: int,
+                  extra: dict[str, Any] | None = None) -> Path:
+    """Merge ``schedule`` for quantization ``spec`` (None = full precision, stored as "none") into a
+    ``schedules.json`` (a file path, or a directory that gets ``schedules.json``), atomically. Other specs are
+    kept; the same spec is replaced. A file for another model is refused (ValueError)."""
+    p = _schedules_path(path)
+    if int(steps) != schedule.steps:
+        raise ValueError(f"schedule has {schedule.steps} steps, not {steps}")
+    data: dict[str, Any] = {"format": SCHEDULES_FORMAT, "model": model, "schedules": {}}
+    if p.exists():
+        data = read_schedules(p)
+        if model is not None and data.get("model") not in (None, model):
+            raise ValueError(f"{p} holds schedules for model {data.get('model')!r}, not {model!r}")
+        data["model"] = data.get("model") or model
+    entry = {"steps": int(steps), "schedule": schedule.to_dict()}
+    entry.update(extra or {})
+    data["schedules"][spec or FP_SPEC] = entry
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, p)
+    return p
+
+
+def _from_scheduler_dir(d: Path) -> Schedule:
+    cfg = _read_json(d / "scheduler_config.json")
+    if not isinstance(cfg, dict) or cfg.get("schedule") is None:
+        raise ValueError(f"{d} holds a scheduler without a Q-Sched schedule")
+    return Schedule.from_dict(cfg["schedule"])
+
+
+def load_schedule(path: str | os.PathLike, *, spec: str | None = None, steps: int | None = None) -> Schedule:
+    """The schedule stored at ``path`` for quantization ``spec`` (None: full precision).
+
+    ``path`` may be a calibration directory or a ``schedules.json`` (the entry for ``spec`` is picked; a
+    ValueError lists the available ones when there is none), or a saved QSchedScheduler directory (its
+    ``scheduler_config.json``). ``steps``, when given, must match the schedule's length.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"schedule not found: {p}")
+    spec = spec or FP_SPEC
+    if (p.is_file() and p.suffix == ".json" and p.name != "scheduler_config.json") or \
+            (p.is_dir() and (p / SCHEDULES_FILE).exists()):
+        table = read_schedules(p)["schedules"]
+        if spec not in table:
+            have = ", ".join(f"{k} ({v.get('steps')} steps)" for k, v in table.items()) or "nothing"
+            raise ValueError(f"no schedule for quantization spec {spec!r} in {_schedules_path(p)}; it holds: {have}")
+        sched = Schedule.from_dict(table[spec]["schedule"])
+    else:
+        d = p.parent if p.name == "scheduler_config.json" else p
+        for cand in (d, d / "scheduler"):
+            if (cand / "scheduler_config.json").is_file():
+                sched = _from_scheduler_dir(cand)
+                break
+        else:
+            raise FileNotFoundError(f"{p} holds neither schedules.json nor a saved Q-Sched scheduler")
+    if steps is not None and sched.steps != int(steps):
+        raise ValueError(f"the {spec!r} schedule at {p} has {sched.steps} steps, but {steps} were asked for")
+    return sched

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qsched.images import to_gray, to_tensor
+
 __all__ = [
-    "to_tensor",
     "AlignmentScorer",
     "QualityScorer",
     "JAQ",
@@ -63,55 +64,6 @@ class MissingWeightsError(OSError):
 # --------------------------------------------------------------------------------------------- images
 
 
-def to_tensor(images: Any) -> torch.Tensor:
-    """Convert images to a float32 tensor (B, C, H, W) in [0, 1].
-
-    Accepts a torch tensor (B, C, H, W) or (C, H, W) in [0, 1], a numpy array (B, H, W, C) or (H, W, C) in
-    [0, 1] (uint8 arrays are divided by 255), or a (list of) PIL images. Values are not clamped, so NaN or
-    out-of-range images stay detectable.
-    """
-    if isinstance(images, torch.Tensor):
-        x = images.detach()
-        if x.dim() == 3:
-            x = x.unsqueeze(0)
-        if x.dim() != 4:
-            raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
-        if x.dtype == torch.uint8:
-            return x.float() / 255.0
-        return x.float()
-    if isinstance(images, np.ndarray):
-        a = images
-        if a.ndim == 3:
-            a = a[None]
-        if a.ndim != 4:
-            raise ValueError(f"expected a (B, H, W, C) array, got shape {images.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
-        return t.float() / 255.0 if a.dtype == np.uint8 else t.float()
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(images, Image.Image):
-        images = [images]
-    if isinstance(images, (list, tuple)) and images:
-        if Image is not None and all(isinstance(im, Image.Image) for im in images):
-            arrs = []
-            for im in images:
-                a = np.asarray(im)
-                if a.ndim == 2:
-                    a = a[:, :, None]
-                arrs.append(a)
-            if len({a.shape for a in arrs}) != 1:
-                raise ValueError(f"PIL images must share one size and mode, got shapes {[a.shape for a in arrs]}")
-            return to_tensor(np.stack(arrs))
-        if all(isinstance(im, (torch.Tensor, np.ndarray)) for im in images):
-            return torch.cat([to_tensor(im) for im in images])
-    raise ValueError(
-        f"cannot interpret images of type {type(images).__name__}: expected a (B,C,H,W) tensor, "
-        "a (B,H,W,C) numpy array or a list of PIL images"
-    )
-
-
 def invalid_mask(images: torch.Tensor, blank_std: float = BLANK_STD) -> tuple[torch.Tensor, torch.Tensor]:
     """Return boolean masks (nonfinite, blank), each (B,): NaN/inf images, and near-constant images."""
     flat = images.reshape(images.shape[0], -1)
@@ -119,20 +71,6 @@ def invalid_mask(images: torch.Tensor, blank_std: float = BLANK_STD) -> tuple[to
     safe = torch.where(torch.isfinite(flat), flat, torch.zeros_like(flat))
     blank = (~nonfinite) & (safe.std(dim=1, unbiased=False) < blank_std) if flat.shape[1] > 0 else ~nonfinite
     return nonfinite, blank
-
-
-def _to_gray32(x: torch.Tensor, size: int = 32) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 1, size, size): luminance for RGB(A), area-style resize, clamped to [0, 1]."""
-    if x.shape[1] == 4:
-        x = x[:, :3]
-    if x.shape[1] == 3:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        x = (x * w).sum(1, keepdim=True)
-    elif x.shape[1] != 1:
-        raise ValueError(f"expected 1, 3 or 4 channels, got {x.shape[1]}")
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp(0, 1)
 
 
 # --------------------------------------------------------------------------------------------- interface
@@ -303,7 +241,7 @@ class TestbedCLIPScore(_TinyClipBase):
     def __call__(self, images: Any, prompts: Sequence[str]) -> torch.Tensor:
         from qsched.testbed.clip import clip_score
 
-        x = _to_gray32(to_tensor(images)).to(self.device)
+        x = to_gray(images, 32).to(self.device)
         return clip_score(self.model, x, list(prompts)).reshape(-1).float()
 
 
@@ -313,7 +251,7 @@ class TestbedCLIPIQA(_TinyClipBase):
     def __call__(self, images: Any) -> torch.Tensor:
         from qsched.testbed.clip import clip_iqa
 
-        x = _to_gray32(to_tensor(images)).to(self.device)
+        x = to_gray(images, 32).to(self.device)
         return clip_iqa(self.model, x).reshape(-1).float()
 
 

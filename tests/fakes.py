@@ -1,6 +1,7 @@
 """Cheap stand-in scorers shared by the tests: deterministic, no weights, no torch modules."""
 
-from qsched.scoring import JAQ, to_tensor
+from qsched.images import to_tensor
+from qsched.scoring import JAQ
 
 
 class BrightTC:
@@ -28,7 +29,8 @@ def tiny_testbed_evaluators():
 
     from qsched.testbed.classifier import FashionClassifier
     from qsched.testbed.clip import TinyCLIP
-    from qsched.testbed.metrics import ClassifierFD, feature_stats
+    from qsched.frechet import feature_stats
+    from qsched.testbed.metrics import ClassifierFD
 
     torch.manual_seed(0)
     cfd = ClassifierFD(classifier=FashionClassifier(width=4, feat_dim=8).eval())

@@ -27,12 +27,13 @@ class _Quiet:
 @pytest.fixture(scope="module")
 def env_factory():
     """A BenchEnv on the tiny testbed pipeline with tiny random classifier / CLIP / 'Inception' stand-ins."""
-    from qsched.evaluate import AccuracyMetric, FrechetMetric, JAQMetric
+    from qsched.metrics import AccuracyMetric, FrechetMetric, JAQMetric
     from qsched.scoring import JAQ, TestbedCLIPIQA, TestbedCLIPScore
-    from qsched.testbed.metrics import feature_stats
+    from qsched.frechet import feature_stats
     from qsched.testbed.pipeline import tiny_testbed_pipeline
 
     cfd, ref, clip = tiny_testbed_evaluators()
+    cfd._ref = ref  # the tiny classifier's reference statistics
     proj = torch.randn(32 * 32, 6, generator=torch.Generator().manual_seed(1))
     fid_ref = feature_stats(torch.rand(64, 32 * 32) @ proj)
     pipe = tiny_testbed_pipeline(seed=0)
@@ -46,7 +47,8 @@ def env_factory():
             load_pipe=load, jaq=lambda: JAQ(TestbedCLIPScore(model=clip), TestbedCLIPIQA(model=clip)), name="tiny",
             eval_metrics=lambda: [FrechetMetric("fd", cfd.features, lambda: ref), AccuracyMetric(cfd.predict),
                                   JAQMetric(JAQ(TestbedCLIPScore(model=clip), TestbedCLIPIQA(model=clip)))],
-            fid_metrics=lambda: [FrechetMetric("fid", lambda x: x.reshape(x.shape[0], -1) @ proj, lambda: fid_ref)])
+            fid_metrics=lambda: [FrechetMetric("fid", lambda x: x.reshape(x.shape[0], -1) @ proj, lambda: fid_ref)],
+            evaluator=lambda: cfd)
 
     return make
 
@@ -56,7 +58,9 @@ def tiny_settings(**kw):
                                eval_images=6, eval_batch=3, fid_images=4,
                                fid_rows=parse_fid_rows("fp32:original,w4a8:qsched"), grid_points=3, search_steps=2,
                                search_trials=3, search_seeds=(0, 1), speed_batch=2, speed_steps=2, speed_repeats=2,
-                               overhead_calls=40, rss=False, sd15="skip", progress=False, **kw)
+                               overhead_calls=40, rss=False, sd15="skip", progress=False, default_draws=2,
+                               default_images=6, default_search_prompts=3, default_val_prompts=3, default_trials=3,
+                               **kw)
 
 
 def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
@@ -66,18 +70,34 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
     R = run_bench(tiny_settings(), env_factory(counter), out=out, work=work, command="python -m qsched.bench --x",
                   console=con)
     md = out.read_text()
-    for heading in ("## 1. Quality", "## 2. Search cost", "## 3. Size and speed", "## Headline", "QUICK MODE"):
+    for heading in ("## 1. Quality", "## 2. Search cost", "## 3. Size and speed", "## Headline", "QUICK MODE",
+                    "## Default path"):
         assert heading in md
+    # the default path: every draw calibrated with the defaults; a kept identity differs by exactly 0
+    D = R["default"]["rows"]["2:w4a8"]
+    assert len(D["draws"]) == 2 and D["kept_identity"] == sum(d["decision"] != "qsched" for d in D["draws"])
+    for d in D["draws"]:
+        assert d["fd"]["ci_low"] <= d["fd"]["diff"] <= d["fd"]["ci_high"]
+        if d["decision"] != "qsched":
+            assert d["fd"]["diff"] == d["accuracy"]["diff"] == d["jaq"]["diff"] == 0.0
     assert "pending" not in md
     assert "python -m qsched.bench --x" in md and "cores" in md and "torch " in md
     assert (tmp_path / "benchmarks_search.png").stat().st_size > 1000
     assert "![search cost](benchmarks_search.png)" in md
     assert (tmp_path / "benchmarks_samples.png").exists()
 
-    # section 1: every row of the 2-step table measured, the best parametrization chosen on calibration JAQ only
+    # section 1: every row of the 2-step table measured, the best parametrization chosen by its validation gain
+    # (largest mean among those whose interval is above zero; none: the original schedule, do no harm)
     cal = R["calibrations"]["2"]["w4a8"]
-    assert cal["_chosen"] == max(("linear", "ramp", "per-step"), key=lambda p: (cal[p]["best"]["jaq"],
-                                                                                 -["linear", "ramp", "per-step"].index(p)))
+    order = ["linear", "ramp", "per-step"]
+    # validated, unless the search found nothing better than the identity
+    def identity(sch):
+        return set(sch["model_coeff"]) | set(sch["sample_coeff"]) == {1.0}
+
+    assert all(cal[p]["validation_gain"] is not None or identity(cal[p]["schedule"]) for p in order)
+    reliable = [p for p in order if (cal[p]["validation_gain"] or {}).get("ci_low", 0) > 0]
+    expected = max(reliable, key=lambda p: (cal[p]["validation_gain"]["mean"], -order.index(p))) if reliable else None
+    assert cal["_chosen"] == expected
     for prec in ("fp32", "w4a8"):
         for label in ("original", "qsched-linear", "qsched-best", "fp32-tuned"):
             row = R["rows"]["2"][prec][label]["row"]
@@ -93,7 +113,7 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
     # section 2: grid of 3x3 + identity, curves monotone, forwards counted per trial
     sr = R["search"]
     gx, gy = sr["grid"]["curve"]
-    assert sr["grid"]["n_trials"] == 10 and len(gx) == 10
+    assert sr["grid"]["n_trials"] == 9 and len(gx) == 9  # the grid's (1, 1) point is the identity trial
     assert all(b >= a for a, b in zip(gy, gy[1:])) and all(b >= a for a, b in zip(gx, gx[1:])) and gx[-1] > gx[0]
     for r in sr["tpe"].values():
         x, y = r["curve"]
@@ -158,47 +178,112 @@ def test_bad_input_errors(tmp_path):
                   out=tmp_path / "B.md", console=_Quiet())
     with pytest.raises(SystemExit):
         main(["--fid-rows", "nope"])
+    with pytest.raises(SystemExit):
+        main(["--jobs", "0"])
+    unpicklable = BenchEnv(load_pipe=lambda: None, jaq=lambda: None)
+    with pytest.raises(ValueError, match="pickled"):  # helper processes need an env they can receive
+        run_bench(tiny_settings(), unpicklable, work=tmp_path / "j", out=tmp_path / "B.md", console=_Quiet(), jobs=2)
+    with pytest.raises(ValueError, match="unknown section"):
+        run_bench(tiny_settings(), unpicklable, work=tmp_path / "j", out=tmp_path / "B.md", console=_Quiet(),
+                  sections=("speed",))
 
 
-def test_workers_share_units_through_locks(tmp_path):
-    """A unit locked by a live worker is skipped, the rest are computed, then the held one is collected; a dead
-    worker's lock is taken over."""
-    import subprocess
-    import sys
-    import threading
+def _spawn(target, *args):
+    import multiprocessing as mp
 
-    from qsched.bench import _Job, _Units, _worker_argv
+    p = mp.get_context("spawn").Process(target=target, args=args)
+    p.start()
+    return p
 
-    units = _Units(tmp_path, _Quiet())
-    units.poll_s = 0.05
+
+def _wait_for(path, proc, timeout=60.0):
+    import time
+
+    t0 = time.time()
+    while not path.exists():
+        assert proc.is_alive() or path.exists(), "helper process died"
+        assert time.time() - t0 < timeout, f"timed out waiting for {path}"
+        time.sleep(0.02)
+
+
+def test_unit_store_processes_never_compute_one_unit_twice_and_reruns_reuse(tmp_path):
+    """Three processes on one store: every unit computed exactly once, all see the same results; a rerun computes
+    nothing."""
+    import multiprocessing as mp
+
+    import _unit_workers as uw
+
+    from qsched.bench.units import UnitStore
+
+    names = [f"u{i}" for i in range(6)]
+    log, go = tmp_path / "log.txt", tmp_path / "go"
+    queue = mp.get_context("spawn").Queue()
+    procs = [_spawn(uw.share, tmp_path / "w", names, log, 0.3, tmp_path / f"ready{i}", go, queue) for i in range(3)]
+    for i, p in enumerate(procs):
+        _wait_for(tmp_path / f"ready{i}", p)
+    go.touch()
+    reports = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    lines = log.read_text().splitlines()
+    assert sorted(line.split()[1] for line in lines) == names  # each unit computed once, by someone
+    computed = [t for r in reports for t in r["computed"]]
+    assert sorted(computed) == [f"k/{n}" for n in names]
+    for r in reports:  # everyone got every result, the one its computer wrote
+        assert [x["v"] for x in r["results"]] == names
+        assert sorted(r["computed"] + r["skipped"]) == sorted(f"k/{n}" for n in names)
+        by = {line.split()[1]: int(line.split()[0]) for line in lines}
+        assert all(x["pid"] == by[x["v"]] for x in r["results"])
+
+    calls = []
+    store = UnitStore(tmp_path / "w", _Quiet())
+    again = store.run_all([j.__class__(j.kind, j.name, j.config, lambda d: calls.append(d) or {"v": "new"})
+                           for j in uw.jobs(names, log, 0)])
+    assert calls == [] and store.computed == [] and [x["v"] for x in again] == names
+
+
+def test_unit_store_passes_over_held_units_and_takes_over_a_killed_workers(tmp_path):
+    """A unit another live process is computing is passed over, then collected (not recomputed); the lock of a
+    killed process is released by the OS, so its unit is computed by the next one."""
+    import _unit_workers as uw
+
+    from qsched.bench.units import Job, UnitStore
+
+    work, log = tmp_path / "w", tmp_path / "log.txt"
     calls = []
 
     def job(name):
-        return _Job("k", name, {"n": name}, lambda d: calls.append(name) or {"v": name})
+        return Job("k", name, {"n": name}, lambda d: calls.append(name) or {"v": name, "pid": 0})
 
-    held, dead = units.dir("k", "held", {"n": "held"}), units.dir("k", "dead", {"n": "dead"})
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    try:
-        for d, pid in ((held, sleeper.pid), (dead, gone.pid)):
-            d.mkdir(parents=True)
-            (d / "lock").write_text(f"{pid} host\n")
+    other = _spawn(uw.hold, work, "x", log, 1.5, tmp_path / "ready")
+    _wait_for(tmp_path / "ready", other)
+    store = UnitStore(work, _Quiet())
+    res = store.run_all([job("x"), job("y")])
+    other.join(30)
+    assert calls == ["y"] and store.computed == ["k/y"] and store.skipped == ["k/x"]
+    assert res[0] == {"v": "x", "pid": other.pid} and res[1]["v"] == "y"
 
-        def other_worker_finishes():
-            while "free" not in calls:  # it finishes only after we moved past its unit
-                threading.Event().wait(0.01)
-            (held / "result.json").write_text(json.dumps({"config": {"n": "held"}, "result": {"v": "other"}}))
-            (held / "lock").unlink()
+    killed = _spawn(uw.hold, work, "z", log, 600, tmp_path / "ready-z")
+    _wait_for(tmp_path / "ready-z", killed)
+    killed.kill()
+    killed.join(30)
+    store = UnitStore(work, _Quiet())
+    assert store.run_all([job("z")]) == [{"v": "z", "pid": 0}] and store.computed == ["k/z"]
+    assert not list((work / "units").rglob("*.tmp"))  # atomic writes leave no temporary files
 
-        t = threading.Thread(target=other_worker_finishes)
-        t.start()
-        res = units.run_all([job("held"), job("dead"), job("free")])
-        t.join()
-    finally:
-        sleeper.kill()
-    assert res == [{"v": "other"}, {"v": "dead"}, {"v": "free"}]
-    assert calls == ["dead", "free"]  # the held unit was never computed here
-    assert not any(units.root.rglob("lock"))
-    assert _worker_argv(["--quick", "--jobs", "2", "--fresh", "--out=X.md", "--threads", "4", "--eval-images", "9"],
-                        1) == ["--quick", "--eval-images", "9", "--threads", "1"]
+
+def test_sd15_measurement_runs_in_process_as_a_unit_and_is_read_back(tmp_path, monkeypatch):
+    """Section 3's SD1.5-sized UNet numbers come from qsched.bench.sd15 in this process (tiny widths here, no
+    speed part), stored as a unit that ``sd15="read"`` (the --quick default) finds again."""
+    from qsched.bench import sd15, size_speed
+    from qsched.bench.units import UnitStore
+
+    real = sd15.measure
+    monkeypatch.setattr(sd15, "measure", lambda **kw: real(**{**kw, "smoke": True, "speed": False}))
+    r = size_speed._sd15(BenchSettings.quick(sd15="run"), UnitStore(tmp_path, _Quiet()))
+    d = r["data"]
+    assert r["ran"] and d["smoke"] and d["layers_quantized"] > 0 and 0 < d["packed_ratio"] < 0.5
+    assert d["tiny_rel_error"]["w8a8"] < d["tiny_rel_error"]["w4a8"] < d["tiny_rel_error"]["w4a4"]
+    again = size_speed._sd15(BenchSettings.quick(), UnitStore(tmp_path, _Quiet()))
+    assert again["data"] == d and again["reused"].endswith("result.json")

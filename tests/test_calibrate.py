@@ -13,19 +13,15 @@ import torch
 
 from qsched.calibrate import (
     CalibrationResult,
-    ForwardCache,
     calibrate,
-    generate_images,
     grid_candidates,
-    load_schedule,
-    read_schedules,
-    save_schedule,
     search_space,
     weights_fingerprint,
 )
-from qsched.pipelines import denoiser_of
+from qsched.cache import ForwardCache
 from qsched.quantization import quant_spec_of, quantize, quantized_layers
-from qsched.schedule import Schedule
+from qsched.runner import denoiser_of, generate
+from qsched.schedule import Schedule, load_schedule, read_schedules, save_schedule
 from qsched.scheduler import QSchedScheduler, apply_schedule
 from qsched.scoring import JAQ
 from qsched.testing import tiny_pipeline
@@ -34,6 +30,12 @@ from fakes import BrightTC, ContrastIQ, fake_jaq
 
 PROMPTS = ["a bag", "a red coat", "a dress"]
 KW = {"height": 32, "width": 32, "guidance_scale": 0.0}
+
+
+def generate_images(pipe, prompts, seeds, steps, call_kwargs):
+    """Seed-major images of every (seed, prompt) through the one runner, as calibrate draws them."""
+    return torch.cat([generate(pipe, prompts, steps, seed=s, call_kwargs=call_kwargs) for s in seeds]), \
+        list(prompts) * len(seeds)
 
 
 @pytest.fixture(scope="module")
@@ -67,24 +69,24 @@ def test_grid_is_exactly_the_papers_2500_candidates():
 
 
 def test_grid_strategy_evaluates_every_grid_point_plus_identity(qpipe):
-    r = calibrate(qpipe, PROMPTS[:2], 2, jaq=fake_jaq(), strategy="grid", grid_points=3, progress=False,
-                  call_kwargs=KW)
-    params = [(t["params"]["model_start"], t["params"]["sample_start"]) for t in r.trials if t["role"] != "identity"]
+    r = calibrate(qpipe, PROMPTS[:2], 2, jaq=fake_jaq(), parametrization="linear", strategy="grid", grid_points=3,
+                  progress=False, call_kwargs=KW)
+    params = [(t["params"]["model_start"], t["params"]["sample_start"]) for t in r.trials]
     expected = {(c["model_start"], c["sample_start"]) for c in grid_candidates("linear", 2, (0.8, 1.2), 3)}
-    assert len(params) == 9 and set(params) == expected
+    assert len(params) == 9 and set(params) == expected  # the grid's (1, 1) point is the identity trial: not twice
     assert r.trials[0]["role"] == "identity" and r.trials[0]["params"] == {"model_start": 1.0, "sample_start": 1.0}
     assert r.naive["jaq"] == r.trials[0]["jaq"]
     assert r.best["jaq"] == max(t["jaq"] for t in r.trials)
-    assert r.strategy == "grid" and len(r.trials) == 10
+    assert r.strategy == "grid" and len(r.trials) == 9
 
 
 def test_grid_resumes_without_repeating_points_and_its_order_is_seeded(qpipe, tmp_path):
-    kw = dict(jaq=fake_jaq(), strategy="grid", grid_points=3, progress=False, call_kwargs=KW)
+    kw = dict(jaq=fake_jaq(), parametrization="linear", strategy="grid", grid_points=3, progress=False, call_kwargs=KW)
     part = calibrate(qpipe, PROMPTS[:2], 2, n_trials=4, out_dir=tmp_path / "a", **kw)
     assert len(part.trials) == 4 and part.trials[0]["role"] == "identity"
     full = calibrate(qpipe, PROMPTS[:2], 2, out_dir=tmp_path / "a", **kw)  # resumes the same study
-    params = [tuple(t["params"].values()) for t in full.trials if t["role"] != "identity"]
-    assert len(full.trials) == 10 and len(set(params)) == 9
+    params = [tuple(t["params"].values()) for t in full.trials]
+    assert len(full.trials) == 9 and len(set(params)) == 9
     assert [t["params"] for t in full.trials[:4]] == [t["params"] for t in part.trials]
     again = calibrate(qpipe, PROMPTS[:2], 2, n_trials=4, out_dir=tmp_path / "b", **kw)
     other = calibrate(qpipe, PROMPTS[:2], 2, n_trials=4, out_dir=tmp_path / "c", sampler_seed=1, **kw)
@@ -122,7 +124,7 @@ def test_only_the_quantized_denoiser_runs_and_nothing_is_built(qpipe, monkeypatc
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     monkeypatch.setattr(torch.nn.Module, "__init__", spy_init)
     try:
-        r = calibrate(pipe, PROMPTS, 2, jaq=fake_jaq(), n_trials=3, progress=False, call_kwargs=KW)
+        r = calibrate(pipe, PROMPTS, 2, jaq=fake_jaq(), parametrization="linear", n_trials=3, progress=False, call_kwargs=KW)
     finally:
         handle.remove()
         monkeypatch.undo()
@@ -188,7 +190,7 @@ def test_forward_cache_protects_hit_entries():
 
 
 def test_calibrate_is_deterministic_and_cache_changes_nothing(qpipe):
-    runs = [calibrate(qpipe, PROMPTS, 2, jaq=fake_jaq(), n_trials=4, seeds=(0, 3), progress=False,
+    runs = [calibrate(qpipe, PROMPTS, 2, jaq=fake_jaq(), parametrization="linear", n_trials=4, seeds=(0, 3), progress=False,
                       call_kwargs=KW, cache=c) for c in (True, True, False)]
     vals = [[t["jaq"] for t in r.trials] for r in runs]
     assert vals[0] == vals[1] == vals[2]
@@ -205,7 +207,7 @@ def test_calibrate_is_deterministic_and_cache_changes_nothing(qpipe):
 
 def test_selects_argmax_jaq_not_tc(qpipe):
     # TC rewards brightness, IQ (weighted 1000) rewards contrast: they disagree on some trial
-    r = calibrate(qpipe, PROMPTS[:2], 2, jaq=fake_jaq(k=1000.0), n_trials=6, progress=False, call_kwargs=KW)
+    r = calibrate(qpipe, PROMPTS[:2], 2, jaq=fake_jaq(k=1000.0), parametrization="linear", n_trials=6, progress=False, call_kwargs=KW)
     best = max(r.trials, key=lambda t: t["jaq"])
     assert r.best["trial"] == best["number"] and r.best["jaq"] == best["jaq"]
     if best["role"] != "identity":
@@ -223,7 +225,7 @@ def test_other_parametrizations(qpipe, kind, n):
 
 
 def test_cmaes_sampler(qpipe):
-    r = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), sampler="cmaes", n_trials=3, progress=False,
+    r = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), parametrization="linear", sampler="cmaes", n_trials=3, progress=False,
                   call_kwargs=KW)
     assert len(r.trials) == 3 and r.sampler == "cmaes"
 
@@ -232,11 +234,12 @@ def test_bad_arguments(qpipe, tmp_path):
     for kw in ({"parametrization": "cubic"}, {"strategy": "random"}, {"sampler": "nsga"},
                {"grid_range": (0.0, 1.0)}, {"n_trials": 0}, {"seeds": ()}):
         with pytest.raises(ValueError):
-            calibrate(qpipe, PROMPTS, 2, jaq=fake_jaq(), progress=False, call_kwargs=KW, **kw)
+            calibrate(qpipe, PROMPTS, 2, jaq=fake_jaq(), progress=False, call_kwargs=KW,
+                      **{"parametrization": "linear", **kw})
     with pytest.raises(ValueError):
-        calibrate(qpipe, [], 2, jaq=fake_jaq(), progress=False)
+        calibrate(qpipe, [], 2, jaq=fake_jaq(), parametrization="linear", progress=False)
     with pytest.raises(ValueError):
-        calibrate(qpipe, PROMPTS, 0, jaq=fake_jaq(), progress=False)
+        calibrate(qpipe, PROMPTS, 0, jaq=fake_jaq(), parametrization="linear", progress=False)
 
 
 # ------------------------------------------------------------------ durable, resumable studies
@@ -257,7 +260,7 @@ class Killer(BrightTC):
 
 def test_resume_keeps_completed_trials(qpipe, tmp_path):
     out = tmp_path / "run"
-    args = dict(jaq=None, n_trials=6, progress=False, call_kwargs=KW, out_dir=out)
+    args = dict(jaq=None, parametrization="linear", n_trials=6, progress=False, call_kwargs=KW, out_dir=out)
     with pytest.raises(KeyboardInterrupt):
         calibrate(qpipe, PROMPTS, 2, **{**args, "jaq": JAQ(Killer(3), ContrastIQ())})
     assert (out / "study.db").exists()
@@ -307,10 +310,10 @@ def test_weights_fingerprint_sees_values_shapes_and_dtypes():
 
 def test_storage_url_shared_by_two_workers(qpipe, tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    a = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), n_trials=2, storage=url, study_name="s", progress=False,
-                  call_kwargs=KW)
-    b = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), n_trials=4, storage=url, study_name="s", progress=False,
-                  call_kwargs=KW, sampler_seed=1)
+    a = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), parametrization="linear", n_trials=2, storage=url,
+                  study_name="s", progress=False, call_kwargs=KW)
+    b = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), parametrization="linear", n_trials=4, storage=url,
+                  study_name="s", progress=False, call_kwargs=KW)
     assert len(a.trials) == 2 and len(b.trials) == 4 and b.trials[:2] == a.trials
     assert b.storage == url
 
@@ -319,7 +322,7 @@ def test_storage_url_shared_by_two_workers(qpipe, tmp_path):
 
 
 def test_save_load_and_scheduler_dir(qpipe, tmp_path):
-    r = calibrate(qpipe, PROMPTS[:2], 2, jaq=fake_jaq(), n_trials=3, progress=False, call_kwargs=KW,
+    r = calibrate(qpipe, PROMPTS[:2], 2, jaq=fake_jaq(), parametrization="linear", n_trials=3, progress=False, call_kwargs=KW,
                   out_dir=tmp_path / "o", model_name="tiny-pcm")
     d = tmp_path / "o"
     data = json.loads((d / "calibration.json").read_text())
@@ -332,7 +335,7 @@ def test_save_load_and_scheduler_dir(qpipe, tmp_path):
     assert back.to_dict() == r.to_dict()
     # the pipeline's own scheduler was restored by calibrate
     assert not isinstance(qpipe.scheduler, QSchedScheduler) or qpipe.scheduler.schedule is None
-    assert load_schedule(d, qpipe) == r.schedule
+    assert load_schedule(d, spec=quant_spec_of(qpipe)) == r.schedule
 
 
 def test_schedules_json_holds_several_specs(qpipe, tmp_path):
@@ -342,13 +345,13 @@ def test_schedules_json_holds_several_specs(qpipe, tmp_path):
     save_schedule(tmp_path / "schedules.json", None, Schedule.identity(2), "m", 2)
     data = read_schedules(p)
     assert set(data["schedules"]) == {"w8a8", "w4a8", "none"} and data["model"] == "m"
-    assert load_schedule(tmp_path, qpipe) == s4  # picks quant_spec_of(pipe)
+    assert load_schedule(tmp_path, spec=quant_spec_of(qpipe)) == s4
     assert load_schedule(tmp_path, spec="w8a8") == s8
     with pytest.raises(ValueError, match="w8a8"):
         load_schedule(tmp_path, spec="w4a4")
     with pytest.raises(ValueError, match="steps"):
-        load_schedule(tmp_path, qpipe, steps=4)
+        load_schedule(tmp_path, spec="w4a8", steps=4)
     with pytest.raises(ValueError, match="model"):
         save_schedule(tmp_path, "w4a8", s4, "other-model", 2)
     with pytest.raises(FileNotFoundError):
-        load_schedule(tmp_path / "nothing", qpipe)
+        load_schedule(tmp_path / "nothing", spec="w4a8")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from qsched.evaluate import (AccuracyMetric, EvalMetric, EvalResult, FrechetMetric, JAQMetric, build_metrics,
-                             evaluate, load_reference_stats)
+from qsched.evaluate import EvalResult, evaluate
+from qsched.frechet import load_reference_stats
+from qsched.metrics import AccuracyMetric, EvalMetric, FrechetMetric, JAQMetric, build_metrics
 from qsched.prompts import load_prompts
 from qsched.quantization import quant_spec_of
 from qsched.schedule import Schedule
@@ -177,7 +178,7 @@ def test_already_quantized_model_runs_quant_rows_only(pipe):
 
 
 def test_reference_stats_files(tmp_path):
-    from qsched.testbed.metrics import save_stats
+    from qsched.frechet import save_stats
 
     mu, sigma = np.arange(3.0), np.eye(3) * 2
     np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import qsched.pipelines as P
-from qsched.pipelines import MODELS, ModelNotFoundError, default_call_kwargs, denoiser_of, load_pipeline
+from qsched.pipelines import MODELS, ModelNotFoundError, load_pipeline, resolve_model
+from qsched.runner import denoiser_of
 from qsched.schedule import Schedule
 from qsched.scheduler import QSchedScheduler, apply_schedule
 from qsched.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
@@ -125,22 +126,23 @@ def test_model_table():
     for spec in MODELS.values():  # every class named in the table exists in diffusers
         if spec.hub_id:
             assert hasattr(diffusers, spec.pipeline_class) and hasattr(diffusers, spec.scheduler_class)
-    assert default_call_kwargs("sdxl-turbo") == {"num_inference_steps": 4, "guidance_scale": 0.0, "height": 512,
-                                                 "width": 512}
-    assert default_call_kwargs("flux-schnell")["max_sequence_length"] == 256
-    assert default_call_kwargs("testbed") == {"num_inference_steps": 4}
-    with pytest.raises(ValueError, match="lcm-sd15"):
-        default_call_kwargs("nope")
+    assert resolve_model("sdxl-turbo").call_defaults() == {"guidance_scale": 0.0, "height": 512, "width": 512}
+    assert resolve_model("flux-schnell").call_defaults()["max_sequence_length"] == 256
+    assert resolve_model("testbed").call_defaults() == {}
 
 
-def test_model_defaults_used_by_calibrate_and_evaluate():
-    from qsched.pipelines import call_defaults, default_steps, jaq_preset
-
-    assert call_defaults("lcm-sd15") == {"guidance_scale": 8.0, "height": 512, "width": 512}
-    assert call_defaults("./my-local-model") == {} and call_defaults("testbed") == {}
-    assert default_steps("pcm-sd15-2step") == 2 and default_steps("./my-local-model") == 4
-    assert [jaq_preset(m) for m in ("testbed", "lcm-sd15", "sdxl-turbo", "flux-schnell", "./my-sd-model")] == \
-        ["testbed", "sd15", "sdxl", "sdxl", "sd15"]
+def test_model_spec_resolved_once_for_aliases_paths_and_hub_ids(tmp_path):
+    assert resolve_model("lcm-sd15").call_defaults() == {"guidance_scale": 8.0, "height": 512, "width": 512}
+    local = resolve_model("./my-local-model")
+    assert local.call_defaults() == {} and local.steps == 4 and not local.is_testbed
+    assert resolve_model("pcm-sd15-2step").steps == 2
+    assert [resolve_model(m).jaq_preset for m in ("testbed", "lcm-sd15", "sdxl-turbo", "flux-schnell",
+                                                   "./my-sd-model", "org/my-flux-finetune")] == \
+        ["testbed", "sd15", "sdxl", "sdxl", "sd15", "sdxl"]
+    # a saved testbed pipeline folder is the testbed, whatever its name
+    (tmp_path / "model_index.json").write_text('{"_class_name": "TestbedPipeline"}')
+    saved = resolve_model(tmp_path)
+    assert saved.is_testbed and saved.jaq_preset == "testbed" and saved.alias == str(tmp_path)
 
 
 def test_denoiser_of():

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from qsched import scoring
-from qsched.scoring import JAQ, CLIPIQA, CLIPScore, PickScore, make_jaq, to_tensor
+from qsched.images import to_tensor
+from qsched.scoring import JAQ, CLIPIQA, CLIPScore, PickScore, make_jaq
 
 
 # ------------------------------------------------------------------ helpers

