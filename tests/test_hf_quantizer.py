@@ -268,3 +268,13 @@ def test_fresh_process_plain_diffusers_loads_every_family(tmp_path):
         # differently (an unquantized pipeline shows it too). Realigned, every image is bit-identical.
         assert aligned == 0.0, (family, aligned)
         assert plain <= 1e-2, (family, plain)
+
+
+def test_register_refuses_a_diffusers_without_the_hooks(monkeypatch):
+    from diffusers.quantizers.base import DiffusersQuantizer
+
+    from qsched.hf_quantizer import register
+
+    monkeypatch.delattr(DiffusersQuantizer, "maybe_update_loaded_keys")
+    with pytest.raises(ImportError, match="diffusers>=0.39"):
+        register()

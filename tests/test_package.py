@@ -71,3 +71,17 @@ def test_scheduler_swap_warns_when_the_schedule_is_dropped():
         rewrapped = QSchedScheduler(diffusers.EulerDiscreteScheduler.from_config(wrapped.base_scheduler.config),
                                     wrapped.schedule)
     assert rewrapped.schedule == wrapped.schedule
+
+
+def test_diffusers_imported_before_qsched_still_registers():
+    out = _subprocess("""
+        import sys
+        from diffusers.quantizers import auto  # diffusers' model side first, pipelines not yet
+        import qsched
+        assert auto.AUTO_QUANTIZER_MAPPING["qsched"].__name__ == "QSchedQuantizer"
+        assert "qsched.scheduler" not in sys.modules
+        import diffusers.pipelines.pipeline_loading_utils  # now diffusers can resolve saved pipelines
+        assert "qsched.scheduler" in sys.modules
+        print("ok")
+    """)
+    assert out.strip() == "ok"
