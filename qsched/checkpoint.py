@@ -158,6 +158,8 @@ def _finalize_modes(root: Path) -> None:
 
 def _replace_dir(tmp: Path, directory: Path) -> None:
     """Move ``tmp`` to ``directory``; an existing qsched checkpoint there is replaced, anything else refused."""
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} exists and is not a directory")
     if directory.exists() and any(directory.iterdir()):
         if not is_quantized_folder(directory):
             raise CheckpointError(f"{directory} exists, is not empty and is not a qsched checkpoint: refusing to "

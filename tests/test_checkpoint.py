@@ -118,6 +118,9 @@ def test_overwrite_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="not a qsched checkpoint"):
         save_quantized(unet, tmp_path / "other")
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    with pytest.raises(CheckpointError, match="not a directory"):
+        save_quantized(unet, tmp_path / "other" / "notes.txt")
+    assert not [p for p in os.listdir(tmp_path / "other") if p.startswith(".")]  # temporary folder removed
     plain = nn.Sequential(nn.Linear(64, 64))
     quantize(plain, "w4a8")
     with pytest.raises(CheckpointError, match="diffusers model"):
