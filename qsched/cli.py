@@ -533,5 +533,8 @@ def report(
     console.print(f"report: {path}")
 
 
+from qsched.study.cli import study_app  # noqa: E402  (the `qsched study` sub-app)
+app.add_typer(study_app, name="study")
+
 if __name__ == "__main__":  # pragma: no cover
     app()

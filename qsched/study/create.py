@@ -1,0 +1,227 @@
+"""``qsched study create``: every system's images for the same prompts and seeds, plus ``manifest.json``.
+
+A system is ``SPEC:SCHEDULE``: ``SPEC`` is ``fp32`` (full precision) or a quantization spec such as ``w4a8``;
+``SCHEDULE`` is ``original`` (the model's own scheduler coefficients) or a calibration directory / schedules.json
+(its schedule for ``SPEC`` is used). Images live in ``DIR/images/<system id>/<prompt>_<seed>.png``; finished
+images are skipped on a rerun, so an interrupted ``create`` resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from qsched.study.errors import StudyError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "qsched-study-1"
+FP_NAMES = ("fp32", "fp", "none", "fp16", "bf16")
+ORIGINAL = "original"
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One system of the study: a precision and a schedule source."""
+
+    name: str            # as the user wrote it, e.g. "w4a8:runs/calib"
+    spec: str | None     # canonical quantization spec, None = full precision
+    schedule: str | None  # path of a schedules file/dir, None = original
+
+    @property
+    def id(self) -> str:
+        """A short stable directory-safe id (not shown to raters)."""
+        slug = re.sub(r"[^a-z0-9]+", "-", f"{self.spec or 'fp32'}-{Path(self.schedule).name if self.schedule else ORIGINAL}".lower()).strip("-")
+        return f"{slug[:40]}-{hashlib.sha1(self.name.encode()).hexdigest()[:6]}"
+
+
+def parse_system(text: str) -> SystemSpec:
+    """Parse ``SPEC:SCHEDULE`` (``SCHEDULE`` defaults to ``original``); raises StudyError naming the bad value."""
+    from qsched.quantization import QuantSpec
+
+    spec_s, _, sched_s = str(text).strip().partition(":")
+    spec_s, sched_s = spec_s.strip(), (sched_s.strip() or ORIGINAL)
+    if not spec_s:
+        raise StudyError(f"system {text!r}: expected SPEC:SCHEDULE, e.g. fp32:original or w4a8:runs/calib")
+    if spec_s.lower() in FP_NAMES:
+        spec = None
+    else:
+        try:
+            spec = QuantSpec.parse(spec_s).name
+        except ValueError as e:
+            raise StudyError(f"system {text!r}: {e}") from None
+    schedule = None
+    if sched_s.lower() != ORIGINAL:
+        p = Path(sched_s).expanduser()
+        if not p.exists():
+            raise StudyError(f"system {text!r}: schedule {sched_s!r} is neither 'original' nor an existing "
+                             "calibration directory / schedules.json")
+        schedule = str(p)
+    return SystemSpec(str(text).strip(), spec, schedule)
+
+
+def generate_system_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int,
+                           **call_kw: Any) -> list[Any]:
+    """One PIL image per (prompt, seed) pair (``prompts[i]`` with ``seeds[i]``), each from its own
+    ``torch.Generator().manual_seed(seed)`` so an image never depends on what was generated before it.
+
+    This is the study's only call into a pipeline (kept in one place so it can be swapped for a shared runner).
+    """
+    import torch
+
+    if len(prompts) != len(seeds):
+        raise StudyError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out = []
+    with torch.no_grad():
+        for prompt, seed in zip(prompts, seeds):
+            gen = torch.Generator("cpu").manual_seed(int(seed))
+            res = pipe(prompt=[prompt], generator=[gen], num_inference_steps=int(steps), output_type="pil", **call_kw)
+            images = res.images if hasattr(res, "images") else res[0]
+            out.append(images[0])
+    return out
+
+
+def image_name(prompt_index: int, seed: int) -> str:
+    """File name of one image inside a system's folder."""
+    return f"{prompt_index:05d}_{seed}.png"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    _atomic_write(Path(path), json.dumps(obj, indent=2).encode())
+
+
+def _png_bytes(img: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _system_pipeline(base: Any, system: SystemSpec, steps: int) -> Any:
+    """A copy of ``base`` quantized to the system's spec with its schedule applied (the base stays untouched)."""
+    import qsched
+    from qsched.calibrate import load_schedule
+
+    pipe = copy.deepcopy(base)
+    if system.spec is not None:
+        qsched.quantize(pipe, system.spec)
+    if system.schedule is not None:
+        try:
+            sched = load_schedule(system.schedule, pipe, spec=system.spec or "none", steps=steps)
+        except (ValueError, FileNotFoundError) as e:
+            raise StudyError(f"system {system.name!r}: {e}") from None
+        qsched.apply_schedule(pipe, sched)
+    return pipe
+
+
+def load_manifest(study_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``DIR/manifest.json``."""
+    p = Path(study_dir) / MANIFEST
+    if not p.exists():
+        raise StudyError(f"{study_dir} is not a study directory (no {MANIFEST}; run `qsched study create` first)")
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise StudyError(f"{p}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise StudyError(f"{p}: not a qsched study manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+    if len(m.get("systems", [])) < 2:
+        raise StudyError(f"{p}: a study needs at least two systems")
+    return m
+
+
+def create_study(study_dir: str | os.PathLike, systems: Sequence[str], prompts: Any = "testbed-heldout", *,
+                 n_prompts: int | None = None, seeds: Sequence[int] = (0,), model: str = "testbed",
+                 steps: int | None = None, device: str = "cpu", pipe: Any = None,
+                 progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Generate the study's images (skipping finished ones) and write ``manifest.json``; returns the manifest.
+
+    ``prompts``: anything :func:`qsched.prompts.load_prompts` reads (built-in name, text/CSV/JSON/YAML file).
+    Every system renders every prompt with every seed. ``pipe`` overrides loading ``model`` (tests).
+    ``progress(done, total, system_name)`` is called after each image.
+    """
+    from qsched.pipelines import call_defaults, default_steps
+    from qsched.prompts import load_prompts
+
+    parsed = [parse_system(s) for s in systems]
+    if len(parsed) < 2:
+        raise StudyError(f"a study needs at least two systems, got {len(parsed)}")
+    ids = [s.id for s in parsed]
+    if len(set(ids)) != len(ids):
+        raise StudyError(f"duplicate systems in {list(systems)}")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise StudyError(f"seeds must be distinct and non-empty, got {seeds}")
+    try:
+        ps = load_prompts(prompts, n_prompts)
+    except FileNotFoundError as e:
+        raise StudyError(str(e)) from None
+    steps = int(steps or default_steps(model))
+    root = Path(study_dir)
+    old = root / MANIFEST
+    if old.exists():
+        prev = load_manifest(root)
+        if prev["prompts"] != ps.prompts or prev["seeds"] != seeds or prev["model"] != str(model) \
+                or prev["steps"] != steps:
+            raise StudyError(f"{root} already holds a study with other prompts/seeds/model/steps; "
+                             "use a new directory (systems may be added to an existing one)")
+    labels = ps.labels
+    classes = None
+    if labels is not None and str(model) == "testbed":
+        from qsched.testbed.data import CLASS_NAMES
+
+        classes = [CLASS_NAMES[int(c)] for c in labels]
+    elif ps.categories is not None:
+        classes = list(ps.categories)
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT, "model": str(model), "steps": steps, "seeds": seeds,
+        "prompts": ps.prompts, "labels": labels, "classes": classes, "prompt_source": str(prompts),
+        "systems": [{"id": s.id, "name": s.name, "spec": s.spec, "schedule": s.schedule} for s in parsed],
+        "images": {},
+    }
+    jobs = [(pi, sd) for pi in range(len(ps)) for sd in seeds]
+    total, done = len(jobs) * len(parsed), 0
+    call_kw = call_defaults(str(model))
+    base = None
+    for system in parsed:
+        folder = root / "images" / system.id
+        todo = [(pi, sd) for pi, sd in jobs if not (folder / image_name(pi, sd)).exists()]
+        done += len(jobs) - len(todo)
+        if todo:
+            if base is None:
+                import qsched
+
+                base = pipe if pipe is not None else qsched.load_pipeline(model, device=device)
+            spipe = _system_pipeline(base, system, steps)
+            for pi, sd in todo:
+                img = generate_system_images(spipe, [ps.prompts[pi]], [sd], steps, **call_kw)[0]
+                _atomic_write(folder / image_name(pi, sd), _png_bytes(img))
+                done += 1
+                if progress:
+                    progress(done, total, system.name)
+            del spipe
+        elif progress:
+            progress(done, total, system.name)
+        manifest["images"][system.id] = {f"{pi}:{sd}": f"images/{system.id}/{image_name(pi, sd)}" for pi, sd in jobs}
+    write_json(old, manifest)
+    return manifest

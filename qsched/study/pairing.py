@@ -1,0 +1,85 @@
+"""Pair scheduling: which comparison a rater sees next.
+
+A comparison is (prompt, seed, unordered system pair). For each request the scheduler
+
+1. re-issues the rater's unanswered pair, if there is one (a page reload never skips or duplicates work);
+2. else picks, among system pairs the rater still has unseen comparisons for, the one issued least often overall;
+3. then, among that pair's unseen items (prompt, seed), the item issued least often overall (then the comparison
+   issued least often), ties broken at random;
+4. randomises which system is on the left.
+
+So system pairs and prompts stay balanced across raters, and a rater never sees the same comparison twice.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from qsched.study.store import Store
+
+
+@dataclass(frozen=True)
+class IssuedPair:
+    """A pair shown to a rater."""
+
+    id: str
+    prompt: int
+    seed: int
+    left: str
+    right: str
+
+
+def _row_pair(r: Any) -> IssuedPair:
+    return IssuedPair(r["id"], int(r["prompt"]), int(r["seed"]), r["left_sys"], r["right_sys"])
+
+
+class PairScheduler:
+    """Issues pairs for one study (systems and (prompt, seed) items from its manifest)."""
+
+    def __init__(self, store: Store, systems: list[str], items: list[tuple[int, int]], seed: int | None = None):
+        if len(systems) < 2:
+            raise ValueError(f"need at least two systems, got {systems}")
+        self.store = store
+        self.system_pairs = [tuple(sorted(p)) for p in itertools.combinations(systems, 2)]
+        self.items = list(items)
+        self.rng = random.Random(seed)
+
+    @property
+    def comparisons_per_rater(self) -> int:
+        """How many distinct comparisons one rater can be shown."""
+        return len(self.system_pairs) * len(self.items)
+
+    def next_pair(self, rater: str) -> IssuedPair | None:
+        """The rater's next pair, or None once they have seen every comparison."""
+        with self.store.tx() as c:
+            pending = c.execute("SELECT p.* FROM pairs p LEFT JOIN votes v ON v.pair_id = p.id "
+                                "WHERE p.rater=? AND v.id IS NULL ORDER BY p.issued_at LIMIT 1", (rater,)).fetchone()
+            if pending is not None:
+                return _row_pair(pending)
+            rows = c.execute("SELECT rater, prompt, seed, sys_a, sys_b FROM pairs").fetchall()
+            pair_n: Counter = Counter()
+            item_n: Counter = Counter()
+            comp_n: Counter = Counter()
+            mine: dict[tuple[str, str], set[tuple[int, int]]] = {p: set() for p in self.system_pairs}
+            for r in rows:
+                sp, it = (r["sys_a"], r["sys_b"]), (int(r["prompt"]), int(r["seed"]))
+                pair_n[sp] += 1
+                item_n[it] += 1
+                comp_n[(it, sp)] += 1
+                if r["rater"] == rater and sp in mine:
+                    mine[sp].add(it)
+            open_pairs = [p for p in self.system_pairs if len(mine[p]) < len(self.items)]
+            if not open_pairs:
+                return None
+            lo = min(pair_n[p] for p in open_pairs)
+            sp = self.rng.choice([p for p in open_pairs if pair_n[p] == lo])
+            unseen = [it for it in self.items if it not in mine[sp]]
+            best = min((item_n[it], comp_n[(it, sp)]) for it in unseen)
+            item = self.rng.choice([it for it in unseen if (item_n[it], comp_n[(it, sp)]) == best])
+            left, right = sp if self.rng.random() < 0.5 else (sp[1], sp[0])
+            pid = self.store.issue_pair(c, rater, item[0], item[1], left, right)
+            return IssuedPair(pid, item[0], item[1], left, right)
