@@ -28,12 +28,12 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (StudyError, ValueError, FileNotFoundError) as e:
-            console.print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", highlight=False)
+            console.print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as e:
             if e.name not in _EXTRA_MODULES:
                 raise
-            console.print(f"error: {e.name} is missing: pip install 'qsched[study]'", highlight=False)
+            console.print(f"error: {e.name} is missing: pip install 'qsched[study]'", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -119,9 +119,9 @@ def serve(
     if not _loopback(host):
         console.print(f"[yellow]warning: binding {host}: the study is reachable from other machines[/]")
     for r in store.raters():
-        console.print(f"rater {r['name']}: {base}/?token={r['token']}", highlight=False)
-    console.print(f"results: {base}/results?token={app.state.admin_token}", highlight=False)
-    console.print("add raters: POST /api/admin/raters with header X-Admin-Token; Ctrl-C stops", highlight=False)
+        console.print(f"rater {r['name']}: {base}/?token={r['token']}", highlight=False, soft_wrap=True)
+    console.print(f"results: {base}/results?token={app.state.admin_token}", highlight=False, soft_wrap=True)
+    console.print("add raters: POST /api/admin/raters with header X-Admin-Token; Ctrl-C stops", highlight=False, soft_wrap=True)
     serve_forever(app, host, port)
     console.print(f"stopped; {store.n_votes()} votes stored in {directory / 'votes.sqlite'}")
 
@@ -143,7 +143,7 @@ def add_raters(
     store = Store(Path(directory) / DB_NAME)
     for _ in range(n):
         name, tok = store.add_rater()
-        console.print(f"rater {name}: {base_url.rstrip('/')}/?token={tok}", highlight=False)
+        console.print(f"rater {name}: {base_url.rstrip('/')}/?token={tok}", highlight=False, soft_wrap=True)
 
 
 def _print_table(res: dict[str, Any]) -> None:
@@ -159,7 +159,7 @@ def _print_table(res: dict[str, Any]) -> None:
     ag = res["agreement"]
     if ag["n_comparisons_shared"]:
         console.print(f"rater agreement: {ag['percent_agreement']:.3f} over {ag['n_rater_pairs']} rater pairs; "
-                      f"Krippendorff alpha {ag['krippendorff_alpha']}", highlight=False)
+                      f"Krippendorff alpha {ag['krippendorff_alpha']}", highlight=False, soft_wrap=True)
 
 
 @study_app.command()
@@ -185,7 +185,7 @@ def results(
     paths = write_results(out or Path(directory) / "results", res)
     _print_table(res)
     for k, p in paths.items():
-        console.print(f"{k}: {p}", highlight=False)
+        console.print(f"{k}: {p}", highlight=False, soft_wrap=True)
 
 
 @study_app.command()
@@ -215,7 +215,7 @@ def simulate(
     with ServerThread(app) as url:
         tokens = _add(url, app.state.admin_token, raters)
         summary = run_raters(url, tokens, make, votes, noise=noise, tie_margin=tie_margin, bad_below=bad_below)
-    console.print(json.dumps(summary), highlight=False)
+    console.print(json.dumps(summary), highlight=False, soft_wrap=True)
     results(directory, out=None, n_boot=n_boot, seed=0)
 
 
