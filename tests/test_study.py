@@ -206,3 +206,24 @@ def test_admin_token_guards_results(study):
     assert c.post("/api/admin/raters", headers=h, json={"name": "../etc"}).status_code == 422
     c.post("/api/admin/raters", headers=h, json={"name": "dup"})
     assert c.post("/api/admin/raters", headers=h, json={"name": "dup"}).status_code == 409
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_cli_errors_are_one_line(study, tmp_path):
+    from typer.testing import CliRunner
+
+    from qsched.cli import app
+
+    run = CliRunner().invoke
+    # `--systems a b` takes b as a further system: the bad second one is named
+    r = run(app, ["study", "create", str(tmp_path / "s"), "--systems", "fp32:original", "w9a8:original"])
+    assert r.exit_code == 2 and "w9a8" in r.output and "Traceback" not in r.output
+    r = run(app, ["study", "create", str(tmp_path / "s"), "--systems", "fp32:original", "--seeds", "0,x"])
+    assert r.exit_code == 2 and "seeds" in r.output
+    r = run(app, ["study", "results", str(tmp_path)])
+    assert r.exit_code == 2 and "not a study directory" in r.output
+    (tmp_path / "manifest.json").write_text("{")
+    r = run(app, ["study", "serve", str(tmp_path)])
+    assert r.exit_code == 2 and "not valid JSON" in r.output
+    r = run(app, ["study", "serve", str(study), "--port", "0"])
+    assert r.exit_code == 2 and "--port" in r.output
