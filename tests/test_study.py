@@ -227,3 +227,19 @@ def test_cli_errors_are_one_line(study, tmp_path):
     assert r.exit_code == 2 and "not valid JSON" in r.output
     r = run(app, ["study", "serve", str(study), "--port", "0"])
     assert r.exit_code == 2 and "--port" in r.output
+
+
+def test_generate_system_images_depends_only_on_prompt_and_seed():
+    import numpy as np
+
+    import qsched
+    from qsched.study.create import generate_system_images
+
+    pipe = qsched.load_pipeline("testbed")
+    both = generate_system_images(pipe, ["a sandal", "a bag"], [5, 6], 4)
+    alone = generate_system_images(pipe, ["a bag"], [6], 4)
+    other = generate_system_images(pipe, ["a bag"], [7], 4)
+    assert np.array_equal(np.asarray(both[1]), np.asarray(alone[0]))
+    assert not np.array_equal(np.asarray(alone[0]), np.asarray(other[0]))
+    with pytest.raises(StudyError, match="2 prompts but 1 seeds"):
+        generate_system_images(pipe, ["a", "b"], [1], 4)

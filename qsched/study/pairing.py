@@ -46,6 +46,7 @@ class PairScheduler:
         self.store = store
         self.system_pairs = [tuple(sorted(p)) for p in itertools.combinations(systems, 2)]
         self.items = list(items)
+        self._item_set = set(self.items)
         self.rng = random.Random(seed)
 
     @property
@@ -60,26 +61,25 @@ class PairScheduler:
                                 "WHERE p.rater=? AND v.id IS NULL ORDER BY p.issued_at LIMIT 1", (rater,)).fetchone()
             if pending is not None:
                 return _row_pair(pending)
-            rows = c.execute("SELECT rater, prompt, seed, sys_a, sys_b FROM pairs").fetchall()
-            pair_n: Counter = Counter()
-            item_n: Counter = Counter()
-            comp_n: Counter = Counter()
+            pair_n = Counter({(r[0], r[1]): r[2] for r in c.execute(
+                "SELECT sys_a, sys_b, COUNT(*) FROM pairs GROUP BY sys_a, sys_b")})
             mine: dict[tuple[str, str], set[tuple[int, int]]] = {p: set() for p in self.system_pairs}
-            for r in rows:
-                sp, it = (r["sys_a"], r["sys_b"]), (int(r["prompt"]), int(r["seed"]))
-                pair_n[sp] += 1
-                item_n[it] += 1
-                comp_n[(it, sp)] += 1
-                if r["rater"] == rater and sp in mine:
-                    mine[sp].add(it)
+            for r in c.execute("SELECT prompt, seed, sys_a, sys_b FROM pairs WHERE rater=?", (rater,)):
+                it = (int(r[0]), int(r[1]))
+                if (r[2], r[3]) in mine and it in self._item_set:
+                    mine[(r[2], r[3])].add(it)
             open_pairs = [p for p in self.system_pairs if len(mine[p]) < len(self.items)]
             if not open_pairs:
                 return None
             lo = min(pair_n[p] for p in open_pairs)
             sp = self.rng.choice([p for p in open_pairs if pair_n[p] == lo])
+            item_n = Counter({(int(r[0]), int(r[1])): r[2] for r in c.execute(
+                "SELECT prompt, seed, COUNT(*) FROM pairs GROUP BY prompt, seed")})
+            comp_n = Counter({(int(r[0]), int(r[1])): r[2] for r in c.execute(
+                "SELECT prompt, seed, COUNT(*) FROM pairs WHERE sys_a=? AND sys_b=? GROUP BY prompt, seed", sp)})
             unseen = [it for it in self.items if it not in mine[sp]]
-            best = min((item_n[it], comp_n[(it, sp)]) for it in unseen)
-            item = self.rng.choice([it for it in unseen if (item_n[it], comp_n[(it, sp)]) == best])
+            best = min((item_n[it], comp_n[it]) for it in unseen)
+            item = self.rng.choice([it for it in unseen if (item_n[it], comp_n[it]) == best])
             left, right = sp if self.rng.random() < 0.5 else (sp[1], sp[0])
             pid = self.store.issue_pair(c, rater, item[0], item[1], left, right)
             return IssuedPair(pid, item[0], item[1], left, right)

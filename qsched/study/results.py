@@ -31,29 +31,36 @@ from qsched.study.create import _atomic_write, write_json
 ELO_BASE, ELO_SCALE = 1000.0, 400.0
 
 
-def _winner(answer: str) -> Any:
-    from evalica import Winner
+_OUTCOME = {"left": 1, "right": 2}  # evalica.Winner.X / .Y; everything else is a draw (Winner.Draw = 0)
 
-    return {"left": Winner.X, "right": Winner.Y}.get(answer, Winner.Draw)
+
+def _encode(votes: Sequence[dict[str, Any]], systems: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left index, right index, evalica Winner code) arrays of the votes."""
+    idx = {k: i for i, k in enumerate(systems)}
+    left = np.fromiter((idx[v["left_sys"]] for v in votes), dtype=np.int64, count=len(votes))
+    right = np.fromiter((idx[v["right_sys"]] for v in votes), dtype=np.int64, count=len(votes))
+    win = np.fromiter((_OUTCOME.get(v["answer"], 0) for v in votes), dtype=np.int64, count=len(votes))
+    return left, right, win
+
+
+def _fit_elo(left: np.ndarray, right: np.ndarray, win: np.ndarray, m: int, prior: float) -> np.ndarray:
+    """Elo-scale scores of systems 0..m-1 from encoded votes plus a pseudo-draw of weight ``prior`` per pair."""
+    import evalica
+    import pandas as pd
+
+    pa, pb = (np.asarray(x, dtype=np.int64) for x in zip(*itertools.combinations(range(m), 2)))
+    xs = np.concatenate([left, pa]).tolist()
+    ys = np.concatenate([right, pb]).tolist()
+    ws = [evalica.Winner(int(w)) for w in np.concatenate([win, np.zeros(len(pa), dtype=np.int64)])]
+    weights = np.concatenate([np.ones(len(left)), np.full(len(pa), float(prior))]).tolist()
+    res = evalica.bradley_terry(xs, ys, ws, weights=weights, index=pd.Index(range(m)))
+    s = np.log(np.maximum(np.asarray([float(res.scores[i]) for i in range(m)]), 1e-300))
+    return ELO_BASE + ELO_SCALE / math.log(10) * (s - s.mean())
 
 
 def bradley_terry_elo(votes: Sequence[dict[str, Any]], systems: Sequence[str], prior: float = 0.5) -> dict[str, float]:
     """Elo-scale Bradley-Terry scores of ``systems`` from votes (dicts with left_sys, right_sys, answer)."""
-    import evalica
-    import pandas as pd
-
-    xs = [v["left_sys"] for v in votes]
-    ys = [v["right_sys"] for v in votes]
-    ws = [_winner(v["answer"]) for v in votes]
-    weights = [1.0] * len(votes)
-    for a, b in itertools.combinations(systems, 2):
-        xs.append(a)
-        ys.append(b)
-        ws.append(_winner("tie"))
-        weights.append(float(prior))
-    res = evalica.bradley_terry(xs, ys, ws, weights=weights, index=pd.Index(list(systems)))
-    s = np.log(np.maximum(np.asarray([float(res.scores[k]) for k in systems]), 1e-300))
-    elo = ELO_BASE + ELO_SCALE / math.log(10) * (s - s.mean())
+    elo = _fit_elo(*_encode(votes, systems), len(systems), prior)
     return {k: float(e) for k, e in zip(systems, elo)}
 
 
@@ -63,12 +70,12 @@ def bootstrap_elo(votes: Sequence[dict[str, Any]], systems: Sequence[str], n_boo
     if not votes or n_boot < 1:
         return {k: (float("nan"), float("nan")) for k in systems}
     rng = np.random.default_rng(seed)
+    left, right, win = _encode(votes, systems)
     n = len(votes)
     draws = np.empty((n_boot, len(systems)))
     for i in range(n_boot):
-        sample = [votes[j] for j in rng.integers(0, n, n)]
-        e = bradley_terry_elo(sample, systems, prior)
-        draws[i] = [e[k] for k in systems]
+        j = rng.integers(0, n, n)
+        draws[i] = _fit_elo(left[j], right[j], win[j], len(systems), prior)
     lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)], axis=0)
     return {k: (float(a), float(b)) for k, a, b in zip(systems, lo, hi)}
 

@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS votes (
     right_sys TEXT NOT NULL, answer TEXT NOT NULL CHECK (answer IN ('left', 'right', 'tie', 'both_bad')),
     created_at REAL NOT NULL, latency_s REAL);
 CREATE INDEX IF NOT EXISTS pairs_by_rater ON pairs (rater);
+CREATE INDEX IF NOT EXISTS pairs_by_systems ON pairs (sys_a, sys_b, prompt, seed);
 """
 
 
