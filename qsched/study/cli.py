@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import json
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -199,6 +198,7 @@ def simulate(
     tie_margin: float = typer.Option(0.02, help="Score difference at or below which a rater answers tie."),
     bad_below: float = typer.Option(0.2, help="Both scores below this: 'both bad'."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples."),
+    replay: bool = typer.Option(False, help="Re-send every accepted vote once (the server must refuse it)."),
 ) -> None:
     """Run simulated raters against a local server (127.0.0.1, free port) through the HTTP API, then `results`."""
     from qsched.study.app import create_app
@@ -212,10 +212,19 @@ def simulate(
     app = create_app(directory)
     shared = ClassifierScorer.from_manifest(app.state.manifest) if scorer == "classifier" else None
     make = (lambda i: shared) if shared is not None else (lambda i: RandomScorer(i))
+    store = app.state.store
+    before = store.n_votes()
     with ServerThread(app) as url:
         tokens = _add(url, app.state.admin_token, raters)
-        summary = run_raters(url, tokens, make, votes, noise=noise, tie_margin=tie_margin, bad_below=bad_below)
-    console.print(json.dumps(summary), highlight=False, soft_wrap=True)
+        summary = run_raters(url, tokens, make, votes, noise=noise, tie_margin=tie_margin, bad_below=bad_below,
+                             replay=replay)
+    pair_ids = [r[0] for r in store.query("SELECT pair_id FROM votes")]
+    summary["stored"] = store.n_votes() - before
+    summary["duplicates"] = len(pair_ids) - len(set(pair_ids))
+    console.print(f"votes sent {summary['sent']}, accepted {summary['accepted']}, stored {summary['stored']}, "
+                  f"duplicates {summary['duplicates']}, replays rejected {summary['replays_rejected']}/"
+                  f"{summary['replays_sent']}, errors {summary['errors']}, {summary['raters']} concurrent raters, "
+                  f"{summary['wall_s']:.2f} s", highlight=False, soft_wrap=True)
     results(directory, out=None, n_boot=n_boot, seed=0)
 
 
