@@ -16,13 +16,19 @@ _CACHE: dict[str, Path] = {}
 def master_study(base: Path) -> Path:
     """Create the shared study once (images + manifest, no votes)."""
     if "dir" not in _CACHE:
+        from typer.testing import CliRunner
+
         from qsched.calibrate import save_schedule
-        from qsched.study.create import create_study
+        from qsched.cli import app
 
         sched_dir = base / "calib"
         save_schedule(sched_dir, "w4a8", Schedule.linear(1.0, 0.98, 4), "testbed", 4)
         d = base / "study-master"
-        create_study(d, [*SYSTEMS, f"w4a8:{sched_dir}"], "testbed-heldout", n_prompts=N_PROMPTS, seeds=[0])
+        # through the CLI, with the issue's syntax: --systems A B C ...
+        r = CliRunner().invoke(app, ["study", "create", str(d), "--systems", *SYSTEMS, f"w4a8:{sched_dir}",
+                                     "--prompts", "testbed-heldout", "--n-prompts", str(N_PROMPTS), "--seeds", "0"])
+        assert r.exit_code == 0, r.output
+        assert f"{len(SYSTEMS) + 1} systems x {N_PROMPTS} images" in r.output, r.output
         _CACHE["dir"] = d
     return _CACHE["dir"]
 

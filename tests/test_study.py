@@ -48,6 +48,9 @@ def test_parse_system_accepts_and_rejects(tmp_path):
         parse_system(f"w4a8:{tmp_path / 'nowhere'}")
     with pytest.raises(StudyError, match="at least two"):
         create_study(tmp_path / "s", ["fp32:original"])
+    with pytest.raises(StudyError, match="duplicate"):
+        create_study(tmp_path / "s", ["fp32:original", "fp32"])
+    assert parse_system("fp32").id == parse_system("none:original").id != parse_system("w4a8").id
 
 
 def test_manifest_covers_every_system_prompt_and_seed(study):

@@ -22,7 +22,7 @@ from qsched.study.errors import StudyError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "qsched-study-1"
-FP_NAMES = ("fp32", "fp", "none", "fp16", "bf16")
+FP_NAMES = ("fp32", "fp", "none")
 ORIGINAL = "original"
 
 
@@ -36,9 +36,10 @@ class SystemSpec:
 
     @property
     def id(self) -> str:
-        """A short stable directory-safe id (not shown to raters)."""
+        """A short directory-safe id, the same for the same (spec, schedule) however it is written."""
         slug = re.sub(r"[^a-z0-9]+", "-", f"{self.spec or 'fp32'}-{Path(self.schedule).name if self.schedule else ORIGINAL}".lower()).strip("-")
-        return f"{slug[:40]}-{hashlib.sha1(self.name.encode()).hexdigest()[:6]}"
+        key = f"{self.spec}|{Path(self.schedule).resolve() if self.schedule else ORIGINAL}"
+        return f"{slug[:40]}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
 def parse_system(text: str) -> SystemSpec:
