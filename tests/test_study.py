@@ -51,6 +51,8 @@ def test_parse_system_accepts_and_rejects(tmp_path):
     with pytest.raises(StudyError, match="duplicate"):
         create_study(tmp_path / "s", ["fp32:original", "fp32"])
     assert parse_system("fp32").id == parse_system("none:original").id != parse_system("w4a8").id
+    named = parse_system(f"W4A8 Q-Sched = w4a8:{tmp_path}")
+    assert (named.name, named.spec, named.schedule) == ("W4A8 Q-Sched", "w4a8", str(tmp_path))
 
 
 def test_manifest_covers_every_system_prompt_and_seed(study):

@@ -48,8 +48,9 @@ def create(
     directory: Path = typer.Argument(..., help="Study directory (created; an existing one is resumed)."),
     more_systems: Optional[List[str]] = typer.Argument(None, metavar="[SYSTEM]...",
                                                        help="More systems (so `--systems a b c` works)."),
-    systems: List[str] = typer.Option([], "--systems", "-s", help="SPEC:SCHEDULE, e.g. fp32:original, "
-                                      "w4a8:original, w4a8:runs/calib (a calibration dir or schedules.json)."),
+    systems: List[str] = typer.Option([], "--systems", "-s", help="[LABEL=]SPEC:SCHEDULE, e.g. "
+                                      "fp32:original, w4a8:original, 'W4A8 Q-Sched=w4a8:runs/calib' (a calibration "
+                                      "dir or schedules.json)."),
     prompts: str = typer.Option("testbed-heldout", help="Prompt file (txt/csv/json/yaml) or a built-in set."),
     n_prompts: Optional[int] = typer.Option(None, help="Use the first N prompts (default: 40 of a built-in set, "
                                             "all of a file)."),

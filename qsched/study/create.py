@@ -1,8 +1,8 @@
 """``qsched study create``: every system's images for the same prompts and seeds, plus ``manifest.json``.
 
-A system is ``SPEC:SCHEDULE``: ``SPEC`` is ``fp32`` (full precision) or a quantization spec such as ``w4a8``;
+A system is ``[LABEL=]SPEC:SCHEDULE``: ``SPEC`` is ``fp32`` (full precision) or a quantization spec such as ``w4a8``;
 ``SCHEDULE`` is ``original`` (the model's own scheduler coefficients) or a calibration directory / schedules.json
-(its schedule for ``SPEC`` is used). Images live in ``DIR/images/<system id>/<prompt>_<seed>.png``; finished
+(its schedule for ``SPEC`` is used); ``LABEL`` names the system in the results. Images live in ``DIR/images/<system id>/<prompt>_<seed>.png``; finished
 images are skipped on a rerun, so an interrupted ``create`` resumes where it stopped.
 """
 
@@ -43,10 +43,15 @@ class SystemSpec:
 
 
 def parse_system(text: str) -> SystemSpec:
-    """Parse ``SPEC:SCHEDULE`` (``SCHEDULE`` defaults to ``original``); raises StudyError naming the bad value."""
+    """Parse ``[LABEL=]SPEC[:SCHEDULE]`` (``SCHEDULE`` defaults to ``original``; ``LABEL``, the name shown in the
+    results, defaults to the text itself); raises StudyError naming the bad value."""
     from qsched.quantization import QuantSpec
 
-    spec_s, _, sched_s = str(text).strip().partition(":")
+    label, eq, body = str(text).strip().partition("=")
+    if not eq:
+        label, body = "", label
+    label = label.strip()
+    spec_s, _, sched_s = body.strip().partition(":")
     spec_s, sched_s = spec_s.strip(), (sched_s.strip() or ORIGINAL)
     if not spec_s:
         raise StudyError(f"system {text!r}: expected SPEC:SCHEDULE, e.g. fp32:original or w4a8:runs/calib")
@@ -64,7 +69,7 @@ def parse_system(text: str) -> SystemSpec:
             raise StudyError(f"system {text!r}: schedule {sched_s!r} is neither 'original' nor an existing "
                              "calibration directory / schedules.json")
         schedule = str(p)
-    return SystemSpec(str(text).strip(), spec, schedule)
+    return SystemSpec(label or body.strip(), spec, schedule)
 
 
 def generate_system_images(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], steps: int,
@@ -170,6 +175,8 @@ def create_study(study_dir: str | os.PathLike, systems: Sequence[str], prompts: 
     ids = [s.id for s in parsed]
     if len(set(ids)) != len(ids):
         raise StudyError(f"duplicate systems in {list(systems)}")
+    if len({s.name for s in parsed}) != len(parsed):
+        raise StudyError(f"two systems share a label in {list(systems)}")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise StudyError(f"seeds must be distinct and non-empty, got {seeds}")
