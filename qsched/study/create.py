@@ -98,7 +98,8 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"{prompt_index:05d}_{seed}.png"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -112,7 +113,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    _atomic_write(Path(path), json.dumps(obj, indent=2).encode())
+    atomic_write(Path(path), json.dumps(obj, indent=2).encode())
 
 
 def _png_bytes(img: Any) -> bytes:
@@ -223,7 +224,7 @@ def create_study(study_dir: str | os.PathLike, systems: Sequence[str], prompts: 
             spipe = _system_pipeline(base, system, steps)
             for pi, sd in todo:
                 img = generate_system_images(spipe, [ps.prompts[pi]], [sd], steps, **call_kw)[0]
-                _atomic_write(folder / image_name(pi, sd), _png_bytes(img))
+                atomic_write(folder / image_name(pi, sd), _png_bytes(img))
                 done += 1
                 if progress:
                     progress(done, total, system.name)

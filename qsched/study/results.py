@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qsched.study.create import _atomic_write, write_json
+from qsched.study.create import atomic_write, write_json
 
 ELO_BASE, ELO_SCALE = 1000.0, 400.0
 
@@ -311,13 +311,13 @@ def write_results(out_dir: str | os.PathLike, res: dict[str, Any]) -> dict[str, 
     w.writerow(cols)
     for r in res["bradley_terry"]:
         w.writerow([r[c] for c in cols])
-    _atomic_write(paths["csv"], buf.getvalue().encode())
+    atomic_write(paths["csv"], buf.getvalue().encode())
     buf = io.StringIO()
     w = csv.writer(buf)
     names = res["win_rate"]["systems"]
     w.writerow(["system \\ opponent", *names])
     for n, row in zip(names, res["win_rate"]["rate"]):
         w.writerow([n, *["" if x is None else x for x in row]])
-    _atomic_write(paths["win_rate_csv"], buf.getvalue().encode())
-    _atomic_write(paths["html"], render_html(res).encode())
+    atomic_write(paths["win_rate_csv"], buf.getvalue().encode())
+    atomic_write(paths["html"], render_html(res).encode())
     return paths
