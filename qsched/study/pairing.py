@@ -3,9 +3,9 @@
 A comparison is (prompt, seed, unordered system pair). For each request the scheduler
 
 1. re-issues the rater's unanswered pair, if there is one (a page reload never skips or duplicates work);
-2. else picks, among system pairs the rater still has unseen comparisons for, the one issued least often overall;
-3. then, among that pair's unseen items (prompt, seed), the item issued least often overall (then the comparison
-   issued least often), ties broken at random;
+2. else takes the system pairs the rater still has unseen comparisons for that were issued least often overall;
+3. and among their unseen comparisons (system pair, item), where an item is a (prompt, seed), one issued least
+   often overall, then one whose item was issued least often overall, ties broken at random;
 4. randomises which system is on the left.
 
 So system pairs and prompts stay balanced across raters, and a rater never sees the same comparison twice.
@@ -72,14 +72,15 @@ class PairScheduler:
             if not open_pairs:
                 return None
             lo = min(pair_n[p] for p in open_pairs)
-            sp = self.rng.choice([p for p in open_pairs if pair_n[p] == lo])
+            tied = [p for p in open_pairs if pair_n[p] == lo]
             item_n = Counter({(int(r[0]), int(r[1])): r[2] for r in c.execute(
                 "SELECT prompt, seed, COUNT(*) FROM pairs GROUP BY prompt, seed")})
-            comp_n = Counter({(int(r[0]), int(r[1])): r[2] for r in c.execute(
-                "SELECT prompt, seed, COUNT(*) FROM pairs WHERE sys_a=? AND sys_b=? GROUP BY prompt, seed", sp)})
-            unseen = [it for it in self.items if it not in mine[sp]]
-            best = min((item_n[it], comp_n[it]) for it in unseen)
-            item = self.rng.choice([it for it in unseen if (item_n[it], comp_n[it]) == best])
+            comp_n = Counter({(r[0], r[1], int(r[2]), int(r[3])): r[4] for r in c.execute(
+                "SELECT sys_a, sys_b, prompt, seed, COUNT(*) FROM pairs GROUP BY sys_a, sys_b, prompt, seed")})
+            cands = [(sp, it) for sp in tied for it in self.items if it not in mine[sp]]
+            key = lambda x: (comp_n[(*x[0], *x[1])], item_n[x[1]])  # noqa: E731
+            best = min(key(x) for x in cands)
+            sp, item = self.rng.choice([x for x in cands if key(x) == best])
             left, right = sp if self.rng.random() < 0.5 else (sp[1], sp[0])
             pid = self.store.issue_pair(c, rater, item[0], item[1], left, right)
             return IssuedPair(pid, item[0], item[1], left, right)
