@@ -99,6 +99,45 @@ def test_create_resumes_only_missing_images(study, tmp_path):
         create_study(d, [s["name"] for s in m["systems"]], "testbed-heldout", n_prompts=N_PROMPTS + 1, pipe=pipe)
 
 
+class _SchedPipe:
+    """A fake pipeline with a real diffusers scheduler; records the c^e coefficients in force at each call."""
+
+    calls: list = []
+
+    def __init__(self):
+        from diffusers import LCMScheduler
+
+        self.scheduler = LCMScheduler()
+
+    def __call__(self, prompt, generator, num_inference_steps, output_type, **kw):
+        sched = getattr(self.scheduler, "schedule", None)
+        type(self).calls.append(None if sched is None else sched.to_dict()["model_coeff"][0])
+        return type("Out", (), {"images": [Image.new("L", (32, 32), 100)]})()
+
+
+def test_interrupted_create_resumes_and_applies_schedules(tmp_path):
+    from qsched.calibrate import save_schedule
+    from qsched.schedule import Schedule
+
+    save_schedule(tmp_path / "cal", None, Schedule.linear(1.1, 1.0, 4), "testbed", 4)
+    systems, d = ["fp32:original", f"tuned=fp32:{tmp_path / 'cal'}"], tmp_path / "s"
+
+    def stop_after_two(done, total, name):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        create_study(d, systems, n_prompts=3, pipe=_SchedPipe(), progress=stop_after_two)
+    with pytest.raises(StudyError, match="did not finish"):
+        load_manifest(d)
+    with pytest.raises(StudyError, match="other prompts"):
+        create_study(d, systems, n_prompts=4, pipe=_SchedPipe())
+    m = create_study(d, systems, n_prompts=3, pipe=_SchedPipe())
+    assert _SchedPipe.calls == [None, None, None, 1.1, 1.1, 1.1]  # 2 before the interrupt, 4 after; no repeats
+    assert load_manifest(d)["complete"] and m["systems"][1]["coefficients"]["model_coeff"][0] == pytest.approx(1.1)
+    assert m["systems"][1]["name"] == "tuned" and m["systems"][0]["coefficients"] is None
+
+
 # ------------------------------------------------------------------------------------------------ store
 def test_store_is_wal_and_survives_restart(tmp_path):
     db = tmp_path / "v.sqlite"

@@ -141,8 +141,20 @@ def _system_pipeline(base: Any, system: SystemSpec, steps: int) -> Any:
     return pipe
 
 
-def load_manifest(study_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``DIR/manifest.json``."""
+def _schedule_record(system: SystemSpec, steps: int) -> dict[str, Any] | None:
+    """The coefficients a system's schedule file holds for its spec (recorded in the manifest), or None."""
+    if system.schedule is None:
+        return None
+    from qsched.calibrate import load_schedule
+
+    try:
+        return load_schedule(system.schedule, spec=system.spec or "none", steps=steps).to_dict()
+    except (ValueError, FileNotFoundError) as e:
+        raise StudyError(f"system {system.name!r}: {e}") from None
+
+
+def load_manifest(study_dir: str | os.PathLike, allow_incomplete: bool = False) -> dict[str, Any]:
+    """Read and check ``DIR/manifest.json`` (an unfinished ``create`` is refused unless ``allow_incomplete``)."""
     p = Path(study_dir) / MANIFEST
     if not p.exists():
         raise StudyError(f"{study_dir} is not a study directory (no {MANIFEST}; run `qsched study create` first)")
@@ -154,6 +166,9 @@ def load_manifest(study_dir: str | os.PathLike) -> dict[str, Any]:
         raise StudyError(f"{p}: not a qsched study manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
     if len(m.get("systems", [])) < 2:
         raise StudyError(f"{p}: a study needs at least two systems")
+    if not m.get("complete", True) and not allow_incomplete:
+        raise StudyError(f"{study_dir}: image generation did not finish; rerun the same `qsched study create` "
+                         "command to resume it")
     return m
 
 
@@ -189,7 +204,7 @@ def create_study(study_dir: str | os.PathLike, systems: Sequence[str], prompts: 
     root = Path(study_dir)
     old = root / MANIFEST
     if old.exists():
-        prev = load_manifest(root)
+        prev = load_manifest(root, allow_incomplete=True)
         if prev["prompts"] != ps.prompts or prev["seeds"] != seeds or prev["model"] != str(model) \
                 or prev["steps"] != steps:
             raise StudyError(f"{root} already holds a study with other prompts/seeds/model/steps; "
@@ -205,10 +220,14 @@ def create_study(study_dir: str | os.PathLike, systems: Sequence[str], prompts: 
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT, "model": str(model), "steps": steps, "seeds": seeds,
         "prompts": ps.prompts, "labels": labels, "classes": classes, "prompt_source": str(prompts),
-        "systems": [{"id": s.id, "name": s.name, "spec": s.spec, "schedule": s.schedule} for s in parsed],
-        "images": {},
+        "systems": [{"id": s.id, "name": s.name, "spec": s.spec, "schedule": s.schedule,
+                     "coefficients": _schedule_record(s, steps)} for s in parsed],
+        "images": {}, "complete": False,
     }
     jobs = [(pi, sd) for pi in range(len(ps)) for sd in seeds]
+    for system in parsed:
+        manifest["images"][system.id] = {f"{pi}:{sd}": f"images/{system.id}/{image_name(pi, sd)}" for pi, sd in jobs}
+    write_json(old, manifest)  # first, so that a resumed run is checked against the same prompts and seeds
     total, done = len(jobs) * len(parsed), 0
     call_kw = call_defaults(str(model))
     base = None
@@ -231,6 +250,6 @@ def create_study(study_dir: str | os.PathLike, systems: Sequence[str], prompts: 
             del spipe
         elif progress:
             progress(done, total, system.name)
-        manifest["images"][system.id] = {f"{pi}:{sd}": f"images/{system.id}/{image_name(pi, sd)}" for pi, sd in jobs}
+    manifest["complete"] = True
     write_json(old, manifest)
     return manifest
