@@ -158,8 +158,10 @@ def _print_table(res: dict[str, Any]) -> None:
     console.print(t)
     ag = res["agreement"]
     if ag["n_comparisons_shared"]:
+        alpha = ag["krippendorff_alpha"]
         console.print(f"rater agreement: {ag['percent_agreement']:.3f} over {ag['n_rater_pairs']} rater pairs; "
-                      f"Krippendorff alpha {ag['krippendorff_alpha']}", highlight=False, soft_wrap=True)
+                      f"Krippendorff alpha {'-' if alpha is None else f'{alpha:.3f}'}", highlight=False,
+                      soft_wrap=True)
 
 
 @study_app.command()
