@@ -44,6 +44,9 @@ from qsched.quantization import quant_spec_of
 from qsched.runner import denoiser_of, generate, text_encoders_of, using_schedule
 from qsched.schedule import Schedule, save_schedule
 from qsched.scoring import JAQ, JAQScore
+from qsched.validation import candidate as _candidate
+from qsched.validation import validate as _validate
+from qsched.validation import verdict
 
 __all__ = [
     "calibrate",
@@ -451,7 +454,7 @@ def calibrate(
             if before > budget:
                 notes.append(f"the stored {kind} study already holds {before} completed trials (more than the "
                              f"{budget} asked); all of them are used")
-            bar = stack.enter_context(_Progress(budget, before, study, kind)) if progress and before < budget \
+            bar = stack.enter_context(search.Progress(budget, before, study, kind)) if progress and before < budget \
                 else None
             if strategy == "grid":
                 search.enumerate_grid(study, grid_candidates(kind, steps, (lo, hi), grid_points), make_score(kind),
@@ -521,84 +524,3 @@ def _complete() -> Any:
     from optuna.trial import TrialState
 
     return TrialState.COMPLETE
-
-
-def _validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], prompts: list[str],
-              seeds: list[int], steps: int, confidence: float) -> dict[str, Any]:
-    """Score the identity and every candidate on the validation prompts/seeds; paired gains with intervals
-    widened (Bonferroni) for the number of candidates."""
-    from qsched.validation import paired_gain, per_prompt_means
-
-    def per_prompt(s: JAQScore) -> np.ndarray:
-        return per_prompt_means(np.asarray(s.tc_per_image) + s.k * np.asarray(s.iq_per_image), len(prompts))
-
-    ident = run_schedule(Schedule.identity(steps), prompts, seeds)
-    base = per_prompt(ident)
-    level = 1 - (1 - confidence) / max(1, len(cands))
-    rows = []
-    for name, sched in cands.items():
-        sc = run_schedule(sched, prompts, seeds)
-        gain = paired_gain(per_prompt(sc), base, confidence=level)
-        rows.append({"name": name, "schedule": sched.to_dict(), "jaq": sc.jaq, "tc": sc.tc, "iq": sc.iq,
-                     "gain": gain.to_dict()})
-    best = max(rows, key=lambda r: r["gain"]["mean"])["name"] if rows else None
-    return {"prompts": prompts, "seeds": seeds, "confidence": confidence, "interval_level": level,
-            "identity": {"jaq": ident.jaq, "tc": ident.tc, "iq": ident.iq}, "candidates": rows,
-            "best_candidate": best}
-
-
-def _candidate(validation: dict[str, Any], name: str | None) -> dict[str, Any] | None:
-    return next((c for c in validation["candidates"] if c["name"] == name), None)
-
-
-def verdict(res: CalibrationResult, out: Path | None = None) -> str:
-    """The result in one plain sentence."""
-    where = f"; schedule saved to {out}" if out is not None else ""
-    v = res.validation
-    if v is None:
-        if res.decision == "identity":
-            return f"no schedule beat the original on the search prompts: kept the original schedule{where}"
-        return (f"Q-Sched improves JAQ on {len(res.prompts)} search prompts by {res.improvement:+.2f} "
-                f"(not validated on other prompts){where}")
-    n = len(v["prompts"])
-    best = _candidate(v, v["best_candidate"])
-    if res.decision == "qsched":
-        g = best["gain"]
-        return (f"Q-Sched ({res.chosen}) improves JAQ on {n} validation prompts by {g['mean']:+.2f} "
-                f"({100 * v['confidence']:.0f}% CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}){where}")
-    if best is None:
-        return f"no candidate differs from the original schedule: kept the original schedule{where}"
-    g = best["gain"]
-    kept = "kept the original schedule" if res.decision == "identity" else f"kept {res.chosen} anyway (do_no_harm off)"
-    return (f"no reliable gain on {n} validation prompts (best: {v['best_candidate']} {g['mean']:+.2f}, "
-            f"CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}): {kept}{where}")
-
-
-class _Progress:
-    """A rich progress bar over trials showing the best JAQ so far (an Optuna callback)."""
-
-    def __init__(self, total: int, done: int, study: Any, label: str = "calibrate"):
-        self.total, self.done, self.study, self.label = total, done, study, label
-
-    def __enter__(self) -> "_Progress":
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn(f"[bold]{self.label:>9}[/]"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.description}"), TimeElapsedColumn())
-        self.bar.start()
-        self.task = self.bar.add_task(self._desc(), total=self.total, completed=self.done)
-        return self
-
-    def _desc(self) -> str:
-        try:
-            return f"best JAQ {self.study.best_value:.4f}"
-        except ValueError:
-            return "best JAQ -"
-
-    def __call__(self, study: Any, trial: Any) -> None:
-        from qsched.search import n_complete
-
-        self.bar.update(self.task, completed=min(self.total, n_complete(study)), description=self._desc())
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.stop()

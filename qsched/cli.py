@@ -554,8 +554,10 @@ def report(
 
 
 from qsched.bench.cli import bench as _bench  # noqa: E402  (typer only; the benchmark loads when it runs)
+from qsched.study.cli import study_app  # noqa: E402  (the `qsched study` sub-app)
 
 app.command("bench", help=_bench.__doc__)(_bench)
+app.add_typer(study_app, name="study")
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -58,6 +58,9 @@ def using_schedule(pipe: Any, schedule: Schedule | None) -> Iterator[Any]:
     was saved with a Q-Sched schedule); the scheduler and its schedule are restored afterwards."""
     from qsched.scheduler import QSchedScheduler, apply_schedule
 
+    if schedule is None and getattr(pipe, "scheduler", None) is None:
+        yield pipe  # nothing to install or restore (e.g. a stand-in pipeline without a scheduler)
+        return
     base = pipe.scheduler
     saved = base.schedule if isinstance(base, QSchedScheduler) else None
     try:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["check_storage", "open_study", "per_trial_seed_sampler", "recover_dead_trials", "run_trials",
-           "enumerate_grid", "DuplicatePoint", "trial_record", "redact", "ROLE_IDENTITY"]
+           "enumerate_grid", "DuplicatePoint", "Progress", "trial_record", "redact", "ROLE_IDENTITY"]
 
 ROLE_IDENTITY = "identity"
 _DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("pymysql", "MySQLdb")}
@@ -307,3 +307,31 @@ def enumerate_grid(study: Any, candidates: list[dict[str, float]],
         done += 1
         if progress is not None:
             progress(study, None)
+
+
+class Progress:
+    """A rich progress bar over trials showing the best JAQ so far (an Optuna callback)."""
+
+    def __init__(self, total: int, done: int, study: Any, label: str = "calibrate"):
+        self.total, self.done, self.study, self.label = total, done, study, label
+
+    def __enter__(self) -> "Progress":
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn(f"[bold]{self.label:>9}[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.description}"), TimeElapsedColumn())
+        self.bar.start()
+        self.task = self.bar.add_task(self._desc(), total=self.total, completed=self.done)
+        return self
+
+    def _desc(self) -> str:
+        try:
+            return f"best JAQ {self.study.best_value:.4f}"
+        except ValueError:
+            return "best JAQ -"
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        self.bar.update(self.task, completed=min(self.total, n_complete(study)), description=self._desc())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()

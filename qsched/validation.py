@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["Gain", "paired_gain", "per_prompt_means"]
+from qsched.schedule import Schedule
+
+if TYPE_CHECKING:
+    from qsched.scoring import JAQScore
+
+__all__ = ["Gain", "paired_gain", "per_prompt_means", "validate", "candidate", "verdict"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +73,53 @@ def paired_gain(candidate: Sequence[float], baseline: Sequence[float], confidenc
                         random_state=np.random.default_rng(seed))
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     return Gain(mean, lo, hi, int(d.size), float(confidence))
+
+
+def validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], prompts: list[str],
+              seeds: list[int], steps: int, confidence: float) -> dict[str, Any]:
+    """Score the identity and every candidate on the validation prompts/seeds; paired gains with intervals
+    widened (Bonferroni) for the number of candidates."""
+    def per_prompt(s: JAQScore) -> np.ndarray:
+        return per_prompt_means(np.asarray(s.tc_per_image) + s.k * np.asarray(s.iq_per_image), len(prompts))
+
+    ident = run_schedule(Schedule.identity(steps), prompts, seeds)
+    base = per_prompt(ident)
+    level = 1 - (1 - confidence) / max(1, len(cands))
+    rows = []
+    for name, sched in cands.items():
+        sc = run_schedule(sched, prompts, seeds)
+        gain = paired_gain(per_prompt(sc), base, confidence=level)
+        rows.append({"name": name, "schedule": sched.to_dict(), "jaq": sc.jaq, "tc": sc.tc, "iq": sc.iq,
+                     "gain": gain.to_dict()})
+    best = max(rows, key=lambda r: r["gain"]["mean"])["name"] if rows else None
+    return {"prompts": prompts, "seeds": seeds, "confidence": confidence, "interval_level": level,
+            "identity": {"jaq": ident.jaq, "tc": ident.tc, "iq": ident.iq}, "candidates": rows,
+            "best_candidate": best}
+
+
+def candidate(validation: dict[str, Any], name: str | None) -> dict[str, Any] | None:
+    """The validated candidate called ``name`` (None if absent)."""
+    return next((c for c in validation["candidates"] if c["name"] == name), None)
+
+
+def verdict(res: Any, out: Path | None = None) -> str:
+    """The result in one plain sentence."""
+    where = f"; schedule saved to {out}" if out is not None else ""
+    v = res.validation
+    if v is None:
+        if res.decision == "identity":
+            return f"no schedule beat the original on the search prompts: kept the original schedule{where}"
+        return (f"Q-Sched improves JAQ on {len(res.prompts)} search prompts by {res.improvement:+.2f} "
+                f"(not validated on other prompts){where}")
+    n = len(v["prompts"])
+    best = candidate(v, v["best_candidate"])
+    if res.decision == "qsched":
+        g = best["gain"]
+        return (f"Q-Sched ({res.chosen}) improves JAQ on {n} validation prompts by {g['mean']:+.2f} "
+                f"({100 * v['confidence']:.0f}% CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}){where}")
+    if best is None:
+        return f"no candidate differs from the original schedule: kept the original schedule{where}"
+    g = best["gain"]
+    kept = "kept the original schedule" if res.decision == "identity" else f"kept {res.chosen} anyway (do_no_harm off)"
+    return (f"no reliable gain on {n} validation prompts (best: {v['best_candidate']} {g['mean']:+.2f}, "
+            f"CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}): {kept}{where}")
