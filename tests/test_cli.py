@@ -66,9 +66,11 @@ def test_help_and_version():
 def test_calibrate_end_to_end_then_generate_and_report(tiny, tmp_path):
     out = tmp_path / "calib"
     r = runner.invoke(cli.app, ["calibrate", "--trials", "3", "--n-prompts", "4", "--steps", "2", "--out", str(out),
-                                "--no-progress"])
+                                "--no-progress", "--parametrization", "linear", "--n-validation", "0"])
     assert r.exit_code == 0, r.output
-    assert "naive" in r.output and "Q-Sched" in r.output and "model evaluations" in r.output
+    assert "original" in r.output and "best found" in r.output and "model evaluations" in r.output
+    flat = " ".join(r.output.split())
+    assert "text-image" in flat and "c^e multiplies the model's prediction and c^x the sample" in flat
     # loaded once: the quantized pipeline is a copy of it, and the full-precision one is only run for the
     # report's image grid, after calibration
     assert tiny == ["testbed"]
@@ -86,6 +88,21 @@ def test_calibrate_end_to_end_then_generate_and_report(tiny, tmp_path):
     assert data["model_evals"] == 2 + 2 * 1 and data["cache_hits"] == 2
     assert (out / "schedules.json").exists() and (out / "scheduler" / "scheduler_config.json").exists()
     assert (out / "report" / "report.html").exists()
+
+    # the default: validated on other prompts and seeds, with a one-sentence verdict
+    v = tmp_path / "validated"
+    r = runner.invoke(cli.app, ["calibrate", "--trials", "4", "--n-prompts", "3", "--n-validation", "4", "--steps",
+                                "2", "--out", str(v), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    vdata = json.loads((v / "calibration.json").read_text())
+    assert vdata["decision"] in ("qsched", "identity") and vdata["parametrization"] == "auto"
+    assert " ".join(vdata["verdict"].split())[1:40] in " ".join(r.output.split())  # the verdict is printed
+    if vdata["validation"]:  # (None only when the search found nothing but the identity)
+        assert len(vdata["validation"]["prompts"]) == 4
+        assert not set(vdata["prompts"]) & set(vdata["validation"]["prompts"])
+    r = runner.invoke(cli.app, ["calibrate", "--trials", "4", "--n-prompts", "3", "--n-validation", "4", "--steps",
+                                "2", "--out", str(v), "--no-progress"])
+    assert r.exit_code == 0 and "continued the stored study" in r.output
 
     img = tmp_path / "img.png"
     r = runner.invoke(cli.app, ["generate", "a photo of a bag", "--schedule", str(out), "--out", str(img)])
@@ -112,7 +129,7 @@ def test_calibrate_end_to_end_then_generate_and_report(tiny, tmp_path):
 
     # the same command resumes (nothing left to run) and reports the same best schedule
     r = runner.invoke(cli.app, ["calibrate", "--trials", "3", "--n-prompts", "4", "--steps", "2", "--out", str(out),
-                                "--no-progress"])
+                                "--no-progress", "--parametrization", "linear", "--n-validation", "0"])
     assert r.exit_code == 0, r.output
     again = json.loads((out / "calibration.json").read_text())
     assert again["schedule"] == data["schedule"] and again["model_evals"] == 0
