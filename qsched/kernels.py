@@ -38,8 +38,8 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
 
 Backend ``"torchao"`` (CUDA, torchao installed): Linear layers become ``nn.Linear`` with the dequantized weight
 passed to torchao's ``Int8DynamicActivationInt8WeightConfig`` (w8a8), ``Int8WeightOnlyConfig`` (w8a16) or
-``Int4WeightOnlyConfig`` (w4a16, symmetric, groups 32..256). torchao re-derives its own scales from those
-weights and quantizes activations its own way, so it is close to, not identical with, the simulated model.
+``Int4WeightOnlyConfig`` (w4a16, symmetric, groups 32..256, tinygemm packing). torchao re-derives its own scales
+from those weights and quantizes activations its own way, so it is close to, not identical with, the simulated model.
 Conv2d layers and other specs stay simulated there. ``"auto"`` picks torchao on CUDA when it is importable,
 else ``"int8"``.
 """
@@ -307,7 +307,10 @@ def _torchao_config(spec: Any, tq: Any) -> Any:
     if key == (8, 16) and spec.group_size is None:
         return tq.Int8WeightOnlyConfig()
     if key == (4, 16) and spec.group_size in (32, 64, 128, 256):
-        return tq.Int4WeightOnlyConfig(group_size=spec.group_size)
+        try:  # tinygemm (aten._weight_int4pack_mm, in every CUDA torch); the "plain" default needs the mslk package
+            return tq.Int4WeightOnlyConfig(group_size=spec.group_size, int4_packing_format="tile_packed_to_4d")
+        except TypeError:  # torchao before the packing-format argument
+            return tq.Int4WeightOnlyConfig(group_size=spec.group_size)
     return f"torchao backend: no torchao kernel for {spec.name} (w8a8, w8a16, w4a16-g32..256 only)"
 
 
