@@ -360,6 +360,104 @@ def run_sd15(runs: int = 3, groups: tuple[tuple[str, ...], ...] = SD15_GROUPS, s
     return res
 
 
+# ---------------------------------------------------------------------------------------- faithfulness
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def faithfulness(make_fp32: Callable[[], nn.Module], run: Callable[[nn.Module], torch.Tensor],
+                 specs: tuple[str, ...] = ("w8a8", "w4a8")) -> dict[str, Any]:
+    """Real-kernel vs simulated output errors of one denoiser, and the simulated model's own noise floor.
+
+    Per spec: ``layer_max`` = the largest relative error of a real-kernel layer fed the simulated model's own
+    input at that layer (teacher-forced, every layer); ``forward_real_vs_sim`` = whole-forward relative error;
+    ``sim_vs_fp32`` / ``real_vs_fp32``; ``sim_threads_1_vs_all`` = the simulated model against itself at 1 thread
+    vs all threads, and ``sim_input_1e-7`` against itself on an input perturbed by 1e-7 relative: rounding flips
+    of the per-token activation codes make the simulated model move by that much with no change to its math.
+    """
+    from qsched.kernels import Int8Conv2d, Int8Linear, compile_quantized
+    from qsched.quantization import QuantConv2d, quantize, quantized_layers
+
+    threads = torch.get_num_threads()
+    m = make_fp32()
+    with torch.inference_mode():
+        ref = run(m)
+    del m
+    gc.collect()
+    out: dict[str, Any] = {}
+    for spec in specs:
+        sim = make_fp32()
+        quantize(sim, spec)
+        twins = {n: (Int8Conv2d if isinstance(q, QuantConv2d) else Int8Linear).from_quant(q)
+                 for n, q in quantized_layers(sim).items()}
+        errs: dict[str, float] = {}
+        hooks = [q.register_forward_hook(lambda mod, i, o, n=n: errs.__setitem__(n, _rel(twins[n](i[0]), o)))
+                 for n, q in quantized_layers(sim).items()]
+        with torch.inference_mode():
+            o_sim = run(sim)
+            for h in hooks:
+                h.remove()
+            torch.set_num_threads(1 if threads > 1 else 2)
+            o_sim_t = run(sim)
+            torch.set_num_threads(threads)
+            o_sim_p = run(sim, 1e-7)
+        del twins
+        compile_quantized(sim, backend="int8")
+        with torch.inference_mode():
+            o_real = run(sim)
+        worst = max(errs, key=errs.get)
+        out[spec] = {"layers": len(errs), "layer_max": errs[worst], "layer_max_name": worst,
+                     "forward_real_vs_sim": _rel(o_real, o_sim), "sim_vs_fp32": _rel(o_sim, ref),
+                     "real_vs_fp32": _rel(o_real, ref), "sim_threads_1_vs_all": _rel(o_sim_t, o_sim),
+                     "sim_input_1e-7": _rel(o_sim_p, o_sim)}
+        del sim
+        gc.collect()
+    return out
+
+
+def run_faithfulness(smoke: bool = False) -> dict[str, Any]:
+    """:func:`faithfulness` on the testbed student UNet (batch 4) and the SD1.5-sized UNet (batch 1)."""
+    from qsched.testbed.pipeline import load_testbed_pipeline, tiny_testbed_pipeline
+
+    res: dict[str, Any] = {}
+    unet0 = (tiny_testbed_pipeline(seed=0) if smoke else load_testbed_pipeline()).unet
+    cfg = unet0.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
+    kw: dict[str, Any] = {"encoder_hidden_states": torch.randn(4, 16, cfg.cross_attention_dim, generator=g)}
+    if cfg.get("time_cond_proj_dim"):
+        kw["timestep_cond"] = torch.randn(4, cfg.time_cond_proj_dim, generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    t = torch.tensor([999, 759, 499, 259])
+
+    def run_tb(m: nn.Module, eps: float = 0.0) -> torch.Tensor:
+        return m(x * (1 + eps * noise), t, **kw).sample
+
+    res["testbed"] = faithfulness(lambda: copy.deepcopy(unet0), run_tb)
+    config = _sd15_config(smoke)
+    xs = _sd15_inputs(config)
+    noise_s = torch.randn(xs[0].shape, generator=g)
+    with tempfile.TemporaryDirectory(prefix="qsched-kbench-faith-") as tmp:
+        from diffusers import UNet2DConditionModel
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        model = UNet2DConditionModel(**config).eval()
+        path = Path(tmp) / "fp32.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        del model
+        gc.collect()
+
+        def run_sd(m: nn.Module, eps: float = 0.0) -> torch.Tensor:
+            return m(xs[0] * (1 + eps * noise_s), xs[1], encoder_hidden_states=xs[2]).sample
+
+        res["sd15"] = faithfulness(lambda: _sd15_from_file(config, str(path)), run_sd)
+    res["threads"] = torch.get_num_threads()
+    return res
+
+
 # --------------------------------------------------------------------------------------------- report
 
 
@@ -414,6 +512,18 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{_fmt(rb / fp16 if rb else None, 3)} | {_fmt(fb / mib if fb else None, 0)} | "
                          f"{_fmt(fb / fp16 if fb else None, 3)} |")
         L += [f"Skipped: {v}: {why}" for v, why in sd.get("skipped", {}).items()]
+    fa = res.get("faithfulness")
+    if fa:
+        L += ["", "**Faithfulness** (relative L2 errors of the denoiser output; `layer max`: worst real-kernel layer fed "
+              "the simulated model's own input at that layer; the last two columns are the simulated model against "
+              "itself: 1 thread vs all, and a 1e-7 input perturbation)", "",
+              "| model | spec | layer max | real vs sim | sim vs fp32 | real vs fp32 | sim 1t vs all | sim 1e-7 input |",
+              "|---|---|---|---|---|---|---|---|"]
+        for model in ("testbed", "sd15"):
+            for spec, r in fa.get(model, {}).items():
+                L.append(f"| {model} | {spec} | {r['layer_max']:.1e} | {r['forward_real_vs_sim']:.1e} | "
+                         f"{r['sim_vs_fp32']:.1e} | {r['real_vs_fp32']:.1e} | {r['sim_threads_1_vs_all']:.1e} | "
+                         f"{r['sim_input_1e-7']:.1e} |")
     return "\n".join(L) + "\n"
 
 
@@ -431,6 +541,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=8, help="testbed prompts per pipeline call")
     ap.add_argument("--skip-testbed", action="store_true")
     ap.add_argument("--skip-sd15", action="store_true")
+    ap.add_argument("--faithfulness", action="store_true",
+                    help="only measure real-kernel vs simulated errors (testbed + SD1.5-sized), merged into --out")
     ap.add_argument("--smoke", action="store_true", help="tiny models: checks the benchmark itself in seconds")
     args = ap.parse_args(argv)
     if args.runs < 1:
@@ -443,6 +555,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                                       f"{torch.__version__}", "versions": package_versions(),
                            "availability": availability()}
+    if args.faithfulness:
+        old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        res = {**old, "faithfulness": run_faithfulness(smoke=args.smoke),
+               "faithfulness_command": res["command"], "faithfulness_date": res["date"]}
+        _atomic_write(args.out, json.dumps(res, indent=2) + "\n")
+        md = markdown(res)
+        _atomic_write(args.out.with_suffix(".md"), md)
+        print(md)
+        return res
     if not args.skip_testbed:
         res["testbed"] = run_testbed(runs=args.runs, batch=args.batch, smoke=args.smoke)
         _atomic_write(args.out, json.dumps(res, indent=2) + "\n")
