@@ -145,14 +145,22 @@ def _int32_buffer(m: int, n: int, device: torch.device) -> torch.Tensor:
     return buf[: m * n].view(m, n)
 
 
+def _pad_for_cuda(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``a (M, K)`` / ``b (K, N)`` to CUDA ``_int_mm``'s shapes (M > 16; K, N multiples of 8); ``b``
+    stays column-major (padded as the ``(N, K)`` weight it is a transposed view of). Zeros add nothing."""
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = max(17 - m, 0), -k % 8, -n % 8
+    if not (pm or pk or pn):
+        return a, b
+    return F.pad(a, (0, pk, 0, pm)), F.pad(b.t(), (0, pk, 0, pn)).t()
+
+
 def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 ``a (M, K) @ b (K, N)`` -> int32. CUDA needs M > 16 and K, N multiples of 8: pad with zeros there."""
+    """int8 ``a (M, K) @ b (K, N)`` -> exact int32 (``torch._int_mm``; on CUDA padded to its shape rules)."""
     if a.is_cuda:
-        m, k = a.shape
-        n = b.shape[1]
-        pm, pk, pn = max(17 - m, 0), -k % 8, -n % 8
-        if pm or pk or pn:
-            return torch._int_mm(F.pad(a, (0, pk, 0, pm)), F.pad(b, (0, pn, 0, pk)))[:m, :n]
+        m, n = a.shape[0], b.shape[1]
+        return torch._int_mm(*_pad_for_cuda(a, b))[:m, :n]
     if out is None:
         return torch._int_mm(a, b)
     return torch._int_mm(a, b, out=out)

@@ -137,6 +137,16 @@ def test_int8_conv2d_matches_simulated(kw, spec, tol):
         assert rel(k(x[0]), q(x[0])) <= tol  # unbatched input
 
 
+def test_cuda_padding_adds_nothing():
+    from qsched.kernels import _pad_for_cuda
+
+    a = torch.randint(-127, 128, (5, 13), dtype=torch.int8)
+    w = torch.randint(-127, 128, (9, 13), dtype=torch.int8)  # (N, K) weight; the GEMM reads w.t()
+    pa, pb = _pad_for_cuda(a, w.t())
+    assert pa.shape == (17, 16) and pb.shape == (16, 16) and pb.t().is_contiguous()
+    assert torch.equal(torch._int_mm(pa, pb)[:5, :9], torch._int_mm(a, w.t()))
+
+
 def test_bf16_layers_return_bf16():
     q = QuantLinear.from_float(nn.Linear(32, 16), "w8a8").to(torch.bfloat16)
     k = Int8Linear.from_quant(q)
