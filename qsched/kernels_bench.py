@@ -403,7 +403,7 @@ def faithfulness(make_fp32: Callable[[], nn.Module], run: Callable[[nn.Module], 
             o_sim_t = run(sim)
             torch.set_num_threads(threads)
             o_sim_p = run(sim, 1e-7)
-        del twins
+        twins.clear()
         compile_quantized(sim, backend="int8")
         with torch.inference_mode():
             o_real = run(sim)
@@ -486,8 +486,8 @@ def markdown(res: dict[str, Any]) -> str:
             for t in tb["threads"]:
                 k = f"images_per_s_{t}t"
                 cells += [_fmt(r.get(k), 1), _fmt(r.get(f"{k}_speedup_vs_fp32")), _fmt(r.get(f"{k}_speedup_vs_bf16"))]
-            fb = r.get("file_bytes")
-            L.append(f"| {v} | " + " | ".join(cells) + f" | {_fmt(r['resident_bytes'] / mib if r.get('resident_bytes') else None)} | "
+            fb, rb = r.get("file_bytes"), r.get("resident_bytes")
+            L.append(f"| {v} | " + " | ".join(cells) + f" | {_fmt(rb / mib if rb else None)} | "
                      f"{_fmt(fb / mib if fb else None)} | {_fmt(fb / fp16 if fb else None, 3)} |")
         L += [f"Skipped: {v}: {why}" for v, why in tb.get("skipped", {}).items()]
         L.append("")
@@ -514,10 +514,12 @@ def markdown(res: dict[str, Any]) -> str:
         L += [f"Skipped: {v}: {why}" for v, why in sd.get("skipped", {}).items()]
     fa = res.get("faithfulness")
     if fa:
-        L += ["", "**Faithfulness** (relative L2 errors of the denoiser output; `layer max`: worst real-kernel layer fed "
-              "the simulated model's own input at that layer; the last two columns are the simulated model against "
-              "itself: 1 thread vs all, and a 1e-7 input perturbation)", "",
-              "| model | spec | layer max | real vs sim | sim vs fp32 | real vs fp32 | sim 1t vs all | sim 1e-7 input |",
+        L += ["", f"Faithfulness command: `{res.get('faithfulness_command', '')}` ({res.get('faithfulness_date', '')})",
+              "", "**Faithfulness** (relative L2 errors of the denoiser output; `layer max`: worst real-kernel layer "
+              "fed the simulated model's own input at that layer; the last two columns are the simulated model "
+              "against itself: 1 thread vs all, and a 1e-7 input perturbation)", "",
+              "| model | spec | layer max | real vs sim | sim vs fp32 | real vs fp32 | sim 1t vs all | "
+              "sim 1e-7 input |",
               "|---|---|---|---|---|---|---|---|"]
         for model in ("testbed", "sd15"):
             for spec, r in fa.get(model, {}).items():

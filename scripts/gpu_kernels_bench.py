@@ -56,7 +56,8 @@ SDXL_UNET_CONFIG: dict[str, Any] = dict(
     projection_class_embeddings_input_dim=2816, upcast_attention=False,
 )
 SMOKE = dict(block_out_channels=(32, 64, 64, 64), norm_num_groups=8, sample_size=16)
-SMOKE_XL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, sample_size=16, transformer_layers_per_block=(1, 1, 1),
+SMOKE_XL = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, sample_size=16,
+                transformer_layers_per_block=(1, 1, 1),
                 attention_head_dim=(2, 4, 4), cross_attention_dim=64, addition_time_embed_dim=8,
                 projection_class_embeddings_input_dim=6 * 8 + 32)
 
@@ -164,7 +165,7 @@ def bench_model(model: str, device: torch.device, runs: int, warmup: int, batch:
     with torch.inference_mode():
         for name, m in held.items():
             for _ in range(warmup):
-                out = m(*args, **kw).sample
+                m(*args, **kw)
             _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -198,9 +199,10 @@ def bench_model(model: str, device: torch.device, runs: int, warmup: int, batch:
     for name in rows:
         if "ms_per_forward" in rows[name]:
             r = rows[name]
+            peak = r.get("forward_peak_extra_bytes", 0) / 2**20
             log(f"  {name:>24}: {r['ms_per_forward']:8.2f} ms  x{r.get('speedup_vs_bf16', float('nan')):.2f} vs bf16, "
-                f"holds {r['held_bytes'] / 2**20:.0f} MiB, peak extra {r.get('forward_peak_extra_bytes', 0) / 2**20:.0f}"
-                f" MiB, rel err vs bf16 {r.get('rel_error_vs_bf16', float('nan')):.4f}")
+                f"holds {r['held_bytes'] / 2**20:.0f} MiB, peak extra {peak:.0f} MiB, "
+                f"rel err vs bf16 {r.get('rel_error_vs_bf16', float('nan')):.4f}")
     del held
     gc.collect()
     if device.type == "cuda":
