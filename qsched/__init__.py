@@ -3,7 +3,8 @@
 Public API (imported lazily so that ``import qsched`` stays fast):
 
     Schedule, QSchedScheduler, apply_schedule          -- per-step coefficients (schedule.py, scheduler.py)
-    quantize, quant_spec_of, QuantSpec                 -- denoiser quantization (quantization.py)
+    quantize, quantized_copy, quant_spec_of, QuantSpec -- denoiser quantization (quantization.py)
+    compile_quantized, KernelSummary                   -- real int8 kernels for a quantized denoiser (kernels.py)
     save_quantized, load_quantized, CheckpointError    -- quantized checkpoints, diffusers layout (checkpoint.py)
     QSchedConfig                                       -- diffusers quantization_config (hf_quantizer.py)
     load_pipeline, MODELS                              -- diffusers pipelines and the testbed (pipelines.py)
@@ -47,6 +48,9 @@ _EXPORTS = {
     "CheckpointError": "qsched.checkpoint",
     "QSchedConfig": "qsched.hf_quantizer",
     "quant_spec_of": "qsched.quantization",
+    "quantized_copy": "qsched.quantization",
+    "compile_quantized": "qsched.kernels",
+    "KernelSummary": "qsched.kernels",
     "load_pipeline": "qsched.pipelines",
     "MODELS": "qsched.pipelines",
     "JAQ": "qsched.scoring",

@@ -59,6 +59,8 @@ def bench(
                                        "earlier run's result (--quick default) or skip."),
     sd15_json: Optional[str] = typer.Option(None, "--sd15-json", help="Read the SD1.5 numbers from this JSON "
                                             "(written by `python -m qsched.bench.sd15 --json`)."),
+    kernels_json: Optional[str] = typer.Option(None, "--kernels-json", help="Read the real-kernel numbers from this "
+                                               "JSON (written by `python -m qsched.bench.kernels --out ...`)."),
     no_rss: bool = typer.Option(False, "--no-rss", help="Skip the per-process RSS measurement."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Override images per evaluation row."),
     calib_trials: Optional[int] = typer.Option(None, "--calib-trials", help="Override trials per calibration."),
@@ -91,7 +93,7 @@ def bench(
                 kw["steps"] = tuple(int(x) for x in steps.split(",") if x.strip())
             except ValueError:
                 raise ValueError(f"--steps must be comma-separated integers, got {steps!r}") from None
-        for name, value in (("threads", threads), ("sd15", sd15), ("sd15_json", sd15_json),
+        for name, value in (("threads", threads), ("sd15", sd15), ("sd15_json", sd15_json), ("kernels_json", kernels_json),
                             ("eval_images", eval_images), ("calib_trials", calib_trials),
                             ("default_images", default_images), ("default_draws", default_draws)):
             if value is not None:

@@ -331,13 +331,12 @@ def _size_speed_section(R: dict[str, Any]) -> list[str]:
 
 
 def _kernels_section(k: dict[str, Any] | None) -> list[str]:
-    """The real-kernel numbers of :mod:`qsched.kernels_bench` (present once that module is merged), as listed."""
+    """The real-kernel numbers of :mod:`qsched.bench.kernels` (read from ``--kernels-json``)."""
     if not k:
         return []
-    L = ["", "### Real int8 kernels (`qsched.kernels_bench`)", ""]
-    for key, v in k.items():
-        L.append(f"- {key}: {_f(v) if not isinstance(v, (dict, list)) else v}")
-    return L
+    from qsched.bench.kernels import markdown
+
+    return ["", "### Real int8 kernels (`python -m qsched.bench.kernels`)", "", markdown(k).rstrip()]
 
 
 def _eval_seed_text(R: dict[str, Any]) -> str:

@@ -58,6 +58,7 @@ class BenchSettings:
     rss: bool = True
     sd15: str = "run"  # "run" qsched.bench.sd15 (in-process), "read" an earlier unit's result only, "skip"
     sd15_json: str | None = None
+    kernels_json: str | None = None  # real-kernel numbers written by python -m qsched.bench.kernels
     threads: int | None = None
     progress: bool = True
 

@@ -1,13 +1,11 @@
 """Section 3 of the benchmark, size and speed: denoiser bytes on disk and resident, process RSS, images/s and ms
 per denoising step (interleaved repeats, medians), the QSchedScheduler wrapper's cost per step, the SD1.5-sized
-UNet numbers (:mod:`qsched.bench.sd15`) and, where :mod:`qsched.kernels_bench` exists, its real-kernel numbers.
+UNet numbers (:mod:`qsched.bench.sd15`) and, where :mod:`qsched.bench.kernels` exists, its real-kernel numbers.
 Every image generated here goes through :func:`qsched.runner.generate`."""
 
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import json
 import statistics
 import time
@@ -21,7 +19,7 @@ from qsched.bench.settings import BenchSettings
 from qsched.bench.units import UnitStore
 from qsched.runner import denoiser_of
 
-__all__ = ["section_size_speed", "kernels_available", "kernels_unit"]
+__all__ = ["section_size_speed", "kernels_result"]
 
 
 def _state_bytes(module: torch.nn.Module) -> int:
@@ -286,34 +284,16 @@ def _sd15(s: BenchSettings, units: UnitStore) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- kernels hook
 #: Where the real-kernel benchmark lives once merged: ``module:function``, the function returning a JSON-able dict.
-KERNELS_ENTRY = "qsched.kernels_bench:run"
-
-
-def kernels_available() -> bool:
-    """Whether the module named in :data:`KERNELS_ENTRY` is installed."""
-    module = KERNELS_ENTRY.partition(":")[0]
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def kernels_unit(s: BenchSettings, env: BenchEnv, units: UnitStore) -> dict[str, Any] | None:
-    """Hook for :mod:`qsched.kernels_bench` (real int8 kernels, speed and size): when the module exists, its entry
-    point (:data:`KERNELS_ENTRY`, called with ``threads``) is one unit of section 3; None when it does not."""
-    if not kernels_available():
+def kernels_result(s: BenchSettings) -> dict[str, Any] | None:
+    """The real-kernel numbers (:mod:`qsched.bench.kernels`): minutes and several GB for the SD1.5-sized UNet, so
+    they are measured on their own (``python -m qsched.bench.kernels --out benchmarks/kernels.json``) and read
+    here from ``s.kernels_json``, like the SD1.5 numbers; None when not given."""
+    if not s.kernels_json:
         return None
-    module, _, fn_name = KERNELS_ENTRY.partition(":")
-    fn = getattr(importlib.import_module(module), fn_name, None)
-    if not callable(fn):
-        return {"note": f"{module} has no {fn_name}(); set qsched.bench.size_speed.KERNELS_ENTRY"}
-
-    def compute(d: Path) -> dict[str, Any]:
-        return dict(fn(threads=torch.get_num_threads()))
-
-    return units.run("kernels", "kernels", {"env": env.name, "kind": "kernels", "entry": KERNELS_ENTRY,
-                                            "threads": torch.get_num_threads()}, compute,
-                     label=f"{KERNELS_ENTRY} (real int8 kernels)")
+    p = Path(s.kernels_json)
+    if not p.exists():
+        raise FileNotFoundError(f"--kernels-json {p} does not exist (write it with python -m qsched.bench.kernels)")
+    return json.loads(p.read_text(encoding="utf-8"))
 
 
 def section_size_speed(s: BenchSettings, env: BenchEnv, models: Models, units: UnitStore, R: dict[str, Any],
@@ -342,7 +322,7 @@ def section_size_speed(s: BenchSettings, env: BenchEnv, models: Models, units: U
     except (RuntimeError, OSError, EOFError) as e:  # e.g. out of memory: report it, keep the rest (a rerun retries)
         units.console.print(f"  [red]SD1.5 measurement failed[/]: {e}")
         R["sd15"] = {"note": f"the SD1.5-sized UNet measurement failed on this run: {str(e)[:500]}"}
-    kernels = kernels_unit(s, env, units)
+    kernels = kernels_result(s)
     if kernels is not None:
         R["kernels"] = kernels
     write()

@@ -1,0 +1,470 @@
+"""Real integer kernels for qsched-quantized denoisers: the same codes and scales, run as int8 GEMMs.
+
+``quantize(pipe, "w8a8")`` gives *simulated* layers (:class:`~qsched.quantization.QuantLinear` /
+:class:`~qsched.quantization.QuantConv2d`: integer codes dequantized to float, activations fake-quantized, float
+GEMM). ``compile_quantized(pipe)`` swaps each of them, in place, for a real-kernel twin built from the very
+same stored codes and fp16 scales, so a checkpoint written by ``save_quantized`` and a schedule calibrated on
+the simulated model carry over unchanged (save *before* compiling; compiled models are not saved).
+
+What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with padding):
+
+* **Activations** are quantized dynamically per token with exactly the formula of
+  :func:`~qsched.quantization.fake_quant_per_token` (float32 ``scale = max|x| / qmax``, ``round(x / scale)``,
+  clamp), giving the identical integer codes; they go to the GEMM as int8. This covers a2..a8 (a4 codes lie in
+  [-7, 7] and run on the int8 kernel: exact, but no faster than a8). a9..a15 codes do not fit int8 and a16
+  means float activations: those layers stay simulated (listed in the summary with the reason).
+* **Linear**: ``torch._int_mm`` (int8 x int8 -> exact int32), then ``acc * act_scale * weight_scale + bias`` in
+  float32.
+* **Conv2d**: a per-token activation scale differs between the input positions that one output mixes, so it
+  cannot be folded into a single int8 convolution (``torch.ops.quantized.conv2d`` takes one activation scale
+  per tensor). The convolution is computed as a sum over the ``kh*kw`` kernel offsets of shifted int8 GEMMs
+  (``(positions, C_in) x (C_in, C_out)``), each int32 result scaled by the activation scales of the positions it
+  read: exact integer products, per-token scales honoured.
+* **Weights**: one scale per output channel (``w8a8`` and any ``-pc`` spec) maps directly: the stored codes
+  become int8 (minus their offset or zero point) with the fp16 scales: integer arithmetic identical to the
+  simulated layer, only the float rounding of the final scaling differs (~1e-7 relative).
+  **Group-wise** weights (``w4a8``: a scale per 32 inputs) do not map to one per-channel GEMM scale. Measured on
+  SD1.5 shapes (1 thread): per-group partial GEMMs (K=32 chunks, accumulated in float) cost 2.0-4.7x a single
+  int8 GEMM, and for 3x3 convolutions the groups (over the flattened ``C_in*3*3``) cut across the kernel
+  offsets, leaving chunks of ~4 channels. So the dequantized weight (exact in float32) is instead written per
+  output channel as a sum of ``planes`` int8 planes, ``w = s0*d0 + s1*d1 (+ ...)``, each plane the rounded
+  residual of the ones before; the planes are stacked along the GEMM's N so one ``_int_mm`` computes all of
+  them (cost ~2x one int8 GEMM for 2 planes, and 2 bytes per weight resident). With the default ``planes=2``
+  the weight error is <= 1/(2*127*127) of the row's largest weight (the measured output error vs the simulated
+  model is in the tests and the benchmark; target <= 1e-3). ``planes=1`` is the per-channel int8 rounding of
+  the W4 weight (W8A8 speed and 1 byte per weight, but not faithful: ~1e-2 error).
+  Asymmetric 8-bit codes minus zero point span [-255, 255] and take the plane path as well.
+* The 4-bit checkpoint on disk is unchanged; the int8 planes are built once, at compile time.
+
+Faithfulness. Each real-kernel layer fed the same input as its simulated twin agrees to float rounding (measured
+<= 4e-7 relative for per-channel specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py). Whole forwards
+agree less: per-token activation rounding is discontinuous, so a 1e-7 difference that moves one value across a
+rounding boundary changes a code, and the change spreads through later layers. The simulated model shows the
+same spread against *itself* (1 thread vs 2 threads, or a 1e-7 input perturbation: ~8e-3 relative on the testbed,
+~3e-2 on the SD1.5-sized UNet; ``python -m qsched.bench.kernels --faithfulness``), so a per-forward bound of 1e-3
+against it is below its own noise floor. The real-kernel model is as close to full precision as the simulated one
+and, on the integer path, does not depend on the thread count.
+
+Backend ``"torchao"`` (CUDA, torchao installed): Linear layers become ``nn.Linear`` with the dequantized weight
+passed to torchao's ``Int8DynamicActivationInt8WeightConfig`` (w8a8), ``Int8WeightOnlyConfig`` (w8a16) or
+``Int4WeightOnlyConfig`` (w4a16, symmetric, groups 32..256, tinygemm packing). torchao re-derives its own scales
+from those weights and quantizes activations its own way, so it is close to, not identical with, the simulated model.
+Conv2d layers and other specs stay simulated there. ``"auto"`` picks torchao on CUDA when it is importable,
+else ``"int8"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qsched.quantization import (
+    BACKEND_ATTR,
+    QuantConv2d,
+    QuantLinear,
+    _groups,
+    _QuantBase,
+    _set_submodule,
+    _unpack,
+    quantized_layers,
+)
+from qsched.runner import denoiser_of
+
+__all__ = ["BACKENDS", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized", "quantize_activations",
+           "weight_planes", "kernel_layers"]
+
+BACKENDS = ("auto", "int8", "torchao")
+KERNELS_ATTR = "qsched_kernels"
+_MAX_PLANES = 4
+
+
+class KernelError(ValueError):
+    """A model or argument that compile_quantized cannot handle."""
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+
+def quantize_activations(x32: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int codes (int8) and float32 scales over the last dim of float32 ``x32``.
+
+    The same arithmetic as :func:`qsched.quantization.fake_quant_per_token`, so ``codes * scale`` equals its
+    output bit for bit. ``bits`` must be 2..8.
+    """
+    if not 2 <= bits <= 8:
+        raise KernelError(f"int8 activation codes need 2..8 bits, got {bits}")
+    qmax = 2 ** (bits - 1) - 1
+    scale = x32.abs().amax(dim=-1, keepdim=True).div(qmax)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.div(x32, scale).round_().clamp_(-qmax, qmax).to(torch.int8)
+    return codes, scale
+
+
+def weight_planes(layer: _QuantBase, planes: int = 2) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per-output-channel int8 representation of a qsched layer's weight.
+
+    Returns ``(codes, scales, exact)``: int8 ``(P, out, k)``, float32 ``(P, out)`` with
+    ``weight ~= sum_p scales[p, :, None] * codes[p]`` (``k`` = flattened input length), and whether the sum
+    equals the dequantized weight exactly. One group per row with codes that fit int8 gives the stored codes
+    themselves (exact, P=1); otherwise up to ``planes`` residual planes (stopping early once exact).
+    """
+    if not 1 <= planes <= _MAX_PLANES:
+        raise KernelError(f"planes must be 1..{_MAX_PLANES}, got {planes!r}")
+    spec, k = layer.spec, layer._k
+    out, ng = layer.weight_scale.shape
+    if ng == 1:
+        g, _ = _groups(k, spec.group_size)
+        codes = _unpack(layer.qweight, spec.weight_bits, g)[:, :k].to(torch.int16)
+        offset = layer.weight_zero.to(torch.int16) if layer.weight_zero is not None else 2 ** (spec.weight_bits - 1)
+        d = codes - offset
+        if d.numel() == 0 or int(d.abs().max()) <= 127:
+            return d.to(torch.int8).unsqueeze(0), layer.weight_scale.float().reshape(1, out), True
+    w = layer.dequantize(torch.float32).reshape(out, k).double()  # the simulated layer's weight, exactly
+    codes_l, scales_l = [], []
+    resid = w
+    for _ in range(planes):
+        s = (resid.abs().amax(dim=1) / 127).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        d = torch.round(resid / s.double().unsqueeze(1)).clamp_(-127, 127)
+        resid = resid - d * s.double().unsqueeze(1)
+        codes_l.append(d.to(torch.int8))
+        scales_l.append(s)
+        if not resid.any():
+            break
+    return torch.stack(codes_l), torch.stack(scales_l), not bool(resid.any())
+
+
+# Shared int32 scratch for GEMM results (per thread): fresh multi-MB allocations per call cost page faults that
+# were as large as the GEMM itself on SD1.5 shapes.
+_scratch = threading.local()
+
+
+def _int32_buffer(m: int, n: int, device: torch.device) -> torch.Tensor:
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < m * n or buf.device != device:
+        buf = torch.empty(max(m * n, 1), dtype=torch.int32, device=device)
+        _scratch.buf = buf
+    return buf[: m * n].view(m, n)
+
+
+def _pad_for_cuda(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad ``a (M, K)`` / ``b (K, N)`` to CUDA ``_int_mm``'s shapes (M > 16; K, N multiples of 8); ``b``
+    stays column-major (padded as the ``(N, K)`` weight it is a transposed view of). Zeros add nothing."""
+    m, k = a.shape
+    n = b.shape[1]
+    pm, pk, pn = max(17 - m, 0), -k % 8, -n % 8
+    if not (pm or pk or pn):
+        return a, b
+    return F.pad(a, (0, pk, 0, pm)), F.pad(b.t(), (0, pk, 0, pn)).t()
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 ``a (M, K) @ b (K, N)`` -> exact int32 (``torch._int_mm``; on CUDA padded to its shape rules)."""
+    if a.is_cuda:
+        m, n = a.shape[0], b.shape[1]
+        return torch._int_mm(*_pad_for_cuda(a, b))[:m, :n]
+    if out is None:
+        return torch._int_mm(a, b)
+    return torch._int_mm(a, b, out=out)
+
+
+def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, P*N) float32 activation-scaled accumulators -> (M, N): apply the P plane scales, add the bias."""
+    p, n = scales.shape
+    y = acc[:, :n].mul(scales[0]) if p > 1 else acc.mul_(scales[0])
+    for i in range(1, p):
+        y.addcmul_(acc[:, i * n:(i + 1) * n], scales[i])
+    if bias is not None:
+        y.add_(bias.float())
+    return y
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+class _Int8Base(nn.Module):
+    weight_int8: torch.Tensor
+    weight_scales: torch.Tensor
+
+    def _init_from(self, layer: _QuantBase, codes: torch.Tensor, scales: torch.Tensor, exact: bool) -> None:
+        self.spec = layer.spec
+        self.act_bits = layer.spec.act_bits
+        self.planes = codes.shape[0]
+        self.exact = exact
+        self.register_buffer("weight_scales", scales.contiguous().to(layer.qweight.device))
+        self.bias = layer.bias
+
+    def _extra(self) -> str:
+        return f"spec={self.spec.name}, planes={self.planes}, exact={self.exact}"
+
+
+class Int8Linear(_Int8Base):
+    """``nn.Linear`` on int8 kernels: per-token int8 activation codes x int8 weight planes -> int32 -> float."""
+
+    def __init__(self, layer: QuantLinear, planes: int = 2) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        codes, scales, exact = weight_planes(layer, planes)
+        # (P*N, K) row-major; the GEMM reads its transpose (measured as fast as a (K, N) copy).
+        self.register_buffer("weight_int8", codes.reshape(-1, self.in_features).contiguous().to(layer.qweight.device))
+        self._init_from(layer, codes, scales, exact)
+
+    @classmethod
+    def from_quant(cls, layer: QuantLinear, planes: int = 2) -> "Int8Linear":
+        """Build from a simulated :class:`QuantLinear` (its codes, scales and bias)."""
+        return cls(layer, planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 0:
+            return x.new_zeros(*lead, self.out_features)
+        codes, sx = quantize_activations(x2.float(), self.act_bits)
+        acc = _int_mm(codes, self.weight_int8.t()).float().mul_(sx)
+        return _finish(acc, self.weight_scales, self.bias).to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"{self._extra()}"
+
+
+class Int8Conv2d(_Int8Base):
+    """``nn.Conv2d`` (groups=1) on int8 kernels: a shifted int8 GEMM per kernel offset, per-token scales."""
+
+    def __init__(self, layer: QuantConv2d, planes: int = 2) -> None:
+        super().__init__()
+        if layer.groups != 1:
+            raise KernelError(f"Int8Conv2d supports groups=1 only, got groups={layer.groups}")
+        if isinstance(layer.padding, str):
+            raise KernelError(f"Int8Conv2d needs numeric padding, got padding={layer.padding!r}")
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.kernel_size, self.stride, self.padding = layer.kernel_size, layer.stride, layer.padding
+        self.dilation, self.padding_mode = layer.dilation, layer.padding_mode
+        kh, kw = self.kernel_size
+        codes, scales, exact = weight_planes(layer, planes)
+        p = codes.shape[0]
+        # (P, out, C*kh*kw) -> per offset (kh*kw, P*out, C): the weights one shifted GEMM needs.
+        w = codes.reshape(p, self.out_channels, self.in_channels, kh * kw).permute(3, 0, 1, 2)
+        self.register_buffer("weight_int8", w.reshape(kh * kw, p * self.out_channels, self.in_channels)
+                             .contiguous().to(layer.qweight.device))
+        self._init_from(layer, codes, scales, exact)
+
+    @classmethod
+    def from_quant(cls, layer: QuantConv2d, planes: int = 2) -> "Int8Conv2d":
+        """Build from a simulated :class:`QuantConv2d` (its codes, scales and bias)."""
+        return cls(layer, planes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        dtype = x.dtype
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = self.padding
+        if self.padding_mode != "zeros":  # pad the float input (same values as padding the quantized one)
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            ph = pw = 0
+        b, c, h, w = x.shape
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        n_all = self.weight_int8.shape[1]
+        m = b * ho * wo
+        codes, sx = quantize_activations(x.permute(0, 2, 3, 1).float(), self.act_bits)  # NHWC, scale per (n,h,w)
+        codes = codes.contiguous()
+        if ph or pw:
+            codes = F.pad(codes, (0, 0, pw, pw, ph, ph))
+            sx = F.pad(sx, (0, 0, pw, pw, ph, ph), value=1.0)
+        acc: torch.Tensor | None = None
+        for i in range(kh):
+            for j in range(kw):
+                r0, c0 = i * dh, j * dw
+                rows = codes[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :].reshape(m, c)
+                srow = sx[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :].reshape(m, 1)
+                part = _int_mm(rows, self.weight_int8[i * kw + j].t(), out=_int32_buffer(m, n_all, rows.device)
+                               if not rows.is_cuda else None)
+                if acc is None:
+                    acc = part.float().mul_(srow)
+                else:
+                    acc.addcmul_(part, srow)
+        assert acc is not None
+        y = _finish(acc, self.weight_scales, self.bias).reshape(b, ho, wo, self.out_channels)
+        y = y.permute(0, 3, 1, 2).to(dtype).contiguous()
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
+               f"padding={self.padding}, bias={self.bias is not None}, {self._extra()}"
+
+
+_KERNEL_TYPES = (Int8Linear, Int8Conv2d)
+
+
+def kernel_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Name -> Int8Linear / Int8Conv2d of every real-kernel layer in ``module``."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, _KERNEL_TYPES)}
+
+
+# ------------------------------------------------------------------------------------------- torchao
+
+
+def _torchao_config(spec: Any, tq: Any) -> Any:
+    """torchao config reproducing ``spec`` on a Linear, or a string saying why there is none."""
+    if not spec.symmetric:
+        return "torchao backend: asymmetric specs stay simulated"
+    key = (spec.weight_bits, spec.act_bits)
+    if key == (8, 8) and spec.group_size is None:
+        return tq.Int8DynamicActivationInt8WeightConfig()
+    if key == (8, 16) and spec.group_size is None:
+        return tq.Int8WeightOnlyConfig()
+    if key == (4, 16) and spec.group_size in (32, 64, 128, 256):
+        try:  # tinygemm (aten._weight_int4pack_mm, in every CUDA torch); the "plain" default needs the mslk package
+            return tq.Int4WeightOnlyConfig(group_size=spec.group_size, int4_packing_format="tile_packed_to_4d")
+        except TypeError:  # torchao before the packing-format argument
+            return tq.Int4WeightOnlyConfig(group_size=spec.group_size)
+    return f"torchao backend: no torchao kernel for {spec.name} (w8a8, w8a16, w4a16-g32..256 only)"
+
+
+def _torchao_linear(layer: QuantLinear, config: Any, tq: Any) -> nn.Module:
+    lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                    device=layer.qweight.device, dtype=layer.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(layer.dequantize())
+    if layer.bias is not None:
+        lin.bias = layer.bias
+    holder = nn.Sequential(lin)
+    tq.quantize_(holder, config)
+    return holder[0]
+
+
+# ------------------------------------------------------------------------------------------- compile
+
+
+@dataclass
+class KernelSummary:
+    """What :func:`compile_quantized` did: backend, layers compiled (name -> kind) and kept simulated."""
+
+    backend: str
+    compiled: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+    inexact: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    planes: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields."""
+        return {"backend": self.backend, "compiled": len(self.compiled), "kept": dict(self.kept),
+                "inexact_layers": len(self.inexact), "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after, "planes": self.planes}
+
+    def __str__(self) -> str:
+        mib = 2**20
+        lines = [f"KernelSummary ({self.backend}): {len(self.compiled)} layers on real kernels, {len(self.kept)} "
+                 f"kept simulated; resident {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB"]
+        if self.inexact:
+            lines.append(f"  {len(self.inexact)} layers use {self.planes} int8 weight planes for group-wise scales "
+                         f"(approximate to <= 1/(2*127^{self.planes}) of each row's max weight)")
+        lines += [f"  kept simulated: {n}: {why}" for n, why in self.kept.items()]
+        return "\n".join(lines)
+
+
+def _resident_bytes(module: nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (persistent or not): what the model holds in memory."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t is None or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _int8_reason(layer: _QuantBase) -> str | None:
+    """Why ``layer`` cannot run on the int8 path (None if it can)."""
+    if not layer.spec.quantizes_activations:
+        return f"{layer.spec.name}: float activations (weight-only spec); runs the simulated float path"
+    if layer.spec.act_bits > 8:
+        return f"{layer.spec.name}: {layer.spec.act_bits}-bit activation codes do not fit int8"
+    if isinstance(layer, QuantConv2d):
+        if layer.groups != 1:
+            return f"grouped convolution (groups={layer.groups}) is not on the int8 path"
+        if isinstance(layer.padding, str):
+            return f"string padding {layer.padding!r} is not on the int8 path"
+    return None
+
+
+def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 2) -> KernelSummary:
+    """Swap every qsched simulated layer of a quantized denoiser (pipeline or module) for a real-kernel layer.
+
+    ``backend``: ``"int8"`` (``torch._int_mm``; CPU or CUDA, no optional package), ``"torchao"`` (CUDA Linear
+    layers through torchao), ``"auto"`` (torchao on CUDA when importable, else int8). ``planes``: int8 weight
+    planes for group-wise scales (see the module docstring). In place; returns a :class:`KernelSummary`.
+    Layers the backend cannot run stay simulated and are listed with the reason.
+    """
+    if backend not in BACKENDS:
+        raise KernelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if isinstance(planes, bool) or not isinstance(planes, int) or not 1 <= planes <= _MAX_PLANES:
+        raise KernelError(f"planes must be an int in 1..{_MAX_PLANES}, got {planes!r}")
+    _, denoiser = denoiser_of(pipe_or_module)
+    if getattr(denoiser, KERNELS_ATTR, None) is not None:
+        raise KernelError(f"the denoiser is already compiled (backend {getattr(denoiser, KERNELS_ATTR)!r})")
+    layers = quantized_layers(denoiser)
+    if not layers:
+        raise KernelError("no qsched quantized layers to compile: call qsched.quantize(pipe, spec) (or "
+                          "load_quantized) first; torchao-quantized models already run torchao kernels")
+    device = next(iter(layers.values())).qweight.device
+    tq = None
+    if backend in ("auto", "torchao") and device.type == "cuda":
+        try:
+            tq = importlib.import_module("torchao.quantization")
+        except ImportError:
+            if backend == "torchao":
+                raise ImportError("backend='torchao' needs the optional package torchao (pip install torchao); "
+                                  "backend='int8' needs nothing extra") from None
+    elif backend == "torchao":
+        raise KernelError(f"backend='torchao' runs on CUDA only; the denoiser is on {device}. Use backend='int8'")
+    chosen = "torchao" if tq is not None else "int8"
+    summary = KernelSummary(backend=chosen, bytes_before=_resident_bytes(denoiser), planes=planes)
+    memo: dict[int, nn.Module | str] = {}
+    for name, layer in layers.items():
+        if id(layer) not in memo:
+            memo[id(layer)] = _compile_layer(layer, chosen, planes, tq)
+        new = memo[id(layer)]
+        if isinstance(new, str):
+            summary.kept[name] = new
+            continue
+        _set_submodule(denoiser, name, new)
+        summary.compiled[name] = type(new).__name__
+        if isinstance(new, _KERNEL_TYPES) and not new.exact:
+            summary.inexact.append(name)
+    setattr(denoiser, KERNELS_ATTR, chosen)
+    # save_quantized refuses non-"qsched" backends: a compiled model must not be written as a partial checkpoint.
+    setattr(denoiser, BACKEND_ATTR, f"qsched+{chosen}")
+    summary.bytes_after = _resident_bytes(denoiser)
+    return summary
+
+
+def _compile_layer(layer: _QuantBase, backend: str, planes: int, tq: Any) -> nn.Module | str:
+    """The real-kernel twin of ``layer``, or the reason it stays simulated."""
+    if backend == "torchao":
+        if not isinstance(layer, QuantLinear):
+            return "torchao backend: Conv2d layers stay simulated (torchao quantizes Linear layers)"
+        config = _torchao_config(layer.spec, tq)
+        if isinstance(config, str):
+            return config
+        try:
+            return _torchao_linear(layer, config, tq)
+        except (RuntimeError, ValueError, NotImplementedError, AssertionError) as e:
+            return f"torchao refused this layer: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    reason = _int8_reason(layer)
+    if reason is not None:
+        return reason
+    cls = Int8Conv2d if isinstance(layer, QuantConv2d) else Int8Linear
+    return cls.from_quant(layer, planes)
