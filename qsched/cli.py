@@ -6,9 +6,13 @@ Every command validates its inputs and fails with one ``error: ...`` line and ex
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import math
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,6 +22,8 @@ from rich.table import Table
 
 import qsched
 from qsched._util import fmt_num as _fmt
+from qsched.errors import QSchedError, QSchedWarning
+from qsched.interrupts import EXIT_INTERRUPTED, terminate_as_interrupt
 
 app = typer.Typer(
     name="qsched",
@@ -41,7 +47,16 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErr
 _USER_ERROR_NAMES = {"ModelNotFoundError", "MissingWeightsError"}
 
 
-class UsageError(ValueError):
+#: errno values of an output that cannot be written: one error line, not a traceback.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+#: What an interrupted command tells the user (the same command resumes / redoes it).
+_RESUME = {
+    "calibrate": "completed trials are stored in the study; run the same command to resume",
+    "evaluate": "nothing was written; run the same command to start the evaluation again",
+}
+
+
+class UsageError(QSchedError):
     """Bad command-line input."""
 
 
@@ -58,11 +73,21 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            _quiet_third_party(kwargs.get("progress", True))
+            with terminate_as_interrupt(), warnings.catch_warnings():
+                warnings.simplefilter("default", QSchedWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except KeyboardInterrupt as e:
+            _interrupted(fn.__name__, e)
         except _USER_ERRORS as e:
             _fail(_one_line(e))
+        except OSError as e:
+            if e.errno not in _OUTPUT_ERRNOS:
+                raise
+            _fail(f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
         except ImportError as e:
             if "pip install" not in str(e):  # a missing optional extra is a user-facing error; anything else a bug
                 raise
@@ -73,6 +98,53 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapper
+
+
+def _interrupted(command: str, e: KeyboardInterrupt) -> None:
+    """Ctrl-C / SIGTERM: say what is kept and how to resume, exit 130 (the write in flight was finished)."""
+    import shlex
+
+    from rich.markup import escape
+
+    argv = sys.argv[sys.argv.index(command):] if command in sys.argv else None
+    again = f"qsched {shlex.join(argv)}" if argv else f"the same qsched {command} command"
+    how = _RESUME.get(command, "run the same command again")
+    sig = f" ({e.args[0]})" if e.args else ""
+    err_console.print(f"[bold yellow]interrupted{escape(sig)}:[/] {escape(how)}: {escape(again)}",
+                      highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: Any = None) -> None:
+    """qsched's own warnings as one ``warning: ...`` line on stderr; others as Python prints them."""
+    if issubclass(category, QSchedWarning):
+        from rich.markup import escape
+
+        err_console.print(f"[bold yellow]warning:[/] {escape(_one_line(Exception(str(message))))}",
+                          highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _quiet_third_party(progress: bool) -> None:
+    """No third-party progress bars (transformers' "Loading weights", diffusers' and the hub's) with
+    --no-progress or when stderr is not a terminal."""
+    if progress and sys.stderr.isatty():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    with contextlib.suppress(ImportError):
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        import diffusers.utils.logging as dlog
+
+        dlog.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def _one_line(e: BaseException) -> str:
@@ -201,6 +273,8 @@ def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any
     from qsched.quantization import quant_spec_of, quantized_copy
 
     pipe = _load_pipeline(mspec.alias, device)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # --no-progress or not a terminal (_quiet_third_party)
     have = quant_spec_of(pipe)
     if have is not None:
         if spec != have:
@@ -210,6 +284,30 @@ def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any
         return pipe, pipe, None
     qpipe, summary = quantized_copy(pipe, spec)
     return pipe, qpipe, summary
+
+
+def _check_finite(value: Optional[float], what: str) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+def _check_steps(mspec: Any, steps: Optional[int], pipe: Any = None) -> Optional[int]:
+    """``--steps`` against the model's scheduler: before loading for the testbed (its scheduler is known),
+    else on the loaded pipeline's scheduler; a one-line error instead of the scheduler's own message."""
+    if steps is None:
+        return None
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    from qsched.runner import check_steps
+
+    if pipe is not None:
+        return check_steps(pipe.scheduler, steps)
+    if mspec.is_testbed:
+        from qsched.testbed.pipeline import VARIANTS, _scheduler
+
+        return check_steps(_scheduler(VARIANTS["student"]["scheduler"]), steps)
+    return steps
 
 
 def _version_callback(value: bool) -> None:
@@ -279,8 +377,8 @@ def calibrate(
         raise UsageError(f"--grid-range must be 'low,high' with 0 < low < high, got {grid_range!r}")
     if not math.isfinite(k) or k < 0:
         raise UsageError(f"--k must be a finite number >= 0, got {k}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+    _check_steps(mspec, steps)
+    _check_finite(guidance_scale, "--guidance-scale")
     if trials is not None and trials < 1:
         raise UsageError(f"--trials must be >= 1, got {trials}")
     T = steps or mspec.steps
@@ -299,6 +397,7 @@ def calibrate(
 
     check_storage(storage)
     fp, pipe, _ = _pipelines(mspec, spec_name, device)
+    _check_steps(mspec, T, pipe)
     jaq = _make_jaq(preset, device, k)
     call_kwargs = mspec.call_defaults()
     console.print(f"[bold]qsched calibrate[/] model [cyan]{model}[/] spec [cyan]{spec_name or 'none'}[/] "
@@ -390,8 +489,8 @@ def generate(
     mspec = _check_model(model)
     spec_name = _check_spec(spec)
     _check_device(device)
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+    _check_steps(mspec, steps)
+    _check_finite(guidance_scale, "--guidance-scale")
     manual = None
     if model_coeff is not None or sample_coeff is not None:
         if schedule is not None:
@@ -411,6 +510,7 @@ def generate(
         raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
 
     _, pipe, _ = _pipelines(mspec, spec_name, device)
+    _check_steps(mspec, T, pipe)
     call = {**mspec.call_defaults(), **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
     with using_schedule(pipe, sched):
         image = run_generate(pipe, [prompt], T, seed=seed, call_kwargs=call)[0]
@@ -424,8 +524,15 @@ def _save_image(img: Any, path: Path) -> None:
 
     from qsched.images import to_uint8
 
+    import io
+
+    from qsched._util import write_atomic
+
     a = to_uint8(img)[0]
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format=Image.registered_extensions()
+                                                              [path.suffix.lower()])
+    write_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------- quantize
@@ -490,6 +597,9 @@ def evaluate(
     out = _writable_dir(out)
     if n_images is not None and n_images < 1:
         raise UsageError(f"--n-images must be >= 1, got {n_images}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_steps(mspec, steps)
     if prompts is not None and not prompts.startswith("testbed-") and not Path(prompts).exists():
         raise FileNotFoundError(f"prompt file not found: {prompts}")
     q_sched = load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None

@@ -219,14 +219,31 @@ def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype |
     # A saved QSchedScheduler component resolves only once qsched.scheduler is imported (diffusers never imports
     # a module because a model_index.json names it).
     importlib.import_module("qsched.scheduler")
-    if (path / QUANT_METADATA).is_file():
-        from qsched.quantization import load_quantized
+    from qsched.errors import CorruptFileError, QSchedError, read_json
 
-        return load_quantized(str(path), device=device, **kw)
     index = path / "model_index.json"
-    if not index.is_file():
+    quantized = (path / QUANT_METADATA).is_file()
+    if not quantized and not index.is_file():
         raise FileNotFoundError(f"{path} is not a saved pipeline (no model_index.json or {QUANT_METADATA}).")
-    config = json.loads(index.read_text())
+    config = {} if quantized else read_json(index, "pipeline index")
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"pipeline index {index} is not a JSON object")
+    try:
+        if quantized:
+            from qsched.quantization import load_quantized
+
+            return load_quantized(str(path), device=device, **kw)
+        return _from_pretrained_dir(path, config, device, dtype, **kw)
+    except (QSchedError, ModelNotFoundError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever diffusers/safetensors raise on a damaged folder is user input
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CorruptFileError(f"cannot load the pipeline saved in {path} (damaged or incomplete: "
+                               f"{type(e).__name__}: {first})") from None
+
+
+def _from_pretrained_dir(path: Path, config: dict[str, Any], device: str | torch.device, dtype: torch.dtype | None,
+                         **kw: Any) -> Any:
     for value in config.values():
         if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("qsched"):
             importlib.import_module(value[0])

@@ -17,12 +17,13 @@ What this module guarantees, so that a calibration can be trusted and shared:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["check_storage", "open_study", "per_trial_seed_sampler", "recover_dead_trials", "run_trials",
            "enumerate_grid", "DuplicatePoint", "trial_record", "redact", "ROLE_IDENTITY"]
@@ -261,7 +262,39 @@ def run_trials(study: Any, names: Sequence[str], bounds: tuple[float, float],
         callbacks.append(progress)
     while n_complete(study) < n_trials:
         remaining = n_trials - n_complete(study)
-        study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=(DuplicatePoint,))
+        with storage_failures(study):
+            study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=(DuplicatePoint,))
+
+
+def _storage_error(e: BaseException | None) -> BaseException | None:
+    """The database error behind ``e`` (or one it was raised while handling), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.startswith("sqlalchemy") and type(e).__name__ == "OperationalError":
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_failures(study: Any) -> Iterator[None]:
+    """Turn a failed write to the study's storage (full disk, read-only or locked database) into one
+    OutputError line; Optuna reports it as "AssertionError: Should not reach." after a failed tell. Completed
+    trials stay stored; the trial in flight is redone on the next start."""
+    try:
+        yield
+    except (AssertionError, Exception) as e:  # noqa: B014 - AssertionError named: Optuna raises it here
+        db = _storage_error(e)
+        if db is None:
+            raise
+        from qsched.errors import OutputError
+
+        orig = getattr(db, "orig", None) or db
+        url = getattr(study._storage, "url", None)
+        where = f"the study storage {redact(url)}" if url else "the study storage"
+        raise OutputError(f"cannot write {where}: {' '.join(str(orig).split())[:200]}; completed trials are "
+                          "kept, rerun the same command to continue") from None
 
 
 def enumerate_grid(study: Any, candidates: list[dict[str, float]],
@@ -301,9 +334,10 @@ def enumerate_grid(study: Any, candidates: list[dict[str, float]],
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             continue
         value, attrs = score(params)
-        for key, v in attrs.items():
-            trial.set_user_attr(key, v)
-        study.tell(trial, value)
+        with storage_failures(study):
+            for key, v in attrs.items():
+                trial.set_user_attr(key, v)
+            study.tell(trial, value)
         done += 1
         if progress is not None:
             progress(study, None)
