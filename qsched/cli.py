@@ -370,6 +370,8 @@ def calibrate(
     _check_device(device)
     seed_list = _ints(seeds, "--seeds")
     val_seed_list = _ints(validation_seeds, "--validation-seeds")
+    if n_prompts < 1:
+        raise UsageError(f"--n-prompts must be >= 1, got {n_prompts}")
     if n_validation < 0 or n_validation == 1:
         raise UsageError(f"--n-validation must be 0 (no validation) or >= 2, got {n_validation}")
     lo_hi = _floats(grid_range, "--grid-range")
@@ -386,6 +388,10 @@ def calibrate(
         search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
     if strategy not in ("optuna", "grid"):
         raise UsageError(f"unknown --strategy {strategy!r}; choose optuna or grid")
+    if sampler not in ("tpe", "cmaes"):
+        raise UsageError(f"unknown --sampler {sampler!r}; choose tpe or cmaes")
+    if grid_points < 1:
+        raise UsageError(f"--grid-points must be >= 1, got {grid_points}")
     out = _writable_dir(out)
     both = _prompts(prompts, mspec, n_prompts + n_validation)
     if len(both) < n_prompts + n_validation:

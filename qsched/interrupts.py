@@ -31,15 +31,19 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """Inside the block, SIGTERM raises ``KeyboardInterrupt`` like SIGINT does."""
+    """Inside the block, SIGTERM raises ``KeyboardInterrupt`` like SIGINT does (both naming the signal; a
+    SIGINT handler other than Python's default is left alone)."""
     if not _main_thread() or not hasattr(signal, "SIGTERM"):
         yield
         return
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_interrupt)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @contextlib.contextmanager

@@ -93,7 +93,7 @@ def open_study(name: str, storage: str | Any | None, out_dir: Path | None, confi
     naming the differing keys), so trials of other settings, weights or hardware are never mixed."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's error reaches the caller; no second copy
     if storage is None and out_dir is not None:
         storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
     check_storage(storage if isinstance(storage, str) else None)
