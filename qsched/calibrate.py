@@ -196,8 +196,12 @@ class CalibrationResult:
         if self.base_scheduler is not None:
             from qsched.scheduler import QSchedScheduler
 
-            QSchedScheduler.from_scheduler(self.base_scheduler, self.schedule).save_pretrained(str(d / "scheduler"))
             from qsched.schedule import SCHEDULER_INFO_FILE
+
+            # what save_pretrained writes (diffusers' serializer), but atomically
+            sched = QSchedScheduler.from_scheduler(self.base_scheduler, self.schedule)
+            (d / "scheduler").mkdir(exist_ok=True)
+            write_atomic(d / "scheduler" / sched.config_name, sched.to_json_string())
 
             write_atomic(d / "scheduler" / SCHEDULER_INFO_FILE, json.dumps(
                 {"quant_spec": self.quant_spec, "model": self.model, "steps": self.steps}, indent=2))

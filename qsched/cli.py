@@ -266,15 +266,20 @@ def _prompts(path: Optional[Path], mspec: Any, n: int) -> Any:
     return load_prompts(str(path), n=n)
 
 
+def _quiet_pipe(pipe: Any) -> Any:
+    """``pipe`` without its diffusers progress bar under --no-progress or without a terminal."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # set by _quiet_third_party
+    return pipe
+
+
 def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any]:
     """(full-precision pipeline or None, pipeline to run, quantization summary or None) for ``spec`` (None:
     full precision). A folder that is already quantized must match ``spec``; otherwise the quantized pipeline is
     :func:`qsched.quantization.quantized_copy` of the full-precision one (loaded once)."""
     from qsched.quantization import quant_spec_of, quantized_copy
 
-    pipe = _load_pipeline(mspec.alias, device)
-    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" and hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)  # --no-progress or not a terminal (_quiet_third_party)
+    pipe = _quiet_pipe(_load_pipeline(mspec.alias, device))
     have = quant_spec_of(pipe)
     if have is not None:
         if spec != have:
@@ -616,7 +621,7 @@ def evaluate(
         model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
         n_images=n_images, seed=seed, batch_size=batch_size,
         metrics=[m for m in metrics.replace(" ", "").split(",") if m], device=device, progress=progress,
-        fid_ref=fid_ref, pipe_loader=functools.partial(_load_pipeline, model, device),
+        fid_ref=fid_ref, pipe_loader=lambda: _quiet_pipe(_load_pipeline(model, device)),
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one process of a distributed run: the first one writes and prints
@@ -626,8 +631,10 @@ def evaluate(
     calib = schedule if schedule is not None and (schedule / "calibration.json").exists() else None
     report = write_report(out, calibration=calib, evaluation=res, title=f"Q-Sched evaluation: {model}")
     _print_rows(res)
+    from rich.markup import escape
+
     for note in getattr(res, "notes", []) or []:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"results: {path}\nreport: {report}")
 
 

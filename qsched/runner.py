@@ -27,7 +27,12 @@ SEED_STRIDE = 100003
 
 def image_seed(seed: int, index: int) -> int:
     """Generator seed of image ``index`` for base seed ``seed``: ``seed * 100003 + index``."""
-    return int(seed) * SEED_STRIDE + int(index)
+    s = int(seed) * SEED_STRIDE + int(index)
+    if not 0 <= s < 2**63:
+        from qsched.errors import QSchedError
+
+        raise QSchedError(f"seed {seed} is out of range: seeds must be integers from 0 to {(2**63 - 1) // SEED_STRIDE}")
+    return s
 
 
 def check_steps(scheduler: Any, steps: int) -> int:

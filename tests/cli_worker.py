@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from fakes import BrightTC, ContrastIQ  # noqa: E402
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when started from a `&` job
     import torch
 
     torch.set_num_threads(1)

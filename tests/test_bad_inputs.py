@@ -217,6 +217,8 @@ CALIBRATE = [
     ("seeds-empty", lambda f, t: ["--seeds", ","], "--seeds"),
     ("seeds-float", lambda f, t: ["--seeds", "1.5"], "1.5"),
     ("validation-seeds", lambda f, t: ["--validation-seeds", "x"], "--validation-seeds"),
+    ("seeds-negative", lambda f, t: ["--seeds", "-1", "--n-prompts", "2", "--n-validation", "0"], "seed -1"),
+    ("seeds-huge", lambda f, t: ["--seeds", str(10**20), "--n-prompts", "2", "--n-validation", "0"], str(10**20)),
     ("n-validation-1", lambda f, t: ["--n-validation", "1"], "--n-validation"),
     ("n-validation-negative", lambda f, t: ["--n-validation", "-3"], "-3"),
     ("n-prompts-0", lambda f, t: ["--n-prompts", "0"], "--n-prompts"),
@@ -224,8 +226,8 @@ CALIBRATE = [
     ("k-inf", lambda f, t: ["--k", "inf"], "inf"),
     ("k-negative", lambda f, t: ["--k", "-1"], "-1"),
     ("steps-0", lambda f, t: ["--steps", "0"], "--steps"),
-    ("steps-1000", lambda f, t: ["--steps", "1000"], "1000"),
-    ("steps-51", lambda f, t: ["--steps", "51"], "51"),
+    ("steps-1000", lambda f, t: ["--steps", "1000"], "at most 50"),
+    ("steps-51", lambda f, t: ["--steps", "51"], "--steps 51: the model's LCMScheduler samples in at most 50"),
     ("trials-0", lambda f, t: ["--trials", "0"], "--trials"),
     ("guidance-nan", lambda f, t: ["--guidance-scale", "nan"], "nan"),
     ("guidance-inf", lambda f, t: ["--guidance-scale", "inf"], "inf"),
@@ -266,11 +268,12 @@ GENERATE = [
     ("out-existing-dir", lambda f, t: ["a bag", O, str(f["empty_dir"])], "empty"),
     ("out-not-image", lambda f, t: ["a bag", O, str(t / "x.txt")], "x.txt"),
     ("out-under-file", lambda f, t: ["a bag", O, str(f["a_file"] / "i.png")], "file.txt"),
-    ("steps-1000", lambda f, t: ["a bag", "--steps", "1000"], "1000"),
+    ("steps-1000", lambda f, t: ["a bag", "--steps", "1000"], "at most 50"),
     ("steps-0", lambda f, t: ["a bag", "--steps", "0"], "--steps"),
     ("guidance-nan", lambda f, t: ["a bag", "--guidance-scale", "nan"], "nan"),
     ("guidance-minus-inf", lambda f, t: ["a bag", "--guidance-scale", "-inf"], "-inf"),
     ("device-cuda", lambda f, t: ["a bag", "--device", "cuda"], "cuda"),
+    ("seed-huge", lambda f, t: ["a bag", "--seed", str(10**20)], str(10**20)),
     ("model-truncated-safetensors", lambda f, t: ["a bag", "--model", str(f["m_trunc_st"]), "--spec", "none"],
      "m_trunc"),
     ("model-header-corrupted", lambda f, t: ["a bag", "--model", str(f["m_head_st"]), "--spec", "none"], "m_head"),
@@ -306,7 +309,7 @@ EVALUATE = [
     ("prompts-truncated-json", lambda f, t: ["--prompts", str(f["p_trunc_json"])], "trunc.json"),
     ("n-images-0", lambda f, t: ["--n-images", "0"], "--n-images"),
     ("batch-size-0", lambda f, t: ["--batch-size", "0"], "--batch-size"),
-    ("steps-1000", lambda f, t: ["--steps", "1000"], "1000"),
+    ("steps-1000", lambda f, t: ["--steps", "1000"], "at most 50"),
     ("schedule-truncated", lambda f, t: ["--schedule", str(f["trunc_sj"])], "schedules.json"),
     ("schedule-other-spec", lambda f, t: ["--schedule", str(f["calib"] / "scheduler"), "--spec", "w8a8"], "w4a8"),
     ("fp-schedule-quantized", lambda f, t: ["--fp-schedule", str(f["calib"])], "'none'"),
@@ -314,6 +317,7 @@ EVALUATE = [
     ("device-cuda", lambda f, t: ["--device", "cuda"], "cuda"),
     ("out-under-file", lambda f, t: [O, str(f["a_file"] / "ev")], "file.txt"),
     ("spec-banana", lambda f, t: ["--spec", "banana"], "banana"),
+    ("seed-negative", lambda f, t: ["--seed", "-5", "--n-images", "1", "--metrics", ""], "seed -5"),
 ]
 
 REPORT = [
@@ -412,7 +416,7 @@ def _api_cases():
         ("load-prompts-n", lambda f, p: _load_prompts("testbed-calib", n=0), ValueError, "0"),
         ("calibrate-no-prompts", lambda f, p: _calibrate(p, []), ValueError, "prompt"),
         ("calibrate-guidance-nan", lambda f, p: _calibrate(p, ["a", "b"], guidance_scale=nan), QSchedError, "nan"),
-        ("calibrate-steps-1000", lambda f, p: _calibrate(p, ["a", "b"], steps=1000), QSchedError, "1000"),
+        ("calibrate-steps-1000", lambda f, p: _calibrate(p, ["a", "b"], steps=1000), QSchedError, "at most 50"),
         ("calibrate-grid-range-nan", lambda f, p: _calibrate(p, ["a", "b"], grid_range=(nan, 1.2)), ValueError,
          "nan"),
         ("calibrate-sampler", lambda f, p: _calibrate(p, ["a", "b"], sampler="random"), ValueError, "random"),
@@ -577,6 +581,7 @@ def test_keyboard_interrupt_and_sigterm_in_process_exit_130(tiny, tmp_path, monk
     def interrupted(**kw):
         raise KeyboardInterrupt
 
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     monkeypatch.setattr(ev_mod, "evaluate", interrupted)
     r = runner.invoke(cli.app, ["evaluate", O, str(tmp_path / "e"), "--no-progress"])
     assert r.exit_code == 130 and "interrupted" in r.stderr and "same command" in r.stderr
@@ -589,7 +594,7 @@ def test_keyboard_interrupt_and_sigterm_in_process_exit_130(tiny, tmp_path, monk
     monkeypatch.setattr(ev_mod, "evaluate", terminated)
     r = runner.invoke(cli.app, ["evaluate", O, str(tmp_path / "e"), "--no-progress"])
     assert r.exit_code == 130 and "SIGTERM" in r.stderr, r.output
-    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers restored
 
 
 def test_signal_during_a_write_is_held_until_the_write_is_done(tmp_path, monkeypatch):
@@ -603,8 +608,12 @@ def test_signal_during_a_write_is_held_until_the_write_is_done(tmp_path, monkeyp
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_then_signalled)
-    with pytest.raises(KeyboardInterrupt):
-        write_atomic(target, b"{}" * 1000)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a `&` job ignores SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_atomic(target, b"{}" * 1000)
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert target.read_bytes() == b"{}" * 1000  # finished, then interrupted
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
 
@@ -702,3 +711,4 @@ def test_writers_leave_no_temporary_files(F):
     assert not [p for p in F["calib"].rglob("*") if p.name.endswith(".tmp")]
     assert (F["calib"] / "scheduler" / "qsched_schedule.json").exists()
     assert math.isfinite(json.loads((F["calib"] / "calibration.json").read_text())["best"]["jaq"])
+
