@@ -276,7 +276,8 @@ def read_schedules(path_or_dir: str | os.PathLike) -> dict[str, Any]:
     data = _read_json(p)
     if not isinstance(data, dict) or not isinstance(data.get("schedules"), dict):
         raise CorruptFileError(f"{p} is not a qsched schedules file (no 'schedules' mapping)")
-    bad = [k for k, v in data["schedules"].items() if not isinstance(v, dict) or not isinstance(v.get("schedule"), dict)]
+    bad = [k for k, v in data["schedules"].items()
+           if not isinstance(v, dict) or not isinstance(v.get("schedule"), dict)]
     if bad:
         raise CorruptFileError(f"{p}: the entries {bad} are not {{'steps': T, 'schedule': {{...}}}} mappings")
     return data
@@ -313,7 +314,15 @@ def _from_scheduler_dir(d: Path) -> Schedule:
     cfg = _read_json(d / "scheduler_config.json", "scheduler config")
     if not isinstance(cfg, dict) or cfg.get("schedule") is None:
         raise QSchedError(f"{d} holds a scheduler without a Q-Sched schedule")
-    return Schedule.from_dict(cfg["schedule"])
+    return _schedule_in(d / "scheduler_config.json", cfg["schedule"])
+
+
+def _schedule_in(f: Path, d: Any) -> Schedule:
+    """``Schedule.from_dict(d)`` for a dict read from ``f``; a bad one is a CorruptFileError naming ``f``."""
+    try:
+        return Schedule.from_dict(d)
+    except QSchedError as e:
+        raise CorruptFileError(f"{f}: {e}") from None
 
 
 def _calibrated_for(d: Path) -> tuple[str, Path] | None:
@@ -344,7 +353,7 @@ def load_schedule(path: str | os.PathLike, *, spec: str | None = None, steps: in
         if spec not in table:
             have = ", ".join(f"{k} ({v.get('steps')} steps)" for k, v in table.items()) or "nothing"
             raise QSchedError(f"no schedule for quantization spec {spec!r} in {_schedules_path(p)}; it holds: {have}")
-        sched = Schedule.from_dict(table[spec]["schedule"])
+        sched = _schedule_in(_schedules_path(p), table[spec]["schedule"])
         if table[spec].get("steps") not in (None, sched.steps):
             raise CorruptFileError(f"{_schedules_path(p)}: the {spec!r} entry says {table[spec].get('steps')!r} "
                                    f"steps but its schedule has {sched.steps}")

@@ -85,7 +85,8 @@ def F(tmp_path_factory, base_pipe):
     f["bin_sched_cfg"] = _corrupt_copy(sched_dir, d / "s_bin", "scheduler_config.json", os.urandom(200) + b"\xff")
     cfg = json.loads((sched_dir / "scheduler_config.json").read_text())
     f["type_sched_cfg"] = _corrupt_copy(sched_dir, d / "s_type", "scheduler_config.json",
-                                        json.dumps({**cfg, "schedule": {"kind": "linear", "steps": 2, "params": [1, 2]}}))
+                                        json.dumps({**cfg, "schedule": {"kind": "linear", "steps": 2,
+                                                                        "params": [1, 2]}}))
     sj = json.loads((calib / "schedules.json").read_text())
     f["trunc_sj"] = _write(d / "trunc" / "schedules.json", (calib / "schedules.json").read_text()[:50])
     f["bin_sj"] = _write(d / "bin" / "schedules.json", b"\x89PNG\r\n\x1a\n" + os.urandom(64))
@@ -96,6 +97,7 @@ def F(tmp_path_factory, base_pipe):
                                             "params": {"model_start": float("nan"), "sample_start": 1.0}}
     f["nan_sj"] = _write(d / "nan" / "schedules.json", json.dumps(nan))  # Python's json writes NaN
     f["empty_dir"] = (d / "empty").mkdir() or d / "empty"
+    f["png_dir"] = (d / "d.png").mkdir() or d / "d.png"
     # calibration.json damaged
     f["trunc_cal"] = _corrupt_copy(calib, d / "c_trunc", "calibration.json",
                                    (calib / "calibration.json").read_text()[:100])
@@ -251,12 +253,14 @@ GENERATE = [
     ("schedule-and-coeff", lambda f, t: ["a bag", "--schedule", str(f["calib"]), "--model-coeff", "1"], "either"),
     ("sched-cfg-truncated", lambda f, t: ["a bag", "--schedule", str(f["trunc_sched_cfg"])], "scheduler_config.json"),
     ("sched-cfg-binary", lambda f, t: ["a bag", "--schedule", str(f["bin_sched_cfg"])], "scheduler_config.json"),
-    ("sched-cfg-wrong-types", lambda f, t: ["a bag", "--schedule", str(f["type_sched_cfg"])], "schedule"),
+    ("sched-cfg-wrong-types", lambda f, t: ["a bag", "--schedule", str(f["type_sched_cfg"])],
+     "s_type/scheduler_config.json"),
     ("schedules-truncated", lambda f, t: ["a bag", "--schedule", str(f["trunc_sj"])], "schedules.json"),
     ("schedules-binary", lambda f, t: ["a bag", "--schedule", str(f["bin_sj"])], "schedules.json"),
     ("schedules-no-mapping", lambda f, t: ["a bag", "--schedule", str(f["nomap_sj"])], "schedules.json"),
     ("schedules-entry-int", lambda f, t: ["a bag", "--schedule", str(f["int_sj"])], "w4a8"),
-    ("schedules-nan", lambda f, t: ["a bag", "--schedule", str(f["nan_sj"])], "nan"),
+    ("schedules-nan", lambda f, t: ["a bag", "--schedule", str(f["nan_sj"])],
+     "nan/schedules.json: Schedule parameter model_start must be finite and > 0, got nan"),
     ("calib-dir-other-spec", lambda f, t: ["a bag", "--schedule", str(f["calib"]), "--spec", "w8a8"], "w8a8"),
     ("scheduler-dir-other-spec", lambda f, t: ["a bag", "--schedule", str(f["calib"] / "scheduler"), "--spec",
                                                "w8a8"], "calibrated for quantization spec 'w4a8'"),
@@ -265,7 +269,7 @@ GENERATE = [
     ("calib-dir-full-precision", lambda f, t: ["a bag", "--schedule", str(f["calib"]), "--spec", "none"], "'none'"),
     ("schedule-other-steps", lambda f, t: ["a bag", "--schedule", str(f["calib"]), "--steps", "3"], "3"),
     ("schedule-dir-empty", lambda f, t: ["a bag", "--schedule", str(f["empty_dir"])], "empty"),
-    ("out-existing-dir", lambda f, t: ["a bag", O, str(f["empty_dir"])], "empty"),
+    ("out-existing-dir", lambda f, t: ["a bag", O, str(f["png_dir"])], "d.png is a directory"),
     ("out-not-image", lambda f, t: ["a bag", O, str(t / "x.txt")], "x.txt"),
     ("out-under-file", lambda f, t: ["a bag", O, str(f["a_file"] / "i.png")], "file.txt"),
     ("steps-1000", lambda f, t: ["a bag", "--steps", "1000"], "at most 50"),
