@@ -189,20 +189,23 @@ class CalibrationResult:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``calibration.json``, a ``scheduler/`` directory (QSchedScheduler.from_pretrained loads it) and
         merge the schedule into ``schedules.json``, each atomically. Returns the directory."""
+        from qsched.interrupts import deferred_interrupts
+
+        with deferred_interrupts():  # Ctrl-C waits until the three are written: they always agree
+            return self._save(Path(directory))
+
+    def _save(self, d: Path) -> Path:
         from qsched._util import write_atomic
 
-        d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.base_scheduler is not None:
-            from qsched.scheduler import QSchedScheduler
-
             from qsched.schedule import SCHEDULER_INFO_FILE
+            from qsched.scheduler import QSchedScheduler
 
             # what save_pretrained writes (diffusers' serializer), but atomically
             sched = QSchedScheduler.from_scheduler(self.base_scheduler, self.schedule)
             (d / "scheduler").mkdir(exist_ok=True)
             write_atomic(d / "scheduler" / sched.config_name, sched.to_json_string())
-
             write_atomic(d / "scheduler" / SCHEDULER_INFO_FILE, json.dumps(
                 {"quant_spec": self.quant_spec, "model": self.model, "steps": self.steps}, indent=2))
         save_schedule(d, self.quant_spec, self.schedule, self.model, self.steps,

@@ -81,7 +81,14 @@ class EvalResult:
         return _clean(json.loads(json.dumps(d, default=_json_default)))
 
     def to_json(self, path: str | Path, save_samples: bool = True) -> Path:
-        """Write the JSON; sample images go to ``<stem>_samples/<config>_<i>.png`` and are listed in the JSON."""
+        """Write the JSON; sample images go to ``<stem>_samples/<config>_<i>.png`` and are listed in the JSON.
+        Each file is written atomically, and Ctrl-C waits until all of them are."""
+        from qsched.interrupts import deferred_interrupts
+
+        with deferred_interrupts():
+            return self._to_json(Path(path), save_samples)
+
+    def _to_json(self, path: Path, save_samples: bool) -> Path:
         import io
 
         from qsched._util import write_atomic
