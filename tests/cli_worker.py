@@ -2,13 +2,15 @@
 
     python tests/cli_worker.py calibrate --out DIR ...      (any qsched command line)
 
-For the signal tests: every scoring prints ``scored N`` on stdout (flushed) and sleeps ``QSCHED_WORKER_SLOW``
+The pipeline loads inside the command (as the real loader does), so third-party progress bars would show on
+stderr unless the CLI silences them. For the signal tests: every scoring prints ``scored N`` on stdout (flushed) and sleeps ``QSCHED_WORKER_SLOW``
 seconds, so that a test can send SIGINT/SIGTERM in the middle of a search.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import signal
 import sys
@@ -39,8 +41,8 @@ def main() -> None:
             time.sleep(slow)
             return super().__call__(images, prompts)
 
-    base = tiny_testbed_pipeline(seed=0)
-    cli._load_pipeline = lambda model, device: copy.deepcopy(base)
+    base = functools.lru_cache(maxsize=1)(lambda: tiny_testbed_pipeline(seed=0))  # loaded inside the command,
+    cli._load_pipeline = lambda model, device: copy.deepcopy(base())  # so its "Loading weights" bar would show
     cli._make_jaq = lambda preset, device, k: JAQ(Scorer(), ContrastIQ(), k=k)
     sys.argv = ["qsched", *sys.argv[1:]]
     cli.app()

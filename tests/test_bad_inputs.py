@@ -652,6 +652,7 @@ def test_sigint_then_sigterm_during_calibrate_then_resume(tmp_path):
         _, err = _signal_after(p, 2, sig)
         assert p.returncode == 130, err
         assert "Traceback" not in err and "interrupted" in err and name in err, err
+        assert "Loading weights" not in err and "it/s" not in err  # not a terminal: no third-party bars
         assert "qsched calibrate" in err and str(out) in err  # the command that resumes
         assert not any(out.glob("**/*.tmp"))
     import optuna
