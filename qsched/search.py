@@ -25,6 +25,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from qsched.interrupts import deferred_interrupts, interruptible
+
 __all__ = ["check_storage", "open_study", "per_trial_seed_sampler", "recover_dead_trials", "run_trials",
            "enumerate_grid", "DuplicatePoint", "trial_record", "redact", "ROLE_IDENTITY"]
 
@@ -252,7 +254,8 @@ def run_trials(study: Any, names: Sequence[str], bounds: tuple[float, float],
         trial.set_user_attr("worker", _worker())
         params = {n: trial.suggest_float(n, lo, hi) for n in names}
         _claim(study, trial, params)
-        value, attrs = score(params)
+        with interruptible():  # Ctrl-C stops a trial while it scores, never while Optuna stores it
+            value, attrs = score(params)
         for key, v in attrs.items():
             trial.set_user_attr(key, v)
         return value
@@ -262,7 +265,7 @@ def run_trials(study: Any, names: Sequence[str], bounds: tuple[float, float],
         callbacks.append(progress)
     while n_complete(study) < n_trials:
         remaining = n_trials - n_complete(study)
-        with storage_failures(study):
+        with storage_failures(study), deferred_interrupts():
             study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=(DuplicatePoint,))
 
 
@@ -318,23 +321,28 @@ def enumerate_grid(study: Any, candidates: list[dict[str, float]],
     for params, extra in todo:
         if done >= budget:
             break
-        held = {_key(t.params) for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "RUNNING")
-                and not t.user_attrs.get("duplicate_of")}
-        if _key(params) in held:
-            continue
-        trial = study.ask()
-        trial.set_user_attr("worker", _worker())
-        for key, v in extra.items():
-            trial.set_user_attr(key, v)
-        for n in names:  # record the point before scoring, so that other workers see it taken
-            study._storage.set_trial_param(trial._trial_id, n, dists[n].to_internal_repr(params[n]), dists[n])
-        try:
-            _claim(study, trial, params)
-        except DuplicatePoint:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
-        value, attrs = score(params)
-        with storage_failures(study):
+        with storage_failures(study), deferred_interrupts():  # Ctrl-C only while scoring, never mid-write
+            held = {_key(t.params) for t in study.get_trials(deepcopy=False)
+                    if t.state.name in ("COMPLETE", "RUNNING") and not t.user_attrs.get("duplicate_of")}
+            if _key(params) in held:
+                continue
+            trial = study.ask()
+            trial.set_user_attr("worker", _worker())
+            for key, v in extra.items():
+                trial.set_user_attr(key, v)
+            for n in names:  # record the point before scoring, so that other workers see it taken
+                study._storage.set_trial_param(trial._trial_id, n, dists[n].to_internal_repr(params[n]), dists[n])
+            try:
+                _claim(study, trial, params)
+            except DuplicatePoint:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            try:
+                with interruptible():
+                    value, attrs = score(params)
+            except KeyboardInterrupt:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)  # redone on the next start
+                raise
             for key, v in attrs.items():
                 trial.set_user_attr(key, v)
             study.tell(trial, value)

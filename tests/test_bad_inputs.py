@@ -717,3 +717,28 @@ def test_writers_leave_no_temporary_files(F):
     assert (F["calib"] / "scheduler" / "qsched_schedule.json").exists()
     assert math.isfinite(json.loads((F["calib"] / "calibration.json").read_text())["best"]["jaq"])
 
+
+
+def test_interruptible_lets_signals_through_only_inside(monkeypatch):
+    """Inside deferred_interrupts a signal waits; inside interruptible() (the scoring) it is delivered at once."""
+    from qsched.interrupts import deferred_interrupts, interruptible
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    seen = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGINT)
+                seen.append("held")  # still running: the signal waits
+                with interruptible():
+                    seen.append("never")  # the held signal is delivered on entry
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupts():
+                with interruptible():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    for _ in range(1000):
+                        pass
+                    seen.append("never")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert seen == ["held"]
