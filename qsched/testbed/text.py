@@ -48,6 +48,8 @@ def warn_truncated(tokenizer, prompts: list[str], max_tokens: int = MAX_TOKENS) 
 
     from qsched.errors import QSchedWarning
 
+    if not prompts:
+        return
     for p, ids in zip(prompts, tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]):
         if len(ids) > max_tokens:
             short = p if len(p) <= 40 else p[:40] + "..."
