@@ -10,6 +10,7 @@ Public API (imported lazily so that ``import qsched`` stays fast):
     load_pipeline, MODELS                              -- diffusers pipelines and the testbed (pipelines.py)
     JAQ, calibrate, CalibrationResult                  -- scoring and search (scoring.py, calibrate.py)
     evaluate                                           -- side-by-side evaluation (evaluate.py)
+    QSchedError, CorruptFileError, OutputError         -- the package's errors (ValueError subclasses; errors.py)
 
 Every name above is that object on every access: importing a submodule of the same name (``qsched.calibrate``,
 ``qsched.evaluate``) does not replace the function on the package (use ``sys.modules["qsched.calibrate"]`` or
@@ -57,6 +58,9 @@ _EXPORTS = {
     "calibrate": "qsched.calibrate",
     "CalibrationResult": "qsched.calibrate",
     "evaluate": "qsched.evaluate",
+    "QSchedError": "qsched.errors",
+    "CorruptFileError": "qsched.errors",
+    "OutputError": "qsched.errors",
     # diffusers < 0.42 records saved components as ["qsched", cls] and checks the base class on the package.
     "SchedulerMixin": "diffusers",
 }

@@ -60,22 +60,34 @@ def fmt_num(v: Any, nd: int = 4, thousands: bool = False, sci_above: float = 1e4
 
 def write_atomic(path: str | Path, data: str | bytes, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same directory, fsync'ed, then renamed, so a
-    full disk or a kill never leaves a truncated file behind (the old file, if any, stays intact)."""
+    full disk or a kill never leaves a truncated file behind (the old file, if any, stays intact). Ctrl-C/SIGTERM
+    during the write is delivered once it is done; a failed write raises :class:`qsched.errors.OutputError`
+    naming ``path``."""
     import os
     import tempfile
 
+    from qsched.errors import OutputError
+    from qsched.interrupts import deferred_interrupts
+
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with deferred_interrupts():
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write {path}: {e.strerror or e} (the previous file, if any, is "
+                                  "unchanged)") from None
+            raise
     return path

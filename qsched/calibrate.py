@@ -192,14 +192,25 @@ class CalibrationResult:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``calibration.json``, a ``scheduler/`` directory (QSchedScheduler.from_pretrained loads it) and
         merge the schedule into ``schedules.json``, each atomically. Returns the directory."""
+        from qsched.interrupts import deferred_interrupts
+
+        with deferred_interrupts():  # Ctrl-C waits until the three are written: they always agree
+            return self._save(Path(directory))
+
+    def _save(self, d: Path) -> Path:
         from qsched._util import write_atomic
 
-        d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.base_scheduler is not None:
+            from qsched.schedule import SCHEDULER_INFO_FILE
             from qsched.scheduler import QSchedScheduler
 
-            QSchedScheduler.from_scheduler(self.base_scheduler, self.schedule).save_pretrained(str(d / "scheduler"))
+            # what save_pretrained writes (diffusers' serializer), but atomically
+            sched = QSchedScheduler.from_scheduler(self.base_scheduler, self.schedule)
+            (d / "scheduler").mkdir(exist_ok=True)
+            write_atomic(d / "scheduler" / sched.config_name, sched.to_json_string())
+            write_atomic(d / "scheduler" / SCHEDULER_INFO_FILE, json.dumps(
+                {"quant_spec": self.quant_spec, "model": self.model, "steps": self.steps}, indent=2))
         save_schedule(d, self.quant_spec, self.schedule, self.model, self.steps,
                       extra={"jaq": self.best.get("jaq"), "naive_jaq": (self.naive or {}).get("jaq"),
                              "decision": self.decision})
@@ -213,10 +224,23 @@ class CalibrationResult:
         f = d / "calibration.json" if d.is_dir() else d
         if not f.exists():
             raise FileNotFoundError(f"no calibration.json in {d}")
+        from qsched.errors import CorruptFileError, read_json
+
+        data = read_json(f, "calibration result")
+        types = {"schedule": dict, "best": dict, "trials": list, "prompts": list, "seeds": list, "steps": int,
+                 "k": (int, float), "naive": (dict, type(None)), "validation": (dict, type(None))}
+        if not isinstance(data, dict):
+            raise CorruptFileError(f"{f} is not a qsched calibration result (a JSON {type(data).__name__})")
+        wrong = [k for k, t in types.items() if k in data and (not isinstance(data[k], t) or data[k] is True)]
+        if not wrong and any(not isinstance(t, dict) for t in data.get("trials") or []):
+            wrong = ["trials[...]"]
+        if wrong:
+            raise CorruptFileError(f"{f} is not a qsched calibration result (wrong type of {', '.join(wrong)})")
         try:
-            res = cls.from_dict(json.loads(f.read_text(encoding="utf-8")))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{f} is not a readable qsched calibration result ({type(e).__name__}: {e})") from None
+            res = cls.from_dict(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptFileError(f"{f} is not a readable qsched calibration result ({type(e).__name__}: {e})"
+                                   ) from None
         if (f.parent / "scheduler").is_dir():
             from qsched.scheduler import QSchedScheduler
 
@@ -360,6 +384,10 @@ def calibrate(
         steps = resolve_model(model_name).steps if model_name else 4
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    from qsched.runner import check_call_kwargs, check_steps
+
+    check_steps(pipe.scheduler, steps)
+    check_call_kwargs({**(call_kwargs or {}), "guidance_scale": guidance_scale})
     kinds = [parametrization] if parametrization != "auto" else [k_ for k_, _ in auto_plan(steps, 40)]
     spaces = {kind: search_space(kind, steps, (lo, hi), grid_points) for kind in kinds}
     grid_sizes = {kind: int(grid_points) ** len(sp) for kind, sp in spaces.items()}
@@ -454,6 +482,10 @@ def calibrate(
             if before > budget:
                 notes.append(f"the stored {kind} study already holds {before} completed trials (more than the "
                              f"{budget} asked); all of them are used")
+                from qsched.errors import QSchedWarning
+
+                warnings.warn(f"{notes[-1]} (use another --out or --study-name for a fresh {budget}-trial search)",
+                              QSchedWarning, stacklevel=2)
             bar = stack.enter_context(search.Progress(budget, before, study, kind)) if progress and before < budget \
                 else None
             if strategy == "grid":

@@ -6,9 +6,13 @@ Every command validates its inputs and fails with one ``error: ...`` line and ex
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import math
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -19,6 +23,8 @@ from rich.table import Table
 import qsched
 from qsched import defaults
 from qsched._util import fmt_num as _fmt
+from qsched.errors import QSchedError, QSchedWarning
+from qsched.interrupts import EXIT_INTERRUPTED, terminate_as_interrupt
 
 app = typer.Typer(
     name="qsched",
@@ -40,7 +46,16 @@ _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErr
 _USER_ERROR_NAMES = {"ModelNotFoundError", "MissingWeightsError"}
 
 
-class UsageError(ValueError):
+#: errno values of an output that cannot be written: one error line, not a traceback.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+#: What an interrupted command tells the user (the same command resumes / redoes it).
+_RESUME = {
+    "calibrate": "completed trials are stored in the study; run the same command to resume",
+    "evaluate": "nothing was written; run the same command to start the evaluation again",
+}
+
+
+class UsageError(QSchedError):
     """Bad command-line input."""
 
 
@@ -57,11 +72,21 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            _quiet_third_party(kwargs.get("progress", True))
+            with terminate_as_interrupt(), warnings.catch_warnings():
+                warnings.simplefilter("default", QSchedWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except KeyboardInterrupt as e:
+            _interrupted(fn.__name__, e)
         except _USER_ERRORS as e:
             _fail(_one_line(e))
+        except OSError as e:
+            if e.errno not in _OUTPUT_ERRNOS:
+                raise
+            _fail(f"cannot write {e.filename or 'the output'}: {e.strerror or e}")
         except ImportError as e:
             if "pip install" not in str(e):  # a missing optional extra is a user-facing error; anything else a bug
                 raise
@@ -72,6 +97,53 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapper
+
+
+def _interrupted(command: str, e: KeyboardInterrupt) -> None:
+    """Ctrl-C / SIGTERM: say what is kept and how to resume, exit 130 (the write in flight was finished)."""
+    import shlex
+
+    from rich.markup import escape
+
+    argv = sys.argv[sys.argv.index(command):] if command in sys.argv else None
+    again = f"qsched {shlex.join(argv)}" if argv else f"the same qsched {command} command"
+    how = _RESUME.get(command, "run the same command again")
+    sig = f" ({e.args[0]})" if e.args else ""
+    err_console.print(f"[bold yellow]interrupted{escape(sig)}:[/] {escape(how)}: {escape(again)}",
+                      highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                  line: Any = None) -> None:
+    """qsched's own warnings as one ``warning: ...`` line on stderr; others as Python prints them."""
+    if issubclass(category, QSchedWarning):
+        from rich.markup import escape
+
+        err_console.print(f"[bold yellow]warning:[/] {escape(_one_line(Exception(str(message))))}",
+                          highlight=False, soft_wrap=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _quiet_third_party(progress: bool) -> None:
+    """No third-party progress bars (transformers' "Loading weights", diffusers' and the hub's) with
+    --no-progress or when stderr is not a terminal."""
+    if progress and sys.stderr.isatty():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    with contextlib.suppress(ImportError):
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        import diffusers.utils.logging as dlog
+
+        dlog.disable_progress_bar()
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
 
 
 def _one_line(e: BaseException) -> str:
@@ -193,13 +265,20 @@ def _prompts(path: Optional[Path], mspec: Any, n: int) -> Any:
     return load_prompts(str(path), n=n)
 
 
+def _quiet_pipe(pipe: Any) -> Any:
+    """``pipe`` without its diffusers progress bar under --no-progress or without a terminal."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" and hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)  # set by _quiet_third_party
+    return pipe
+
+
 def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any]:
     """(full-precision pipeline or None, pipeline to run, quantization summary or None) for ``spec`` (None:
     full precision). A folder that is already quantized must match ``spec``; otherwise the quantized pipeline is
     :func:`qsched.quantization.quantized_copy` of the full-precision one (loaded once)."""
     from qsched.quantization import quant_spec_of, quantized_copy
 
-    pipe = _load_pipeline(mspec.alias, device)
+    pipe = _quiet_pipe(_load_pipeline(mspec.alias, device))
     have = quant_spec_of(pipe)
     if have is not None:
         if spec != have:
@@ -209,6 +288,30 @@ def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any
         return pipe, pipe, None
     qpipe, summary = quantized_copy(pipe, spec)
     return pipe, qpipe, summary
+
+
+def _check_finite(value: Optional[float], what: str) -> Optional[float]:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{what} must be a finite number, got {value}")
+    return value
+
+
+def _check_steps(mspec: Any, steps: Optional[int], pipe: Any = None) -> Optional[int]:
+    """``--steps`` against the model's scheduler: before loading for the testbed (its scheduler is known),
+    else on the loaded pipeline's scheduler; a one-line error instead of the scheduler's own message."""
+    if steps is None:
+        return None
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    from qsched.runner import check_steps
+
+    if pipe is not None:
+        return check_steps(pipe.scheduler, steps)
+    if mspec.is_testbed:
+        from qsched.testbed.pipeline import VARIANTS, _scheduler
+
+        return check_steps(_scheduler(VARIANTS["student"]["scheduler"]), steps)
+    return steps
 
 
 def _version_callback(value: bool) -> None:
@@ -271,6 +374,8 @@ def calibrate(
     _check_device(device)
     seed_list = _ints(seeds, "--seeds")
     val_seed_list = _ints(validation_seeds, "--validation-seeds")
+    if n_prompts < 1:
+        raise UsageError(f"--n-prompts must be >= 1, got {n_prompts}")
     if n_validation < 0 or n_validation == 1:
         raise UsageError(f"--n-validation must be 0 (no validation) or >= 2, got {n_validation}")
     lo_hi = _floats(grid_range, "--grid-range")
@@ -278,8 +383,8 @@ def calibrate(
         raise UsageError(f"--grid-range must be 'low,high' with 0 < low < high, got {grid_range!r}")
     if not math.isfinite(k) or k < 0:
         raise UsageError(f"--k must be a finite number >= 0, got {k}")
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+    _check_steps(mspec, steps)
+    _check_finite(guidance_scale, "--guidance-scale")
     if trials is not None and trials < 1:
         raise UsageError(f"--trials must be >= 1, got {trials}")
     T = steps or mspec.steps
@@ -287,6 +392,10 @@ def calibrate(
         search_space(parametrization, T, lo_hi, grid_points)  # validates parametrization / range / points
     if strategy not in ("optuna", "grid"):
         raise UsageError(f"unknown --strategy {strategy!r}; choose optuna or grid")
+    if sampler not in ("tpe", "cmaes"):
+        raise UsageError(f"unknown --sampler {sampler!r}; choose tpe or cmaes")
+    if grid_points < 1:
+        raise UsageError(f"--grid-points must be >= 1, got {grid_points}")
     out = _writable_dir(out)
     both = _prompts(prompts, mspec, n_prompts + n_validation)
     if len(both) < n_prompts + n_validation:
@@ -298,6 +407,7 @@ def calibrate(
 
     check_storage(storage)
     fp, pipe, _ = _pipelines(mspec, spec_name, device)
+    _check_steps(mspec, T, pipe)
     jaq = _make_jaq(preset, device, k)
     call_kwargs = mspec.call_defaults()
     console.print(f"[bold]qsched calibrate[/] model [cyan]{model}[/] spec [cyan]{spec_name or 'none'}[/] "
@@ -389,8 +499,8 @@ def generate(
     mspec = _check_model(model)
     spec_name = _check_spec(spec)
     _check_device(device)
-    if steps is not None and steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
+    _check_steps(mspec, steps)
+    _check_finite(guidance_scale, "--guidance-scale")
     manual = None
     if model_coeff is not None or sample_coeff is not None:
         if schedule is not None:
@@ -410,6 +520,7 @@ def generate(
         raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
 
     _, pipe, _ = _pipelines(mspec, spec_name, device)
+    _check_steps(mspec, T, pipe)
     call = {**mspec.call_defaults(), **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
     with using_schedule(pipe, sched):
         image = run_generate(pipe, [prompt], T, seed=seed, call_kwargs=call)[0]
@@ -423,8 +534,15 @@ def _save_image(img: Any, path: Path) -> None:
 
     from qsched.images import to_uint8
 
+    import io
+
+    from qsched._util import write_atomic
+
     a = to_uint8(img)[0]
-    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(buf, format=Image.registered_extensions()
+                                                              [path.suffix.lower()])
+    write_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------- quantize
@@ -489,6 +607,9 @@ def evaluate(
     out = _writable_dir(out)
     if n_images is not None and n_images < 1:
         raise UsageError(f"--n-images must be >= 1, got {n_images}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    _check_steps(mspec, steps)
     if prompts is not None and not prompts.startswith("testbed-") and not Path(prompts).exists():
         raise FileNotFoundError(f"prompt file not found: {prompts}")
     q_sched = load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None
@@ -499,7 +620,7 @@ def evaluate(
         model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
         n_images=n_images, seed=seed, batch_size=batch_size,
         metrics=[m for m in metrics.replace(" ", "").split(",") if m], device=device, progress=progress,
-        fid_ref=fid_ref, pipe_loader=functools.partial(_load_pipeline, model, device),
+        fid_ref=fid_ref, pipe_loader=lambda: _quiet_pipe(_load_pipeline(model, device)),
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one process of a distributed run: the first one writes and prints
@@ -509,8 +630,10 @@ def evaluate(
     calib = schedule if schedule is not None and (schedule / "calibration.json").exists() else None
     report = write_report(out, calibration=calib, evaluation=res, title=f"Q-Sched evaluation: {model}")
     _print_rows(res)
+    from rich.markup import escape
+
     for note in getattr(res, "notes", []) or []:
-        console.print(f"note: {note}", highlight=False)
+        console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"results: {path}\nreport: {report}")
 
 

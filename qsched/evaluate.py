@@ -81,7 +81,18 @@ class EvalResult:
         return _clean(json.loads(json.dumps(d, default=_json_default)))
 
     def to_json(self, path: str | Path, save_samples: bool = True) -> Path:
-        """Write the JSON; sample images go to ``<stem>_samples/<config>_<i>.png`` and are listed in the JSON."""
+        """Write the JSON; sample images go to ``<stem>_samples/<config>_<i>.png`` and are listed in the JSON.
+        Each file is written atomically, and Ctrl-C waits until all of them are."""
+        from qsched.interrupts import deferred_interrupts
+
+        with deferred_interrupts():
+            return self._to_json(Path(path), save_samples)
+
+    def _to_json(self, path: Path, save_samples: bool) -> Path:
+        import io
+
+        from qsched._util import write_atomic
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         d = self.to_dict()
@@ -95,11 +106,12 @@ class EvalResult:
                 files[cfg] = []
                 for i, im in enumerate(arr):
                     name = f"{cfg}_{i:03d}.png"
-                    Image.fromarray(_pil_array(im)).save(sdir / name)
+                    buf = io.BytesIO()
+                    Image.fromarray(_pil_array(im)).save(buf, format="PNG")
+                    write_atomic(sdir / name, buf.getvalue())
                     files[cfg].append(f"{sdir.name}/{name}")
             d["sample_files"] = files
-        path.write_text(json.dumps(d, indent=2, allow_nan=False), encoding="utf-8")
-        return path
+        return write_atomic(path, json.dumps(d, indent=2, allow_nan=False))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalResult:
@@ -110,11 +122,17 @@ class EvalResult:
     @classmethod
     def from_json(cls, path: str | Path) -> EvalResult:
         """Load a result written by :meth:`to_json`, with its sample PNGs when present."""
+        from qsched.errors import CorruptFileError, read_json
+
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"evaluation result not found: {path}")
-        d = json.loads(path.read_text(encoding="utf-8"))
-        res = cls.from_dict(d)
+        d = read_json(path, "evaluation result")
+        _check_eval_dict(d, path)
+        try:
+            res = cls.from_dict(d)
+        except TypeError as e:
+            raise CorruptFileError(f"{path} is not a qsched evaluation result ({e})") from None
         files = d.get("sample_files") or {}
         if files:
             from PIL import Image
@@ -124,7 +142,10 @@ class EvalResult:
                 for name in names:
                     p = path.parent / name
                     if p.exists():
-                        a = np.asarray(Image.open(p))
+                        try:
+                            a = np.asarray(Image.open(p))
+                        except OSError as e:
+                            raise CorruptFileError(f"sample image {p} of {path} is unreadable ({e})") from None
                         ims.append(a[..., None] if a.ndim == 2 else a)
                 if ims:
                     res.samples[cfg] = np.stack(ims)
@@ -162,6 +183,27 @@ class EvalResult:
         if self.notes:
             out += ["", "Notes:", *[f"- {n}" for n in self.notes]]
         return "\n".join(out).rstrip() + "\n"
+
+
+_EVAL_TYPES = {"rows": dict, "model": str, "steps": int, "seeds": list, "prompt_set": str, "n_images": int,
+               "configs": list, "metrics": list}
+
+
+def _check_eval_dict(d: Any, path: Path) -> None:
+    """A CorruptFileError naming ``path`` unless ``d`` has an evaluation result's fields with their JSON types."""
+    from qsched.errors import CorruptFileError
+
+    if not isinstance(d, dict):
+        raise CorruptFileError(f"{path} is not a qsched evaluation result (a JSON {type(d).__name__}, not an object)")
+    missing = [k for k in _EVAL_TYPES if k not in d]
+    wrong = [f"{k} ({type(d[k]).__name__})" for k, t in _EVAL_TYPES.items() if k in d and
+             (not isinstance(d[k], t) or isinstance(d[k], bool))]
+    wrong += [f"rows.{k}" for k, v in (d.get("rows") or {}).items() if not isinstance(v, dict)] \
+        if isinstance(d.get("rows"), dict) else []
+    if not isinstance(d.get("sample_files") or {}, dict):
+        wrong.append("sample_files")
+    if missing or wrong:
+        raise CorruptFileError(f"{path} is not a qsched evaluation result (missing {missing}, wrong type {wrong})")
 
 
 def _json_default(o: Any) -> Any:
@@ -323,6 +365,10 @@ def evaluate(
             notes.append(f"the loaded model is quantized as {loaded_spec}; spec={spec!r} ignored")
         spec = loaded_spec
     call = {**mspec.call_defaults(), **(call_kwargs or {})}
+    from qsched.runner import check_call_kwargs, check_steps
+
+    check_steps(pipe.scheduler, T)
+    check_call_kwargs(call)
 
     # ---------------------------------------------------------------- metrics
     metric_names = [m for m in (metrics or ()) if isinstance(m, str)]

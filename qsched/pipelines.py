@@ -249,6 +249,7 @@ def _check_components(index: Path, config: Mapping[str, Any]) -> None:
 
 def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype | None, **kw: Any) -> Any:
     from qsched.checkpoint import MANIFEST_FILE, is_quantized_folder, load_quantized
+    from qsched.errors import CorruptFileError, QSchedError, read_json
 
     if is_quantized_folder(path):
         if dtype is not None:
@@ -257,10 +258,19 @@ def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype |
     index = path / "model_index.json"
     if not index.is_file():
         raise FileNotFoundError(f"{path} is not a saved pipeline (no model_index.json or {MANIFEST_FILE}).")
-    config = json.loads(index.read_text())
+    config = read_json(index, "pipeline index")
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"pipeline index {index} is not a JSON object")
     _check_components(index, config)
     pipe_cls = pipeline_class(config.get("_class_name", "DiffusionPipeline"))
-    pipe = pipe_cls.from_pretrained(str(path), torch_dtype=dtype, **kw)
+    try:
+        pipe = pipe_cls.from_pretrained(str(path), torch_dtype=dtype, **kw)
+    except (QSchedError, ModelNotFoundError, FileNotFoundError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever diffusers/safetensors raise on a damaged folder is user input
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CorruptFileError(f"cannot load the pipeline saved in {path} (damaged or incomplete: "
+                               f"{type(e).__name__}: {first})") from None
     return pipe.to(device)
 
 

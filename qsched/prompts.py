@@ -209,6 +209,31 @@ def _entries_from_json(path: Path) -> tuple[str, list[str], list[str] | None, li
     raise ValueError(f"{path}: unrecognised JSON prompt file (expected MJHQ meta_data.json, COCO captions or a list)")
 
 
+def _unreadable(path: Path, e: Exception) -> Exception:
+    """The error to raise for a prompt file its reader failed on: a CorruptFileError naming the file for
+    binary, truncated or malformed content; anything unexpected is re-raised as is (a bug)."""
+    import yaml
+
+    from qsched.errors import CorruptFileError, QSchedError
+
+    if isinstance(e, UnicodeDecodeError):
+        return CorruptFileError(f"prompt file {path} is not UTF-8 text (binary?)")
+    if isinstance(e, json.JSONDecodeError):
+        return CorruptFileError(f"prompt file {path} is not valid JSON ({e.msg} at line {e.lineno}; truncated?)")
+    if isinstance(e, yaml.YAMLError):
+        first = " ".join(str(e).split())[:200]
+        return CorruptFileError(f"prompt file {path} is not valid YAML ({first})")
+    if isinstance(e, csv.Error):
+        return CorruptFileError(f"prompt file {path} is not valid CSV ({e})")
+    if isinstance(e, (TypeError, AttributeError, KeyError)):
+        return CorruptFileError(f"prompt file {path} has an unexpected structure ({type(e).__name__}: {e})")
+    if isinstance(e, IsADirectoryError):
+        return CorruptFileError(f"prompt file {path} is a directory")
+    if isinstance(e, ValueError) and not isinstance(e, QSchedError):
+        return CorruptFileError(str(e))
+    return e
+
+
 def load_prompts(source: str | Path = "testbed-heldout", n: int | None = None, seed: int = 0,
                  order: str | None = None) -> PromptSet:
     """Load a prompt set (see the module docstring for the sources and their selection rules).
@@ -242,23 +267,28 @@ def load_prompts(source: str | Path = "testbed-heldout", n: int | None = None, s
         ids = cats = None
         default_order = "file"
         fmt = suffix.lstrip(".") or "txt"
-        if suffix == ".csv":
-            prompts = _read_csv(path)
-        elif suffix in (".yaml", ".yml"):
-            prompts, ids = _entries_from_yaml(path)
-            fmt = "sdci"
-        elif suffix == ".json":
-            fmt, prompts, ids, cats = _entries_from_json(path)
-            if fmt == "mjhq":
-                default_order = "shuffle"
-                if n is None:
-                    n = MJHQ_PROTOCOL_SIZE
-        else:
-            prompts = _read_text(path)
+        try:
+            if suffix == ".csv":
+                prompts = _read_csv(path)
+            elif suffix in (".yaml", ".yml"):
+                prompts, ids = _entries_from_yaml(path)
+                fmt = "sdci"
+            elif suffix == ".json":
+                fmt, prompts, ids, cats = _entries_from_json(path)
+                if fmt == "mjhq":
+                    default_order = "shuffle"
+                    if n is None:
+                        n = MJHQ_PROTOCOL_SIZE
+            else:
+                prompts = _read_text(path)
+        except Exception as e:  # noqa: BLE001 - narrowed below; the readers' own ValueErrors already name the file
+            raise _unreadable(path, e) from None
         sel = _select(len(prompts), n, order or default_order, seed)
         pick = lambda v: None if v is None else [v[i] for i in sel]  # noqa: E731
         ps = PromptSet([prompts[i] for i in sel], None, path.stem, pick(ids), pick(cats),
                        {"source": str(path), "format": fmt, "order": order or default_order, "seed": seed})
     if len(ps) == 0:
-        raise ValueError(f"no prompts in {src}")
+        from qsched.errors import QSchedError
+
+        raise QSchedError(f"no prompts in {src}")
     return ps

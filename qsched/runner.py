@@ -20,14 +20,47 @@ from qsched.images import to_tensor
 from qsched.schedule import Schedule
 
 __all__ = ["image_seed", "denoiser_of", "text_encoders_of", "using_schedule", "generate", "generate_batches",
-           "SEED_STRIDE"]
+           "check_steps", "check_call_kwargs", "SEED_STRIDE"]
 
 SEED_STRIDE = 100003
 
 
 def image_seed(seed: int, index: int) -> int:
     """Generator seed of image ``index`` for base seed ``seed``: ``seed * 100003 + index``."""
-    return int(seed) * SEED_STRIDE + int(index)
+    s = int(seed) * SEED_STRIDE + int(index)
+    if not 0 <= s < 2**63:
+        from qsched.errors import QSchedError
+
+        raise QSchedError(f"seed {seed} is out of range: seeds must be integers from 0 to {(2**63 - 1) // SEED_STRIDE}")
+    return s
+
+
+def check_steps(scheduler: Any, steps: int) -> int:
+    """``steps`` if ``scheduler`` can sample in that many steps, else a one-line QSchedError saying the limit
+    (``num_train_timesteps``, or an LCM/TCD's ``original_inference_steps``) instead of the scheduler's own
+    message (diffusers' LCM asks to "increase strength", an img2img notion)."""
+    from qsched.errors import QSchedError
+    from qsched.scheduler import QSchedScheduler
+
+    base = scheduler.base_scheduler if isinstance(scheduler, QSchedScheduler) else scheduler
+    cfg = getattr(base, "config", None) or {}
+    limits = [int(v) for v in (cfg.get("num_train_timesteps"), cfg.get("original_inference_steps")) if v]
+    if limits and int(steps) > min(limits):
+        raise QSchedError(f"--steps {steps}: the model's {type(base).__name__} samples in at most {min(limits)} "
+                          "steps")
+    return int(steps)
+
+
+def check_call_kwargs(call_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Refuse non-finite numbers among the pipeline call arguments (NaN guidance makes every image invalid)."""
+    import math
+
+    from qsched.errors import QSchedError
+
+    for key, v in (call_kwargs or {}).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise QSchedError(f"{key} must be a finite number, got {v}")
+    return dict(call_kwargs or {})
 
 
 def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
@@ -95,7 +128,7 @@ def generate_batches(pipe: Any, prompts: Sequence[str], steps: int, *, seed: int
     bs = int(batch_size) if batch_size else max(1, len(prompts))
     if bs < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    kw = dict(call_kwargs or {})
+    kw = check_call_kwargs(call_kwargs)
     for off in range(0, len(prompts), bs):
         chunk = prompts[off:off + bs]
         seeds = [image_seed(seed, start + off + j) for j in range(len(chunk))]

@@ -27,6 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from qsched.errors import CorruptFileError, QSchedError, read_json
+
 KINDS: tuple[str, ...] = ("linear", "ramp", "per-step", "identity")
 _KIND_ALIASES = {"per_step": "per-step", "perstep": "per-step"}
 
@@ -34,13 +36,13 @@ _KIND_ALIASES = {"per_step": "per-step", "perstep": "per-step"}
 def _canonical_kind(kind: str) -> str:
     k = _KIND_ALIASES.get(str(kind), str(kind))
     if k not in KINDS:
-        raise ValueError(f"Unknown schedule kind {kind!r}; expected one of {', '.join(KINDS)}.")
+        raise QSchedError(f"Unknown schedule kind {kind!r}; expected one of {', '.join(KINDS)}.")
     return k
 
 
 def _check_steps(steps: Any) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or int(steps) < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+        raise QSchedError(f"steps must be an integer >= 1, got {steps!r}.")
     return int(steps)
 
 
@@ -48,9 +50,9 @@ def _check_value(name: str, value: Any) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"Schedule parameter {name} must be a number, got {value!r}.") from None
+        raise QSchedError(f"Schedule parameter {name} must be a number, got {value!r}.") from None
     if not math.isfinite(v) or v <= 0.0:
-        raise ValueError(f"Schedule parameter {name} must be finite and > 0, got {value!r}.")
+        raise QSchedError(f"Schedule parameter {name} must be finite and > 0, got {value!r}.")
     return v
 
 
@@ -77,13 +79,13 @@ class Schedule:
         try:
             mc, sc = list(self.model_coeff), list(self.sample_coeff)
         except TypeError:
-            raise ValueError("model_coeff and sample_coeff must be sequences of numbers.") from None
+            raise QSchedError("model_coeff and sample_coeff must be sequences of numbers.") from None
         if len(mc) != len(sc):
-            raise ValueError(
+            raise QSchedError(
                 f"model_coeff and sample_coeff must have the same length, got {len(mc)} and {len(sc)}."
             )
         if len(mc) < 1:
-            raise ValueError("A schedule needs at least one step (T >= 1).")
+            raise QSchedError("A schedule needs at least one step (T >= 1).")
         mc = tuple(_check_value(f"model_coeff[{i}]", v) for i, v in enumerate(mc))
         sc = tuple(_check_value(f"sample_coeff[{i}]", v) for i, v in enumerate(sc))
         params = dict(self.params)
@@ -91,7 +93,7 @@ class Schedule:
             params = {f"model_{i}": v for i, v in enumerate(mc)} | {f"sample_{i}": v for i, v in enumerate(sc)}
         params, emc, esc = _expand(kind, params, len(mc))
         if not (_close(mc, emc) and _close(sc, esc)):
-            raise ValueError(
+            raise QSchedError(
                 f"Coefficients do not match the {kind!r} parameters {params}: got c^e={list(mc)}, c^x={list(sc)}, "
                 f"expected c^e={list(emc)}, c^x={list(esc)}."
             )
@@ -124,7 +126,7 @@ class Schedule:
         """Free per-step values (equal lengths)."""
         mc, sc = list(model_coeff), list(sample_coeff)
         if len(mc) != len(sc):
-            raise ValueError(
+            raise QSchedError(
                 f"model_coeff and sample_coeff must have the same length, got {len(mc)} and {len(sc)}."
             )
         params = {f"model_{i}": v for i, v in enumerate(mc)}
@@ -169,7 +171,7 @@ class Schedule:
     def coefficients(self, i: int) -> tuple[float, float]:
         """(c^e_i, c^x_i) for step ``i`` (0 = noisiest)."""
         if not 0 <= i < self.steps:
-            raise ValueError(f"Step index {i} is outside this {self.steps}-step schedule.")
+            raise QSchedError(f"Step index {i} is outside this {self.steps}-step schedule.")
         return self.model_coeff[i], self.sample_coeff[i]
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -187,21 +189,28 @@ class Schedule:
     def from_dict(cls, d: Mapping[str, Any]) -> "Schedule":
         """Rebuild from :meth:`to_dict` output (from kind + params; stored vectors must agree)."""
         if not isinstance(d, Mapping) or "kind" not in d:
-            raise ValueError(f"Not a schedule dict (needs at least 'kind'): {d!r}")
+            raise QSchedError(f"Not a schedule dict (needs at least 'kind'): {d!r}")
+        try:
+            return cls._from_dict(d)
+        except (TypeError, AttributeError) as e:  # wrong JSON types (a list for params, a number for a vector...)
+            raise QSchedError(f"Not a valid schedule dict ({e}): {dict(d)!r}") from None
+
+    @classmethod
+    def _from_dict(cls, d: Mapping[str, Any]) -> "Schedule":
         kind = _canonical_kind(d["kind"])
         mc, sc = d.get("model_coeff"), d.get("sample_coeff")
         steps = d.get("steps", len(mc) if mc is not None else None)
         if steps is None:
-            raise ValueError("Schedule dict needs 'steps' or the coefficient vectors.")
+            raise QSchedError("Schedule dict needs 'steps' or the coefficient vectors.")
         if "params" in d:
             sched = cls.from_params(kind, d["params"], steps)
         elif kind == "per-step" and mc is not None and sc is not None:
             sched = cls.per_step(mc, sc)
         else:
-            raise ValueError(f"Schedule dict of kind {kind!r} needs 'params'.")
+            raise QSchedError(f"Schedule dict of kind {kind!r} needs 'params'.")
         for name, stored, built in (("model_coeff", mc, sched.model_coeff), ("sample_coeff", sc, sched.sample_coeff)):
             if stored is not None and not _close(list(stored), built):
-                raise ValueError(f"Inconsistent schedule dict: stored {name} {list(stored)} != rebuilt {list(built)}.")
+                raise QSchedError(f"Inconsistent schedule dict: stored {name} {list(stored)} != rebuilt {list(built)}.")
         return sched
 
     def __str__(self) -> str:
@@ -222,7 +231,7 @@ def _expand(
     missing = [n for n in names if n not in params]
     extra = [n for n in params if n not in names]
     if missing or extra:
-        raise ValueError(
+        raise QSchedError(
             f"Schedule kind {kind!r} with {steps} steps takes parameters {names}; "
             f"missing {missing}, unexpected {extra}."
         )
@@ -255,13 +264,8 @@ def _schedules_path(path: str | os.PathLike) -> Path:
     return p / SCHEDULES_FILE if p.is_dir() or not p.suffix else p
 
 
-def _read_json(p: Path) -> Any:
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ValueError(f"{p} is not a text (JSON) file") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON ({e.msg} at line {e.lineno})") from None
+def _read_json(p: Path, what: str = "schedule file") -> Any:
+    return read_json(p, what)
 
 
 def read_schedules(path_or_dir: str | os.PathLike) -> dict[str, Any]:
@@ -271,7 +275,11 @@ def read_schedules(path_or_dir: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no schedule file at {p}")
     data = _read_json(p)
     if not isinstance(data, dict) or not isinstance(data.get("schedules"), dict):
-        raise ValueError(f"{p} is not a qsched schedules file (no 'schedules' mapping)")
+        raise CorruptFileError(f"{p} is not a qsched schedules file (no 'schedules' mapping)")
+    bad = [k for k, v in data["schedules"].items()
+           if not isinstance(v, dict) or not isinstance(v.get("schedule"), dict)]
+    if bad:
+        raise CorruptFileError(f"{p}: the entries {bad} are not {{'steps': T, 'schedule': {{...}}}} mappings")
     return data
 
 
@@ -282,28 +290,50 @@ def save_schedule(path: str | os.PathLike, spec: str | None, schedule: Schedule,
     kept; the same spec is replaced. A file for another model is refused (ValueError)."""
     p = _schedules_path(path)
     if int(steps) != schedule.steps:
-        raise ValueError(f"schedule has {schedule.steps} steps, not {steps}")
+        raise QSchedError(f"schedule has {schedule.steps} steps, not {steps}")
     data: dict[str, Any] = {"format": SCHEDULES_FORMAT, "model": model, "schedules": {}}
     if p.exists():
         data = read_schedules(p)
         if model is not None and data.get("model") not in (None, model):
-            raise ValueError(f"{p} holds schedules for model {data.get('model')!r}, not {model!r}")
+            raise QSchedError(f"{p} holds schedules for model {data.get('model')!r}, not {model!r}")
         data["model"] = data.get("model") or model
     entry = {"steps": int(steps), "schedule": schedule.to_dict()}
     entry.update(extra or {})
     data["schedules"][spec or FP_SPEC] = entry
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, p)
-    return p
+    from qsched._util import write_atomic
+
+    return write_atomic(p, json.dumps(data, indent=2))
+
+
+#: Written beside a saved Q-Sched scheduler: which quantization spec, model and step count it was calibrated for.
+SCHEDULER_INFO_FILE = "qsched_schedule.json"
 
 
 def _from_scheduler_dir(d: Path) -> Schedule:
-    cfg = _read_json(d / "scheduler_config.json")
+    cfg = _read_json(d / "scheduler_config.json", "scheduler config")
     if not isinstance(cfg, dict) or cfg.get("schedule") is None:
-        raise ValueError(f"{d} holds a scheduler without a Q-Sched schedule")
-    return Schedule.from_dict(cfg["schedule"])
+        raise QSchedError(f"{d} holds a scheduler without a Q-Sched schedule")
+    return _schedule_in(d / "scheduler_config.json", cfg["schedule"])
+
+
+def _schedule_in(f: Path, d: Any) -> Schedule:
+    """``Schedule.from_dict(d)`` for a dict read from ``f``; a bad one is a CorruptFileError naming ``f``."""
+    try:
+        return Schedule.from_dict(d)
+    except QSchedError as e:
+        raise CorruptFileError(f"{f}: {e}") from None
+
+
+def _calibrated_for(d: Path) -> tuple[str, Path] | None:
+    """(quantization spec, file saying so) of a saved scheduler directory ``d``: from its info file or the
+    calibration.json of the calibration directory around it; None when nothing says."""
+    for f in (d / SCHEDULER_INFO_FILE, d / "calibration.json", d.parent / "calibration.json"):
+        if f.is_file():
+            info = _read_json(f, "calibration info")
+            if isinstance(info, dict) and "quant_spec" in info:
+                return info["quant_spec"] or FP_SPEC, f
+    return None
 
 
 def load_schedule(path: str | os.PathLike, *, spec: str | None = None, steps: int | None = None) -> Schedule:
@@ -322,16 +352,23 @@ def load_schedule(path: str | os.PathLike, *, spec: str | None = None, steps: in
         table = read_schedules(p)["schedules"]
         if spec not in table:
             have = ", ".join(f"{k} ({v.get('steps')} steps)" for k, v in table.items()) or "nothing"
-            raise ValueError(f"no schedule for quantization spec {spec!r} in {_schedules_path(p)}; it holds: {have}")
-        sched = Schedule.from_dict(table[spec]["schedule"])
+            raise QSchedError(f"no schedule for quantization spec {spec!r} in {_schedules_path(p)}; it holds: {have}")
+        sched = _schedule_in(_schedules_path(p), table[spec]["schedule"])
+        if table[spec].get("steps") not in (None, sched.steps):
+            raise CorruptFileError(f"{_schedules_path(p)}: the {spec!r} entry says {table[spec].get('steps')!r} "
+                                   f"steps but its schedule has {sched.steps}")
     else:
         d = p.parent if p.name == "scheduler_config.json" else p
         for cand in (d, d / "scheduler"):
             if (cand / "scheduler_config.json").is_file():
                 sched = _from_scheduler_dir(cand)
+                made_for = _calibrated_for(cand)
+                if made_for is not None and made_for[0] != spec:
+                    raise QSchedError(f"the schedule at {p} was calibrated for quantization spec {made_for[0]!r} "
+                                      f"(says {made_for[1]}), not {spec!r}")
                 break
         else:
             raise FileNotFoundError(f"{p} holds neither schedules.json nor a saved Q-Sched scheduler")
     if steps is not None and sched.steps != int(steps):
-        raise ValueError(f"the {spec!r} schedule at {p} has {sched.steps} steps, but {steps} were asked for")
+        raise QSchedError(f"the {spec!r} schedule at {p} has {sched.steps} steps, but {steps} were asked for")
     return sched

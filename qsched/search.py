@@ -17,12 +17,15 @@ What this module guarantees, so that a calibration can be trusted and shared:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+from qsched.interrupts import deferred_interrupts, interruptible
 
 __all__ = ["check_storage", "open_study", "per_trial_seed_sampler", "recover_dead_trials", "run_trials",
            "enumerate_grid", "DuplicatePoint", "Progress", "trial_record", "redact", "ROLE_IDENTITY"]
@@ -92,7 +95,7 @@ def open_study(name: str, storage: str | Any | None, out_dir: Path | None, confi
     naming the differing keys), so trials of other settings, weights or hardware are never mixed."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's error reaches the caller; no second copy
     if storage is None and out_dir is not None:
         storage = f"sqlite:///{(out_dir / 'study.db').resolve()}"
     check_storage(storage if isinstance(storage, str) else None)
@@ -251,7 +254,8 @@ def run_trials(study: Any, names: Sequence[str], bounds: tuple[float, float],
         trial.set_user_attr("worker", _worker())
         params = {n: trial.suggest_float(n, lo, hi) for n in names}
         _claim(study, trial, params)
-        value, attrs = score(params)
+        with interruptible():  # Ctrl-C stops a trial while it scores, never while Optuna stores it
+            value, attrs = score(params)
         for key, v in attrs.items():
             trial.set_user_attr(key, v)
         return value
@@ -261,7 +265,39 @@ def run_trials(study: Any, names: Sequence[str], bounds: tuple[float, float],
         callbacks.append(progress)
     while n_complete(study) < n_trials:
         remaining = n_trials - n_complete(study)
-        study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=(DuplicatePoint,))
+        with storage_failures(study), deferred_interrupts():
+            study.optimize(objective, n_trials=remaining, callbacks=callbacks, catch=(DuplicatePoint,))
+
+
+def _storage_error(e: BaseException | None) -> BaseException | None:
+    """The database error behind ``e`` (or one it was raised while handling), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.startswith("sqlalchemy") and type(e).__name__ == "OperationalError":
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_failures(study: Any) -> Iterator[None]:
+    """Turn a failed write to the study's storage (full disk, read-only or locked database) into one
+    OutputError line; Optuna reports it as "AssertionError: Should not reach." after a failed tell. Completed
+    trials stay stored; the trial in flight is redone on the next start."""
+    try:
+        yield
+    except (AssertionError, Exception) as e:  # noqa: B014 - AssertionError named: Optuna raises it here
+        db = _storage_error(e)
+        if db is None:
+            raise
+        from qsched.errors import OutputError
+
+        orig = getattr(db, "orig", None) or db
+        url = getattr(study._storage, "url", None)
+        where = f"the study storage {redact(url)}" if url else "the study storage"
+        raise OutputError(f"cannot write {where}: {' '.join(str(orig).split())[:200]}; completed trials are "
+                          "kept, rerun the same command to continue") from None
 
 
 def enumerate_grid(study: Any, candidates: list[dict[str, float]],
@@ -285,25 +321,31 @@ def enumerate_grid(study: Any, candidates: list[dict[str, float]],
     for params, extra in todo:
         if done >= budget:
             break
-        held = {_key(t.params) for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "RUNNING")
-                and not t.user_attrs.get("duplicate_of")}
-        if _key(params) in held:
-            continue
-        trial = study.ask()
-        trial.set_user_attr("worker", _worker())
-        for key, v in extra.items():
-            trial.set_user_attr(key, v)
-        for n in names:  # record the point before scoring, so that other workers see it taken
-            study._storage.set_trial_param(trial._trial_id, n, dists[n].to_internal_repr(params[n]), dists[n])
-        try:
-            _claim(study, trial, params)
-        except DuplicatePoint:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            continue
-        value, attrs = score(params)
-        for key, v in attrs.items():
-            trial.set_user_attr(key, v)
-        study.tell(trial, value)
+        with storage_failures(study), deferred_interrupts():  # Ctrl-C only while scoring, never mid-write
+            held = {_key(t.params) for t in study.get_trials(deepcopy=False)
+                    if t.state.name in ("COMPLETE", "RUNNING") and not t.user_attrs.get("duplicate_of")}
+            if _key(params) in held:
+                continue
+            trial = study.ask()
+            trial.set_user_attr("worker", _worker())
+            for key, v in extra.items():
+                trial.set_user_attr(key, v)
+            for n in names:  # record the point before scoring, so that other workers see it taken
+                study._storage.set_trial_param(trial._trial_id, n, dists[n].to_internal_repr(params[n]), dists[n])
+            try:
+                _claim(study, trial, params)
+            except DuplicatePoint:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            try:
+                with interruptible():
+                    value, attrs = score(params)
+            except KeyboardInterrupt:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)  # redone on the next start
+                raise
+            for key, v in attrs.items():
+                trial.set_user_attr(key, v)
+            study.tell(trial, value)
         done += 1
         if progress is not None:
             progress(study, None)

@@ -17,7 +17,7 @@ import typer
 __all__ = ["bench", "bench_app", "measure_sd15", "sd15_app", "main"]
 
 EXIT_BAD_INPUT = 2
-_USER_ERRORS = (ValueError, FileNotFoundError)
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError)
 
 bench_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 sd15_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

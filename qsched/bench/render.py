@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qsched._util import fmt_num
+from qsched._util import fmt_num, write_atomic
 from qsched.bench.settings import PARAMETRIZATIONS, PRECISIONS, ROW_LABELS
 
 __all__ = ["render_markdown", "headline_table", "search_plot", "samples_figure"]
@@ -424,7 +424,7 @@ def samples_figure(R: dict[str, Any], path: Path) -> list[str] | None:
                 names.append(name)
     if not samples:
         return None
-    path.write_bytes(image_grid(samples))
+    write_atomic(path, image_grid(samples))
     return names
 
 
@@ -458,5 +458,9 @@ def search_plot(search: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    write_atomic(path, buf.getvalue())

@@ -21,7 +21,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .models import NOISE_SCHEDULE, guidance_embedding
-from .text import MAX_TOKENS, load_minilm, tokenize
+from .text import MAX_TOKENS, load_minilm, tokenize, warn_truncated
 from .weights_io import WEIGHTS_DIR
 
 #: Guidance scale used when the caller passes none. Chosen by comparing 3.0 and 6.0 on the teacher (class
@@ -48,6 +48,7 @@ class TestbedPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """(B, 16, 384) MiniLM token states of ``prompts``."""
+        warn_truncated(self.tokenizer, [p for p in prompts if p])
         t = tokenize(self.tokenizer, prompts, self.text_encoder.device)
         return self.text_encoder(**t).last_hidden_state.to(self.unet.dtype)
 

@@ -42,6 +42,21 @@ def tokenize(tokenizer, prompts: list[str], device: str | torch.device = "cpu") 
     return {k: v.to(device) for k, v in t.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def warn_truncated(tokenizer, prompts: list[str], max_tokens: int = MAX_TOKENS) -> None:
+    """A QSchedWarning for each prompt longer than ``max_tokens`` tokens: the model only sees its beginning."""
+    import warnings
+
+    from qsched.errors import QSchedWarning
+
+    if not prompts:
+        return
+    for p, ids in zip(prompts, tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]):
+        if len(ids) > max_tokens:
+            short = p if len(p) <= 40 else p[:40] + "..."
+            warnings.warn(f"prompt {short!r} ({len(p):,} characters, {len(ids):,} tokens) is truncated to the "
+                          f"text encoder's {max_tokens} tokens", QSchedWarning, stacklevel=3)
+
+
 @torch.no_grad()
 def token_states(tokenizer, model, prompts: list[str]) -> torch.Tensor:
     """(B, MAX_TOKENS, 384) last hidden states: the denoisers' cross-attention context."""
