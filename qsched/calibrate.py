@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -35,7 +34,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 
 from qsched._util import package_versions
@@ -44,6 +42,19 @@ from qsched.quantization import quant_spec_of
 from qsched.runner import denoiser_of, generate, text_encoders_of, using_schedule
 from qsched.schedule import Schedule, save_schedule
 from qsched.scoring import JAQ, JAQScore
+from qsched.search import (  # noqa: F401 - the search space, importable from here too
+    MAX_GRID,
+    PARAMETRIZATIONS,
+    SAMPLERS,
+    STRATEGIES,
+    _check_parametrization,
+    _check_range,
+    _sampler_factory,
+    _shrunk,
+    auto_plan,
+    grid_candidates,
+    search_space,
+)
 from qsched.validation import candidate as _candidate
 from qsched.validation import validate as _validate
 from qsched.validation import verdict
@@ -57,49 +68,6 @@ __all__ = [
     "STRATEGIES",
 ]
 
-PARAMETRIZATIONS = ("linear", "ramp", "per-step")
-STRATEGIES = ("optuna", "grid")
-SAMPLERS = ("tpe", "cmaes")
-MAX_GRID = 1_000_000
-
-
-# ============================================================================================== search space
-
-
-def _check_parametrization(p: str) -> str:
-    p = {"per_step": "per-step", "perstep": "per-step"}.get(p, p)
-    if p not in PARAMETRIZATIONS:
-        raise ValueError(f"unknown parametrization {p!r}; choose one of {', '.join(PARAMETRIZATIONS)}")
-    return p
-
-
-def _check_range(grid_range: Sequence[float]) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in grid_range)
-    except (TypeError, ValueError):
-        raise ValueError(f"grid_range must be two numbers (low, high), got {grid_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"grid_range must satisfy 0 < low < high (finite coefficients), got {grid_range!r}")
-    return lo, hi
-
-
-def search_space(parametrization: str, steps: int, grid_range: Sequence[float] = (0.8, 1.2),
-                 grid_points: int = 10) -> dict[str, list[float]]:
-    """Grid values per parameter: ``np.linspace(low, high, grid_points)`` on every axis."""
-    kind = _check_parametrization(parametrization)
-    lo, hi = _check_range(grid_range)
-    if int(grid_points) < 1:
-        raise ValueError(f"grid_points must be >= 1, got {grid_points}")
-    axis = [float(v) for v in np.linspace(lo, hi, int(grid_points))]
-    return {name: list(axis) for name in Schedule.param_names(kind, steps)}
-
-
-def grid_candidates(parametrization: str, steps: int, grid_range: Sequence[float] = (0.8, 1.2),
-                    grid_points: int = 10) -> list[dict[str, float]]:
-    """Every grid candidate (the Cartesian product of :func:`search_space`), in a fixed order."""
-    space = search_space(parametrization, steps, grid_range, grid_points)
-    names = list(space)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(space[n] for n in names))]
 
 
 # ============================================================================================== generation
@@ -257,36 +225,6 @@ def _model_name(pipe: Any) -> str | None:
         cfg = getattr(pipe, "config", None)
         name = cfg.get("_name_or_path") if hasattr(cfg, "get") else None
     return str(name) if name else type(pipe).__name__
-
-
-def _sampler_factory(sampler: str) -> Callable[[int], Any]:
-    import optuna
-
-    if sampler == "tpe":
-        return lambda seed: optuna.samplers.TPESampler(seed=seed)
-    if sampler == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError as e:
-            raise ImportError("the CMA-ES sampler needs the cmaes package: pip install cmaes") from e
-        return lambda seed: optuna.samplers.CmaEsSampler(sigma0=0.1, seed=seed, warn_independent_sampling=False)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def auto_plan(steps: int, n_trials: int) -> list[tuple[str, int]]:
-    """The parametrizations ``"auto"`` searches for ``steps`` and how many trials each gets out of ``n_trials``
-    (spaces that coincide at small T are searched once: T = 1 all are linear; T = 2 ramp = per-step)."""
-    kinds = ["linear"] if steps == 1 else (["linear", "per-step"] if steps == 2 else ["linear", "ramp", "per-step"])
-    weights = {"linear": 0.3, "ramp": 0.3, "per-step": 0.4}
-    total = sum(weights[k] for k in kinds)
-    shares = [max(2, int(round(n_trials * weights[k] / total))) for k in kinds]
-    shares[-1] = max(2, n_trials - sum(shares[:-1]))
-    return list(zip(kinds, shares))
-
-
-def _shrunk(s: Schedule, lam: float) -> Schedule:
-    """``s`` moved a fraction ``lam`` of the way from the identity (lam = 1: s itself)."""
-    return Schedule.per_step([1 + lam * (c - 1) for c in s.model_coeff], [1 + lam * (c - 1) for c in s.sample_coeff])
 
 
 def _hardware() -> dict[str, Any]:

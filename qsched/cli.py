@@ -23,7 +23,18 @@ from rich.table import Table
 import qsched
 from qsched import defaults
 from qsched._util import fmt_num as _fmt
-from qsched.errors import QSchedError, QSchedWarning
+from qsched.cli_inputs import UsageError
+from qsched.cli_inputs import check_device as _check_device
+from qsched.cli_inputs import check_model as _check_model
+from qsched.cli_inputs import check_spec as _check_spec
+from qsched.cli_inputs import writable_dir as _writable_dir
+from qsched.cli_inputs import ints as _ints
+from qsched.cli_inputs import floats as _floats
+from qsched.cli_inputs import prompts_for as _prompts
+from qsched.cli_inputs import check_finite as _check_finite
+from qsched.cli_inputs import check_steps as _check_steps
+from qsched.cli_inputs import one_line as _one_line
+from qsched.errors import QSchedWarning
 from qsched.interrupts import EXIT_INTERRUPTED, terminate_as_interrupt
 
 app = typer.Typer(
@@ -53,10 +64,6 @@ _RESUME = {
     "calibrate": "completed trials are stored in the study; run the same command to resume",
     "evaluate": "nothing was written; run the same command to start the evaluation again",
 }
-
-
-class UsageError(QSchedError):
-    """Bad command-line input."""
 
 
 def _fail(msg: str) -> None:
@@ -146,13 +153,6 @@ def _quiet_third_party(progress: bool) -> None:
         disable_progress_bars()
 
 
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip() or type(e).__name__
-    if isinstance(e, KeyError):
-        msg = str(e.args[0]) if e.args else msg
-    return " ".join(msg.split())
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 # (module-level so that tests can substitute tiny pipelines and cheap scorers)
 
@@ -167,102 +167,6 @@ def _make_jaq(preset: str, device: str, k: float) -> Any:
     from qsched.scoring import make_jaq
 
     return make_jaq(preset, device=device, k=k)
-
-
-def _check_device(device: str) -> str:
-    """Fail before any model loads on a device this machine does not have."""
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available on this machine")
-    return device
-
-
-def _check_model(model: str) -> Any:
-    """The model's ModelSpec (resolved once, passed down); fails early on a model that is neither an alias, a
-    directory nor a hub id ("org/name")."""
-    import re
-
-    from qsched.pipelines import MODELS, resolve_model
-
-    if model in MODELS or Path(model).expanduser().exists():
-        return resolve_model(model)
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith((".", "/", "~")):
-        return resolve_model(model)  # a hub id: resolved (or reported missing) by the loader
-    raise UsageError(f"unknown model {model!r}: not an alias ({', '.join(MODELS)}), not a directory and not a "
-                     "hub id 'org/name'")
-
-
-def _check_spec(spec: str) -> str | None:
-    """Canonical spec name, or None for "none"/"fp" (full precision)."""
-    if spec.lower() in ("none", "fp", "fp32", "fp16", "full"):
-        return None
-    from qsched.quantization import QuantSpec
-
-    try:
-        return QuantSpec.parse(spec).name
-    except ValueError as e:
-        msg = _one_line(e)
-        raise UsageError(msg if spec in msg else f"unknown quantization spec {spec!r}: {msg}") from None
-
-
-def _writable_dir(path: Path, what: str = "output directory") -> Path:
-    """Create ``path`` (a directory) if needed and check it is writable."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (OSError, FileExistsError) as e:
-        raise UsageError(f"cannot create {what} {path}: {e.strerror or e}") from None
-    if not path.is_dir():
-        raise UsageError(f"{what} {path} exists and is not a directory")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {path} is not writable")
-    return path
-
-
-def _numbers(text: str, what: str, cast: Callable[[str], Any], kind: str) -> list[Any]:
-    try:
-        vals = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise UsageError(f"{what} must be comma-separated {kind}, got {text!r}") from None
-    if not vals:
-        raise UsageError(f"{what} is empty")
-    return vals
-
-
-def _ints(text: str, what: str) -> list[int]:
-    return _numbers(text, what, int, "integers")
-
-
-def _floats(text: str, what: str) -> list[float]:
-    vals = _numbers(text, what, float, "numbers")
-    bad = [v for v in vals if not math.isfinite(v) or v <= 0]
-    if bad:
-        raise UsageError(f"{what} must be finite coefficients > 0, got {bad}")
-    return vals
-
-
-def _prompts(path: Optional[Path], mspec: Any, n: int) -> Any:
-    from qsched.prompts import load_prompts
-
-    if n < 1:
-        raise UsageError(f"--n-prompts must be >= 1, got {n}")
-    if path is None:
-        if not mspec.is_testbed:
-            raise UsageError("pass --prompts FILE (one prompt per line, CSV, sDCI YAML...) for a real model")
-        return load_prompts("testbed-calib", n=n)  # training wording, disjoint from the held-out eval prompts
-    if not path.exists():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    if path.is_file() and not path.read_text(encoding="utf-8", errors="replace").strip():
-        raise UsageError(f"prompt file is empty: {path}")
-    return load_prompts(str(path), n=n)
 
 
 def _quiet_pipe(pipe: Any) -> Any:
@@ -288,30 +192,6 @@ def _pipelines(mspec: Any, spec: str | None, device: str) -> tuple[Any, Any, Any
         return pipe, pipe, None
     qpipe, summary = quantized_copy(pipe, spec)
     return pipe, qpipe, summary
-
-
-def _check_finite(value: Optional[float], what: str) -> Optional[float]:
-    if value is not None and not math.isfinite(value):
-        raise UsageError(f"{what} must be a finite number, got {value}")
-    return value
-
-
-def _check_steps(mspec: Any, steps: Optional[int], pipe: Any = None) -> Optional[int]:
-    """``--steps`` against the model's scheduler: before loading for the testbed (its scheduler is known),
-    else on the loaded pipeline's scheduler; a one-line error instead of the scheduler's own message."""
-    if steps is None:
-        return None
-    if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
-    from qsched.runner import check_steps
-
-    if pipe is not None:
-        return check_steps(pipe.scheduler, steps)
-    if mspec.is_testbed:
-        from qsched.testbed.pipeline import VARIANTS, _scheduler
-
-        return check_steps(_scheduler(VARIANTS["student"]["scheduler"]), steps)
-    return steps
 
 
 def _version_callback(value: bool) -> None:
