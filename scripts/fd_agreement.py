@@ -24,10 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from qsched.testbed.card import generate, quantized
 from qsched.testbed.data import heldout_prompts
-from qsched.testbed.features2 import load_features2
-from qsched.testbed.metrics import ClassifierFD, InceptionFID, feature_stats, frechet_distance, load_stats
+from qsched.testbed.features2 import features2_reference, load_features2
+from qsched.testbed.metrics import ClassifierFD, InceptionFID, feature_stats, frechet_distance
 from qsched.testbed.pipeline import DEFAULT_GUIDANCE, load_testbed_pipeline
-from qsched.testbed.weights_io import WEIGHTS_DIR
 
 
 def cached(path: Path, make) -> torch.Tensor:
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                  "accuracy": {r: float((cfd.predict(images[r][ok]) == lab[ok]).float().mean()) for r in rows}}
     res["fd"] = fd_and_ci({r: cfd.features(images[r][ok]).double().numpy() for r in rows}, cfd.reference, "fp32",
                           a.boot)
-    res["fd2"] = fd_and_ci({r: f2(images[r][ok]) for r in rows}, load_stats(WEIGHTS_DIR / "fd2_ref_test.safetensors")[:2],
+    res["fd2"] = fd_and_ci({r: f2(images[r][ok]) for r in rows}, features2_reference(),
                            "fp32", a.boot)
     if a.fid_n:
         ifid = InceptionFID()

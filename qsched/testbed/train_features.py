@@ -9,8 +9,8 @@ checkpoint (``<out>/features2_ckpt.*``) is written every ``--ckpt-every`` steps 
 is written to a temporary name in ``--out`` first and then renamed.
 
 Augmentations (all in torch, per image): random scale 0.85-1.15 and shift up to 3 px (one affine resample),
-horizontal flip, contrast 0.6-1.4 and brightness -0.15..0.15, Gaussian noise (sigma up to 0.1, half of the
-images), cutout of one 6-12 px square (a third of the images).
+horizontal flip, contrast 0.6-1.4 and brightness -0.15..0.15, cutout of one 6-12 px square (a third of the
+images). No noise augmentation: it taught the features to ignore noise (see ``features2.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +33,7 @@ from qsched.testbed.weights_io import save_net
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Randomly scaled/shifted, flipped, contrast-jittered, noised and cut-out copies of x (B, 1, 32, 32) in [0, 1]."""
+    """Randomly scaled/shifted, flipped, contrast-jittered and cut-out copies of x (B, 1, 32, 32) in [0, 1]."""
     b = x.shape[0]
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=g)  # noqa: E731
     scale, dx, dy = u(0.85, 1.15), u(-3, 3) / 16, u(-3, 3) / 16  # shifts in the [-1, 1] grid units of 32 px
@@ -44,8 +43,6 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False,
                       padding_mode="zeros")
     x = (x - 0.5) * u(0.6, 1.4).view(-1, 1, 1, 1) + 0.5 + u(-0.15, 0.15).view(-1, 1, 1, 1)
-    noisy = (torch.rand(b, generator=g) < 0.5).float() * u(0.0, 0.1)
-    x = x + noisy.view(-1, 1, 1, 1) * torch.randn(x.shape, generator=g)
     size, cx, cy = u(6, 12), u(0, 32), u(0, 32)
     ii = torch.arange(32).float()
     box = (((ii.view(1, 1, -1) - cx.view(-1, 1, 1)).abs() < size.view(-1, 1, 1) / 2)
@@ -74,7 +71,7 @@ def _atomic(out: Path, name: str, write) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def train(out: Path, steps: int = 3000, batch_size: int = 128, lr: float = 3e-3, seed: int = 1,
+def train(out: Path, steps: int = 1200, batch_size: int = 128, lr: float = 3e-3, seed: int = 1,
           limit: int | None = None, ckpt_every: int = 200, log_every: int = 50) -> dict[str, Any]:
     """Train, evaluate and save the extractor and its reference statistics; returns the JSON summary."""
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +109,7 @@ def train(out: Path, steps: int = 3000, batch_size: int = 128, lr: float = 3e-3,
                "lr": lr, "seed": seed, "train_time_s": train_time, "threads": torch.get_num_threads(),
                "feature_dim": int(model.features(te.images[:2]).shape[1]),
                "augmentation": "scale 0.85-1.15, shift 3 px, hflip, contrast 0.6-1.4, brightness 0.15, "
-                               "noise sigma<=0.1 (p 0.5), cutout 6-12 px (p 1/3)",
+                               "cutout 6-12 px (p 1/3)",
                "command": f"python -m qsched.testbed.train_features --out {out} --steps {steps}"}
     with torch.no_grad():
         feats = torch.cat([model.features(te.images[i:i + 1000]) for i in range(0, len(te.images), 1000)])
@@ -140,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=1)
