@@ -4,12 +4,16 @@
 #   bash scripts/gpu_train_student.sh [WORK]      # WORK defaults to runs/gpu-student
 #
 # Stage A/B reproduce the shipped student's two runs (qsched/testbed/train_student.py docstring) at batch 256;
-# stage C is the multi-step fine-tune tried on the CPU in session 4 (experiments.md: an auxiliary denoising loss
-# on timesteps < 500, i.e. the mid/low-noise predictions 2-8 LCM steps end on, and an exported slow EMA),
-# here at batch 256 for 3,000 steps. START=C begins at stage C from the shipped student (about 3 min).
+# stage C is the multi-step fine-tune that produced the shipped student on the CPU (experiments.md, session 4:
+# LCD plus an auxiliary denoising loss on timesteps < 500, the mid/low-noise predictions that 2-8 LCM steps end
+# on; 500 steps of 64 there), here 500 steps of 256 (4x the images: probe it against the shipped student before
+# replacing anything; 1-step FD drifted up as that run went on). START=C INIT=<student.safetensors> runs stage C
+# alone from INIT (about 1-2 min), e.g. from the stage-B student before session 4, which is in git history:
+#   git show 37a53a2:qsched/testbed/weights/student.safetensors > runs/student-b.safetensors
 # Every stage resumes from its own checkpoint folder, so a rerun after a cut-off lease continues where it
 # stopped; each stage is capped with `timeout` so the whole script fits a 10-minute command.
 # Afterwards, on any machine: python scripts/probe_student.py --weights WORK/C/student.safetensors --features2
+# (and --prefix slow_ema --ckpt WORK/C/ckpt.safetensors for the slow average kept in the checkpoint).
 set -euo pipefail
 WORK=${1:-runs/gpu-student}
 START=${START:-A}
@@ -23,8 +27,8 @@ if [ "$START" = A ]; then
     --work "$WORK/B" --out "$WORK/B" | tail -n 3
   INIT="$WORK/B/student.safetensors"
 else
-  INIT=qsched/testbed/weights/student.safetensors
+  INIT=${INIT:?START=C needs INIT=<exported student .safetensors> to fine-tune}
 fi
-timeout 240 $T --steps 3000 --lr 5e-5 --aux-denoise 1.0 --aux-t-max 500 --slow-ema 0.999 --init "$INIT" \
+timeout 240 $T --steps 500 --lr 5e-5 --aux-denoise 1.0 --aux-t-max 500 --slow-ema 0.999 --init "$INIT" \
   --work "$WORK/C" --out "$WORK/C" | tail -n 3
 ls -la "$WORK"/*/student.safetensors
