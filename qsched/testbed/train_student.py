@@ -1,12 +1,20 @@
 """Latent-consistency distillation (LCD) of the testbed teacher into a few-step student.
 
-The shipped student (v prediction) came from two runs on one GPU (``--device cuda``; an H200, about 7 + 2.5 min):
+The shipped student (v prediction) came from two runs on one GPU (``--device cuda``; an H200, about 7 + 2.5 min)
+and a multi-step fine-tune of their result on this CPU (session 4, about 65 min; experiments.md):
 
     python -m qsched.testbed.train_student --device cuda --batch-size 256 --steps 5000 \
         --prediction-type v_prediction --convert-steps 1000 --work runs/student-v --out runs/student-v/out
     python -m qsched.testbed.train_student --device cuda --batch-size 256 --steps 1300 --lr 1e-4 \
         --prediction-type v_prediction --convert-steps 400 --init runs/student-v/out/student.safetensors \
-        --work runs/student-v2 --out qsched/testbed/weights
+        --work runs/student-v2 --out runs/student-v2/out
+    python -m qsched.testbed.train_student --steps 500 --lr 5e-5 --prediction-type v_prediction \
+        --init runs/student-v2/out/student.safetensors --aux-denoise 1.0 --aux-t-max 500 --slow-ema 0.999 \
+        --work runs/ft1 --out qsched/testbed/weights
+
+(The third resumed twice with a shorter ``--steps``; experiments.md has the exact history and the session-3
+student is in git history). ``scripts/gpu_train_student.sh`` runs the two GPU runs and then the fine-tune at
+batch 256 on a CUDA GPU in one command of under 10 minutes (``START=C INIT=...`` runs the fine-tune alone).
 
 The first run was stopped by the GPU lease's time limit after 4,000 of its 5,000 steps and exported from that
 checkpoint (re-running it with ``--steps 4000`` resumes at step 4,000 and only exports). On this 2-core CPU the
@@ -14,14 +22,11 @@ same work takes hours (about 0.6 step/s at batch 64), so CPU runs use the defaul
 
     python -m qsched.testbed.train_student --steps 1000 --work runs/student --out qsched/testbed/weights
 
-``scripts/gpu_train_student.sh`` runs both of those at batch 256 on a CUDA GPU and then the multi-step fine-tune
-(``--aux-denoise 1 --aux-t-max 500``, below) in one command of under 10 minutes (``START=C`` fine-tunes the
-shipped student only); see experiments.md for what the fine-tune measured on this CPU.
-
 ``--aux-denoise W --aux-t-max T`` adds W x a plain denoising loss (true v of a training image noised at a timestep
-drawn from [0, T)) to LCD. The shipped student's clean-image predictions from *real* test images noised to
+drawn from [0, T)) to LCD. The session-3 student's clean-image predictions from *real* test images noised to
 t = 259 / 119 (the last step of 4 / 8 LCM steps) scored FD 7.8 / 8.3 against 5.1 at t = 999: it was a poor
-denoiser exactly where multi-step sampling ends, which is why its images got worse with more steps.
+denoiser exactly where multi-step sampling ends, which is why its images got worse with more steps (the
+fine-tuned, shipped student: 3.0 / 2.6).
 
 The LCM recipe (Luo et al. 2023) in pixel space: a skipping-step DDIM solver over 50 of the 1000 teacher
 timesteps (skip k = 20), classifier-free guidance of the teacher with a guidance scale sampled per example and
