@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="also score one-step x0 predictions from real test images noised to these timesteps")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--features2", action="store_true", help="also FD in the independent features2 extractor")
+    p.add_argument("--fid-n", type=int, default=0, help="also Inception FID on the first K images of each row "
+                                                          "(~0.5 s per image on one core; 0 = none)")
     p.add_argument("--json", type=Path, default=None, help="append the result as one JSON line here")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_testbed_pipeline("student")
     name = load_weights(pipe, a.weights, a.ckpt, a.prefix)
     prompts, labels = heldout_prompts(a.n, seed=0)
+    ifid = None
+    if a.fid_n:
+        from qsched.testbed.metrics import InceptionFID
+        ifid = InceptionFID()
     f2 = None
     if a.features2:
         from qsched.testbed.features2 import features2_fd
@@ -109,8 +115,11 @@ def main(argv: list[str] | None = None) -> None:
         r = score(imgs, labels)
         if f2 is not None:
             r["fd2"] = f2(imgs[torch.isfinite(imgs).flatten(1).all(1)])
+        if ifid is not None:
+            r["fid"], r["fid_n"] = ifid.fid(imgs[:a.fid_n]), min(a.fid_n, imgs.shape[0])
         rows[s] = r
         extra = f" FD2 {r['fd2']:.2f}" if "fd2" in r else ""
+        extra += f" FID({r['fid_n']}) {r['fid']:.1f}" if "fid" in r else ""
         print(f"{name} steps {s}: acc {r['accuracy']:.3f} FD {r['fd']:.2f}{extra} non-finite {r['non_finite']}",
               flush=True)
     for t, r in denoise_probe(pipe, a.n, a.denoise_t, a.guidance).items() if a.denoise_t else ():
