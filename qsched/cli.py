@@ -465,9 +465,9 @@ def evaluate(
     steps: Optional[int] = typer.Option(None, help="Denoising steps."),
     prompts: Optional[str] = typer.Option(None, help="Prompt file or set (default: testbed held-out)."),
     n_images: Optional[int] = typer.Option(None, help="Images per configuration."),
-    seed: int = typer.Option(0, help="Base seed (image i uses seed + i)."),
+    seed: int = typer.Option(0, help="Base seed (image i uses generator seed seed*100003+i)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per pipeline call."),
-    metrics: str = typer.Option("fd,accuracy,clipscore,jaq", help="Comma-separated metrics (fd, accuracy, "
+    metrics: str = typer.Option("fd,fd2,accuracy,clipscore,jaq", help="Comma-separated metrics (fd, fd2, accuracy, "
                                 "clipscore, jaq, fid)."),
     fid_ref: Optional[Path] = typer.Option(None, help="Reference statistics for fid."),
     out: Path = typer.Option(Path("runs/eval"), help="Output directory."),
@@ -517,7 +517,7 @@ def evaluate(
     console.print(f"results: {path}\nreport: {report}")
 
 
-_EVAL_COLUMNS = ("fd", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_nonfinite")
+_EVAL_COLUMNS = ("fd", "fd2", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_nonfinite")
 
 
 def _print_rows(res: Any) -> None:

@@ -44,7 +44,7 @@ from qsched.runner import denoiser_of, generate_batches, using_schedule
 __all__ = ["evaluate", "EvalResult", "CONFIGS", "DEFAULT_METRICS"]
 
 CONFIGS: tuple[str, ...] = ("fp-original", "quant-naive", "quant-qsched", "fp-tuned")
-DEFAULT_METRICS: tuple[str, ...] = ("fd", "accuracy", "clipscore", "jaq")
+DEFAULT_METRICS: tuple[str, ...] = ("fd", "fd2", "accuracy", "clipscore", "jaq")
 TESTBED_DEFAULT_N = 500
 _QUANT_CONFIGS = ("quant-naive", "quant-qsched")
 
@@ -154,7 +154,7 @@ class EvalResult:
     # ------------------------------------------------------------------ presentation
     def metric_columns(self) -> list[str]:
         """Metric keys present in the rows, in a stable order."""
-        order = ["fd", "fid", "accuracy", "clipscore", "iq", "jaq"]
+        order = ["fd", "fd2", "fid", "accuracy", "clipscore", "iq", "jaq"]
         present = {k for r in self.rows.values() for k in r}
         return [k for k in order if k in present]
 

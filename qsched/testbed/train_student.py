@@ -1,18 +1,32 @@
 """Latent-consistency distillation (LCD) of the testbed teacher into a few-step student.
 
-The shipped student (v prediction) came from two runs on one GPU (``--device cuda``; an H200, about 7 + 2.5 min):
+The shipped student (v prediction) came from two runs on one GPU (``--device cuda``; an H200, about 7 + 2.5 min)
+and a multi-step fine-tune of their result on this CPU (session 4, about 65 min; experiments.md):
 
     python -m qsched.testbed.train_student --device cuda --batch-size 256 --steps 5000 \
         --prediction-type v_prediction --convert-steps 1000 --work runs/student-v --out runs/student-v/out
     python -m qsched.testbed.train_student --device cuda --batch-size 256 --steps 1300 --lr 1e-4 \
         --prediction-type v_prediction --convert-steps 400 --init runs/student-v/out/student.safetensors \
-        --work runs/student-v2 --out qsched/testbed/weights
+        --work runs/student-v2 --out runs/student-v2/out
+    python -m qsched.testbed.train_student --steps 500 --lr 5e-5 --prediction-type v_prediction \
+        --init runs/student-v2/out/student.safetensors --aux-denoise 1.0 --aux-t-max 500 --slow-ema 0.999 \
+        --work runs/ft1 --out qsched/testbed/weights
+
+(The third resumed twice with a shorter ``--steps``; experiments.md has the exact history and the session-3
+student is in git history). ``scripts/gpu_train_student.sh`` runs the two GPU runs and then the fine-tune at
+batch 256 on a CUDA GPU in one command of under 10 minutes (``START=C INIT=...`` runs the fine-tune alone).
 
 The first run was stopped by the GPU lease's time limit after 4,000 of its 5,000 steps and exported from that
 checkpoint (re-running it with ``--steps 4000`` resumes at step 4,000 and only exports). On this 2-core CPU the
 same work takes hours (about 0.6 step/s at batch 64), so CPU runs use the defaults (batch 64, epsilon):
 
     python -m qsched.testbed.train_student --steps 1000 --work runs/student --out qsched/testbed/weights
+
+``--aux-denoise W --aux-t-max T`` adds W x a plain denoising loss (true v of a training image noised at a timestep
+drawn from [0, T)) to LCD. The session-3 student's clean-image predictions from *real* test images noised to
+t = 259 / 119 (the last step of 4 / 8 LCM steps) scored FD 7.8 / 8.3 against 5.1 at t = 999: it was a poor
+denoiser exactly where multi-step sampling ends, which is why its images got worse with more steps (the
+fine-tuned, shipped student: 3.0 / 2.6).
 
 The LCM recipe (Luo et al. 2023) in pixel space: a skipping-step DDIM solver over 50 of the 1000 teacher
 timesteps (skip k = 20), classifier-free guidance of the teacher with a guidance scale sampled per example and
@@ -82,10 +96,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aux-denoise", type=float, default=0.0,
                    help="weight of an extra plain denoising loss (true eps/v of the noised image, min-SNR-5) "
                         "added to LCD; keeps the student a good denoiser at low and middle timesteps")
+    p.add_argument("--aux-t-max", type=int, default=1000,
+                   help="the auxiliary denoising loss draws its timesteps from [0, AUX_T_MAX) (default: all); "
+                        "a lower bound aims it at the mid/low-noise predictions multi-step sampling ends on")
+    p.add_argument("--slow-ema", type=float, default=0.0,
+                   help="also keep an EMA of the online student with this decay (e.g. 0.999) in the checkpoint "
+                        "(prefix slow_ema; 0 = none)")
+    p.add_argument("--export-net", choices=("target", "slow_ema"), default="target",
+                   help="which network to export: the LCD target (the LCM recipe) or the --slow-ema average")
     p.add_argument("--init", type=Path, default=None,
                    help="start from this exported student (safetensors) instead of the teacher's weights")
     p.add_argument("--teacher", type=Path, default=Path("qsched/testbed/weights/teacher.safetensors"))
     a = p.parse_args(argv)
+    if not 0 < a.aux_t_max <= 1000:
+        p.error(f"--aux-t-max must be in 1..1000, got {a.aux_t_max}")
+    if not 0.0 <= a.slow_ema < 1.0:
+        p.error(f"--slow-ema must be in [0, 1), got {a.slow_ema}")
+    if a.export_net == "slow_ema" and not a.slow_ema:
+        p.error("--export-net slow_ema needs --slow-ema DECAY")
     if a.convert_steps and a.prediction_type == "epsilon":
         p.error("--convert-steps only applies to --prediction-type v_prediction (the teacher already predicts eps)")
     return a
@@ -113,17 +141,22 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)  # starts exactly as the teacher
     student.to(dev).train()
     target = copy.deepcopy(student).eval().requires_grad_(False)
+    nets = {"student": student, "target": target}
+    if a.slow_ema:
+        nets["slow_ema"] = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=a.lr, weight_decay=0.0)
     ckpt, start = a.work / "ckpt", 0
     phases: list[dict] = []
     if ckpt.with_suffix(".json").exists():
-        meta = load_checkpoint(ckpt, {"student": student, "target": target}, opt)
+        meta = load_checkpoint(ckpt, nets, opt)
         start = meta["step"]
         phases = meta.get("phases") or [{"from_step": 0, "to_step": start}]  # runs before phases were logged
         print(f"resumed from {ckpt} at step {start}")
     phase = {"from_step": start, "to_step": a.steps, "lr": a.lr, "high_t_frac": a.high_t_frac,
              "high_t_top": a.high_t_top, "prediction_type": ptype, "convert_steps": a.convert_steps,
              "batch_size": a.batch_size, "aux_denoise": a.aux_denoise, "init": str(a.init) if a.init else None}
+    if a.aux_t_max != 1000 or a.slow_ema:  # only recorded when used, so earlier runs' phases still compare equal
+        phase.update(aux_t_max=a.aux_t_max, slow_ema=a.slow_ema)
     def settings(ph: dict) -> dict:
         return {k: v for k, v in ph.items() if k not in ("from_step", "to_step")}
 
@@ -173,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                 tgt = cs_s * xs + co_s * predicted_x0(out_tgt, xs, as_, ptype)
             loss = (torch.sqrt((pred - tgt) ** 2 + a.huber_c**2) - a.huber_c).mean()
             if a.aux_denoise:
-                ta = torch.randint(0, n_train, (B,), generator=g).to(dev)
+                ta = torch.randint(0, a.aux_t_max, (B,), generator=g).to(dev)
                 aa = abar[ta].view(-1, 1, 1, 1)
                 out_a = student(aa.sqrt() * x0 + (1 - aa).sqrt() * noise, ta, ctx, timestep_cond=wemb).sample
                 loss = loss + a.aux_denoise * denoising_loss(out_a, x0, noise, ta, abar, ptype)
@@ -182,17 +215,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema_update(target, student, 0.0 if converting else a.target_ema)  # LCD's target starts as the student
+        if a.slow_ema:
+            ema_update(nets["slow_ema"], student, a.slow_ema)
         if step % a.log_every == 0 or step == a.steps - 1:
             log(step, loss=loss.item(), lr=opt.param_groups[0]["lr"])
         if (step + 1) % a.ckpt_every == 0 or step == a.steps - 1:
-            save_checkpoint(ckpt, step + 1, {"student": student, "target": target}, opt, {"phases": phases})
+            save_checkpoint(ckpt, step + 1, nets, opt, {"phases": phases})
 
     info: dict = {}
     if a.init and a.init.with_suffix(".json").exists():  # keep the provenance of the weights we started from
         info["init_from"] = json.loads(a.init.with_suffix(".json").read_text()).get("train")
-    export(target, a.out / "student", {**info, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
+    export(nets[a.export_net], a.out / "student", {**info, "steps": a.steps, "batch_size": a.batch_size, "lr": a.lr, "seed": a.seed,
                                        "recipe": "LCD", "solver_steps": SOLVER_STEPS, "w_range": [a.w_min, a.w_max],
-                                       "target_ema": a.target_ema, "phases": phases},
+                                       "target_ema": a.target_ema, "exported": a.export_net,
+                                       "phases": phases},
            prediction_type=ptype)
 
 
