@@ -580,7 +580,9 @@ def test_full_disk_mid_search_is_one_line_and_the_study_continues(tiny, tmp_path
 
 
 def test_keyboard_interrupt_and_sigterm_in_process_exit_130(tiny, tmp_path, monkeypatch):
-    from qsched import evaluate as ev_mod
+    import importlib
+
+    ev_mod = importlib.import_module("qsched.evaluate")  # the module (qsched.evaluate is the function)
 
     def interrupted(**kw):
         raise KeyboardInterrupt
