@@ -152,8 +152,9 @@ def paired_image_cis(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: tu
 
 
 def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: UnitStore, R: dict[str, Any],
-                    write: Callable[[], None]) -> None:
-    """Run (or reuse) the default-path units and put them into ``R["default"]``."""
+                    write: Callable[[], None], table: bool = True) -> None:
+    """Run (or reuse) the default-path units and put them into ``R["default"]`` (``table=False``: only the units,
+    for a helper process; the bootstraps run once, in the main process)."""
     from qsched.prompts import load_prompts
 
     con = units.console
@@ -185,6 +186,8 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
             key = (st, sp, config_hash(c["schedule"]))
             wanted.setdefault(key, row(st, sp, c["schedule"]))
     evals = dict(zip(wanted, units.run_all(list(wanted.values()), after=write)))
+    if not table:
+        return
     ref = env.evaluator().reference
     ref2 = env.features2()[1] if env.features2 is not None else None
     table: dict[str, Any] = {}

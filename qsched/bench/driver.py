@@ -159,7 +159,7 @@ def _helper(index: int, s: BenchSettings, env: BenchEnv, work: str, sections: tu
         if "quality" in sections:
             section_quality(s, env, models, units, R, lambda: None)
         if "default" in sections and env.evaluator is not None:
-            section_default(s, env, models, units, R, lambda: None)
+            section_default(s, env, models, units, R, lambda: None, table=False)
         if "search" in sections:
             section_search(s, env, models, units, R, lambda: None)
         return list(units.computed)
