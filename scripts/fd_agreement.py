@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from qsched.testbed.card import generate, quantized
 from qsched.testbed.data import heldout_prompts
 from qsched.testbed.features2 import features2_reference, load_features2
-from qsched.testbed.metrics import ClassifierFD, InceptionFID, feature_stats, frechet_distance
+from qsched.frechet import feature_stats, frechet_distance
+from qsched.testbed.metrics import ClassifierFD, InceptionFID
 from qsched.testbed.pipeline import DEFAULT_GUIDANCE, load_testbed_pipeline
 
 

@@ -36,3 +36,19 @@ def tiny_testbed_evaluators():
     cfd = ClassifierFD(classifier=FashionClassifier(width=4, feat_dim=8).eval())
     ref = feature_stats(cfd.features(torch.rand(64, 1, 32, 32)))
     return cfd, ref, TinyCLIP(width=4, embed_dim=16, text_hidden=16).eval()
+
+
+def run_python(code: str) -> str:
+    """Run ``code`` in a fresh Python process with the checkout on ``sys.path`` (import state matters); its
+    stdout, asserting it exited 0."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout

@@ -9,7 +9,7 @@ import torch
 from qsched.testbed.data import load_fashion_mnist
 from qsched.testbed.features2 import (FD2_REF_FILE, FEATURES2_DIM, Features2Net, features2_fd, load_features2,
                                       load_features2_net)
-from qsched.testbed.metrics import feature_stats, frechet_distance, load_stats
+from qsched.frechet import feature_stats, frechet_distance, load_stats
 from qsched.testbed.train_features import augment
 from qsched.testbed.weights_io import WEIGHTS_DIR
 

@@ -6,9 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -19,6 +16,8 @@ from qsched.checkpoint import CheckpointError
 from qsched.hf_quantizer import QSchedConfig, QSchedQuantizer, check_reloadable
 from qsched.quantization import quant_spec_of, quantize, quantized_layers
 from qsched.testing import FAMILIES, tiny_call_kwargs, tiny_pipeline
+
+from fakes import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +43,7 @@ def _run_unet(unet, inputs):
         return unet(*inputs).sample
 
 
-def _subprocess(code: str) -> str:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+_subprocess = run_python
 
 
 def test_registered_in_diffusers_mappings():

@@ -4,22 +4,16 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 import warnings
 
 import pytest
 
+from fakes import run_python
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _subprocess(code: str) -> str:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                       cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r.stdout
+_subprocess = run_python
 
 
 def test_exports_survive_every_submodule_import():

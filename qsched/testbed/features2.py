@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qsched.testbed.metrics import feature_stats, frechet_distance, load_stats, to_gray32
+from qsched.frechet import feature_stats, frechet_distance, load_stats
+from qsched.testbed.metrics import to_gray32
 from qsched.testbed.weights_io import WEIGHTS_DIR, load_net
 
 STEM = "features2"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from qsched.testbed.data import load_fashion_mnist
 from qsched.testbed.features2 import FD2_REF_FILE, STEM, Features2Net
-from qsched.testbed.metrics import feature_stats, save_stats
+from qsched.frechet import feature_stats, save_stats
 from qsched.testbed.trainutil import load_checkpoint, lr_at, save_checkpoint
 from qsched.testbed.weights_io import save_net
 
