@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["frechet_distance", "feature_stats", "save_stats", "load_stats", "load_reference_stats"]
+__all__ = ["frechet_distance", "FrechetReference", "feature_stats", "save_stats", "load_stats", "load_reference_stats"]
 
 
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
@@ -45,6 +45,28 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     diff = mu1 - mu2
     fd = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean
     return float(max(fd, 0.0))
+
+
+class FrechetReference:
+    """:func:`frechet_distance` to one fixed reference (mu, sigma), with the reference's matrix square root
+    computed once: ``Tr sqrt(S R)`` is taken from the spectrum of ``R^1/2 S R^1/2``, one symmetric
+    eigendecomposition per call (bootstraps compute thousands of distances to the same reference)."""
+
+    def __init__(self, mu: Any, sigma: Any):
+        self.mu = np.atleast_1d(np.asarray(mu, dtype=np.float64))
+        r = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+        r = (r + r.T) / 2
+        w, v = np.linalg.eigh(r)
+        self._root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+        self._tr = float(np.trace(r))
+
+    def distance(self, mu: Any, sigma: Any) -> float:
+        """FD between (mu, sigma) and the reference (same value as :func:`frechet_distance`)."""
+        s = np.atleast_2d(np.asarray(sigma, dtype=np.float64))
+        s = (s + s.T) / 2
+        lam = np.linalg.eigvalsh(self._root @ s @ self._root)
+        diff = np.asarray(mu, dtype=np.float64) - self.mu
+        return float(max(diff @ diff + np.trace(s) + self._tr - 2.0 * np.sqrt(np.clip(lam, 0.0, None)).sum(), 0.0))
 
 
 def feature_stats(feats: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

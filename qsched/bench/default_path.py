@@ -26,7 +26,7 @@ from qsched.metrics import EvalMetric
 __all__ = ["section_default", "paired_image_cis", "render_default"]
 
 SPECS = ("w8a8", "w4a8", "w4a4")
-_N_BOOT = 1000
+_N_BOOT = 300
 
 
 def _calib_unit(models: Models, env: BenchEnv, steps: int, spec: str, draw: int, s: BenchSettings) -> Callable:
@@ -113,10 +113,11 @@ def _load(path: str) -> dict[str, np.ndarray]:
     return load_file(path)
 
 
-def _fd(feats: np.ndarray, ok: np.ndarray, ref: tuple[np.ndarray, np.ndarray]) -> float:
-    from qsched.frechet import feature_stats, frechet_distance
+def _fd(feats: np.ndarray, ok: np.ndarray, ref: Any) -> float:
+    from qsched.frechet import FrechetReference, feature_stats
 
-    return frechet_distance(*feature_stats(feats[ok]), *ref)
+    ref = ref if isinstance(ref, FrechetReference) else FrechetReference(*ref)
+    return ref.distance(*feature_stats(feats[ok]))
 
 
 def paired_image_cis(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: tuple[np.ndarray, np.ndarray],
@@ -128,7 +129,11 @@ def paired_image_cis(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: tu
     n = len(a["jaq"])
     if len(b["jaq"]) != n:
         raise ValueError(f"paired rows must have the same images, got {n} and {len(b['jaq'])}")
+    from qsched.frechet import FrechetReference
+
     rng = np.random.default_rng(seed)
+    ref = FrechetReference(*ref)
+    ref2 = FrechetReference(*ref2) if ref2 is not None else None
     fa, fb = a["finite"].astype(bool), b["finite"].astype(bool)
     out: dict[str, dict[str, float]] = {}
     point = {"fd": _fd(b["features"], fb, ref) - _fd(a["features"], fa, ref),
