@@ -437,7 +437,7 @@ def quantize(
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """Quantize a model's denoiser and save it (load it back with qsched.load_quantized)."""
-    from qsched.quantization import save_quantized
+    from qsched.checkpoint import save_quantized
 
     mspec = _check_model(model)
     spec_name = _check_spec(spec)

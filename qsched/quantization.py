@@ -513,15 +513,3 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-# Saving and loading live in qsched.checkpoint (the diffusers layout); these names stay importable from here.
-_MOVED = {"save_quantized", "load_quantized", "WEIGHTS_FILE"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import qsched.checkpoint
-
-        return getattr(qsched.checkpoint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -70,7 +70,8 @@ def make_variant(variant: str, fp32: Callable[[], nn.Module], packed: dict[str, 
     """The denoiser of ``variant``. ``fp32()`` builds the float model; ``packed[spec]`` is a qsched checkpoint
     directory; ``calib(model)`` runs one representative forward (quanto's activation calibration)."""
     from qsched.kernels import compile_quantized
-    from qsched.quantization import load_quantized, quantize
+    from qsched.checkpoint import load_quantized
+    from qsched.quantization import quantize
 
     if variant == "fp32":
         return fp32()
@@ -114,7 +115,8 @@ def _write_files(model: nn.Module | None, d: Path, make: Callable[[], nn.Module]
     from safetensors.torch import save_file
 
     from qsched.checkpoint import WEIGHTS_FILE
-    from qsched.quantization import quantize, save_quantized
+    from qsched.checkpoint import save_quantized
+    from qsched.quantization import quantize
 
     state = {k: v.detach().contiguous() for k, v in (model or make()).state_dict().items()}
     files: dict[str, int] = {}

@@ -74,7 +74,7 @@ def worker(kind: str, packed_dir: str, threads: int, smoke: bool, conn: Any) -> 
     import safetensors.torch  # noqa: F401
     from diffusers import UNet2DConditionModel  # noqa: F401
 
-    from qsched.quantization import load_quantized
+    from qsched.checkpoint import load_quantized
 
     base = rss_mib()[0]
     if kind == "fp32":
@@ -126,7 +126,8 @@ def measure(runs: int = 3, threads: int = 1, spec: str = "w4a8", speed: bool = T
     import torch
     from safetensors.torch import save_file
 
-    from qsched.quantization import WEIGHTS_FILE, quantize, save_quantized
+    from qsched.checkpoint import WEIGHTS_FILE, save_quantized
+    from qsched.quantization import quantize
 
     if runs < 1 or threads < 1:
         raise ValueError(f"runs and threads must be >= 1, got runs={runs}, threads={threads}")

@@ -72,7 +72,7 @@ def _rss_worker(kind: str, path: str, batch: int, threads: int, conn: Any) -> No
         from diffusers import UNet2DConditionModel  # noqa: F401
         from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
-        from qsched.quantization import load_quantized
+        from qsched.checkpoint import load_quantized
 
         r0 = _rss_kib()
         if kind == "fp32":
@@ -97,7 +97,8 @@ def _rss_worker(kind: str, path: str, batch: int, threads: int, conn: Any) -> No
 def _sizes(models: Models, s: BenchSettings, d: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
-    from qsched.quantization import WEIGHTS_FILE, load_quantized, quantize, save_quantized
+    from qsched.checkpoint import WEIGHTS_FILE, load_quantized, save_quantized
+    from qsched.quantization import quantize
 
     name, den = models.denoiser()
     out: dict[str, Any] = {"denoiser": type(den).__name__, "params": sum(p.numel() for p in den.parameters())}
