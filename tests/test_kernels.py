@@ -24,8 +24,8 @@ from qsched.quantization import (
     fake_quant_per_token,
     quantize,
     quantized_layers,
-    save_quantized,
 )
+from qsched.checkpoint import save_quantized
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "qsched" / "testbed" / "weights"
 

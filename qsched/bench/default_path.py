@@ -260,8 +260,11 @@ def render_default(R: dict[str, Any]) -> list[str]:
                  f"{r['help_fd']} / {r['harm_fd']} | {_pm(d2) if d2 else '-'} | "
                  f"{r.get('help_fd2', 0)} / {r.get('harm_fd2', 0)} | {_pm([d['accuracy']['diff'] for d in ds], 3)} | "
                  f"{r['help_accuracy']} / {r['harm_accuracy']} | {_pm([d['jaq']['diff'] for d in ds])} |")
-    harms = sum(r["harm_fd"] + r["harm_accuracy"] for r in D["rows"].values())
-    n = sum(len(r["draws"]) for r in D["rows"].values())
-    L += ["", f"Over {n} default calibrations: {harms} made FD or accuracy worse beyond noise; "
+    draws = [d for r in D["rows"].values() for d in r["draws"]]
+    harms = sum(d["fd"]["ci_low"] > 0 or d["accuracy"]["ci_high"] < 0 for d in draws)
+    helps = sum((d["fd"]["ci_high"] < 0 or d["accuracy"]["ci_low"] > 0) and not
+                (d["fd"]["ci_low"] > 0 or d["accuracy"]["ci_high"] < 0) for d in draws)
+    L += ["", f"Over {len(draws)} default calibrations: {harms} made FD or accuracy worse beyond noise, {helps} made "
+          f"one of them better beyond noise without the other getting worse, "
           f"{sum(r['kept_identity'] for r in D['rows'].values())} kept the original schedule (do no harm).", ""]
     return L
