@@ -253,7 +253,7 @@ def load_quantized(directory: str | os.PathLike, keep_packed: bool = False, devi
         model = _model_class(directory).from_pretrained(str(directory), **kwargs)
         denoiser, out = model, model
     else:
-        from qsched.pipelines import pipeline_class
+        from qsched.components import pipeline_class
 
         index = json.loads((directory / "model_index.json").read_text())
         pipe = pipeline_class(manifest.get("pipeline_class") or index.get("_class_name")).from_pretrained(

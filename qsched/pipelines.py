@@ -18,12 +18,13 @@ from typing import Any, Mapping
 
 import torch
 
+from qsched.components import QSCHED_PIPELINES as _QSCHED_PIPELINES
+from qsched.components import check_components as _check_components
+from qsched.components import pipeline_class
+
 __all__ = ["MODELS", "ModelSpec", "ModelNotFoundError", "load_pipeline", "resolve_model"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_QSCHED_PIPELINES = {"TestbedPipeline": "qsched.testbed.pipeline"}  # pipeline classes defined in qsched
-_QSCHED_COMPONENTS = {"QSchedScheduler": "qsched.scheduler"}  # component classes defined in qsched
-_SAFE_LIBRARIES = ("diffusers", "transformers")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -214,37 +215,6 @@ def _load_hub_alias(spec: ModelSpec, device: str | torch.device, dtype: torch.dt
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers: plain Linear/Conv remain
     return pipe.to(device)
-
-
-def pipeline_class(name: str) -> type:
-    """The pipeline class called ``name``: one of qsched's own (``TestbedPipeline``) or a diffusers pipeline."""
-    import diffusers
-
-    if name in _QSCHED_PIPELINES:
-        cls = getattr(importlib.import_module(_QSCHED_PIPELINES[name]), name)
-    else:
-        cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
-        raise ValueError(f"Unknown pipeline class {name!r}: neither a diffusers pipeline nor one of qsched's "
-                         f"({', '.join(_QSCHED_PIPELINES)}).")
-    return cls
-
-
-def _check_components(index: Path, config: Mapping[str, Any]) -> None:
-    """Refuse a model_index.json naming component libraries other than diffusers, transformers and qsched's known
-    classes (older diffusers import whatever module a model_index.json names: a model folder could run code), and
-    import the modules of qsched's known classes it names (from qsched's table, not from the file)."""
-    for key, value in config.items():
-        if key.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
-            continue
-        library, cls = value
-        if library in _SAFE_LIBRARIES:
-            continue
-        if cls in _QSCHED_COMPONENTS and library in ("qsched", _QSCHED_COMPONENTS[cls]):
-            importlib.import_module(_QSCHED_COMPONENTS[cls])
-            continue
-        raise ValueError(f"{index}: component {key!r} names {library}.{cls}; qsched loads only diffusers and "
-                         f"transformers components and its own ({', '.join(_QSCHED_COMPONENTS)}).")
 
 
 def _load_directory(path: Path, device: str | torch.device, dtype: torch.dtype | None, **kw: Any) -> Any:

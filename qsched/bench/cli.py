@@ -1,5 +1,5 @@
 """Command lines of the benchmark: ``python -m qsched.bench`` / ``qsched bench`` (:func:`bench`, which regenerates
-BENCHMARKS.md) and ``python -m qsched.bench.sd15`` (:func:`measure_sd15`, the SD1.5-sized UNet numbers alone).
+BENCHMARKS.md); ``python -m qsched.bench.sd15`` (the SD1.5-sized UNet numbers alone) is in :mod:`qsched.bench.sd15`.
 
 Bad input ends with one ``error: ...`` line and exit code 2. Only typer is imported up front, so that
 ``qsched --help`` stays fast.
@@ -14,13 +14,12 @@ from typing import Any, Optional, Sequence
 
 import typer
 
-__all__ = ["bench", "bench_app", "measure_sd15", "sd15_app", "main"]
+__all__ = ["bench", "bench_app", "main"]
 
 EXIT_BAD_INPUT = 2
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError)
 
 bench_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-sd15_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def _fail(e: BaseException) -> None:
@@ -120,31 +119,6 @@ def bench(
 bench_app.command(help=bench.__doc__)(bench)
 
 
-def measure_sd15(
-    threads: int = typer.Option(1, "--threads", help="Torch threads per forward."),
-    runs: int = typer.Option(3, "--runs", help="Interleaved timed forwards per variant."),
-    spec: str = typer.Option("w4a8", "--spec", help="Quantization spec."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers here (JSON)."),
-    no_speed: bool = typer.Option(False, "--no-speed", help="Skip the RSS / speed part."),
-    smoke: bool = typer.Option(False, "--smoke", help="Tiny widths instead of SD1.5's (checks the code path)."),
-) -> None:
-    """Measure qsched quantization on an SD1.5-sized UNet (random weights; several GB of RAM, minutes)."""
-    from qsched.bench import sd15
-    from qsched.bench.units import write_json
-
-    try:
-        res = sd15.measure(runs=runs, threads=threads, spec=spec, speed=not no_speed, smoke=smoke,
-                           log=lambda line: typer.echo(line))
-    except _USER_ERRORS as e:
-        _fail(e)
-    typer.echo("\n=== summary ===")
-    for line in sd15.summary_lines(res):
-        typer.echo(line)
-    if json_out is not None:
-        write_json(json_out, res)
-
-
-sd15_app.command(help=measure_sd15.__doc__)(measure_sd15)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 __all__ = ["SD15_UNET_CONFIG", "measure", "build_sd15_unet", "tiny_errors", "summary_lines"]
 
@@ -210,7 +210,38 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-if __name__ == "__main__":
-    from qsched.bench.cli import sd15_app
+def _cli() -> Any:
+    """``python -m qsched.bench.sd15``: the typer app of :func:`measure_sd15`."""
+    import typer
 
-    sd15_app(prog_name="python -m qsched.bench.sd15")
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+    def measure_sd15(
+        threads: int = typer.Option(1, "--threads", help="Torch threads per forward."),
+        runs: int = typer.Option(3, "--runs", help="Interleaved timed forwards per variant."),
+        spec: str = typer.Option("w4a8", "--spec", help="Quantization spec."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers here (JSON)."),
+        no_speed: bool = typer.Option(False, "--no-speed", help="Skip the RSS / speed part."),
+        smoke: bool = typer.Option(False, "--smoke", help="Tiny widths instead of SD1.5's (checks the code path)."),
+    ) -> None:
+        """Measure qsched quantization on an SD1.5-sized UNet (random weights; several GB of RAM, minutes)."""
+        from qsched.bench.units import write_json
+
+        try:
+            res = measure(runs=runs, threads=threads, spec=spec, speed=not no_speed, smoke=smoke,
+                          log=lambda line: typer.echo(line))
+        except (ValueError, FileNotFoundError) as e:
+            typer.echo(f"error: {' '.join(str(e).split()) or type(e).__name__}", err=True)
+            raise typer.Exit(2) from None
+        typer.echo("\n=== summary ===")
+        for line in summary_lines(res):
+            typer.echo(line)
+        if json_out is not None:
+            write_json(json_out, res)
+
+    app.command(help=measure_sd15.__doc__)(measure_sd15)
+    return app
+
+
+if __name__ == "__main__":
+    _cli()(prog_name="python -m qsched.bench.sd15")
