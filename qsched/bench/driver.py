@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
-import os
 import pickle
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -15,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from qsched._util import write_atomic
 from qsched.bench.default_path import section_default
 from qsched.bench.env import BenchEnv, Models, git_commit, machine_info, versions
 from qsched.bench.quality import section_quality
@@ -76,9 +76,7 @@ def run_bench(settings: BenchSettings | None = None, env: BenchEnv | None = None
         R["computed"] = list(units.computed) + done_by_helpers
         R["skipped"] = [t for t in units.skipped if t not in done_by_helpers]
         R["wall_time_s"] = time.time() - t0
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(render_markdown(R), encoding="utf-8")
-        os.replace(tmp, out)  # atomic: a reader never sees half a file
+        write_atomic(out, render_markdown(R))  # a reader never sees half a file
 
     console.rule(f"[bold]qsched.bench ({s.mode}) -> {out}")
     console.print(f"work directory {work} ({'fresh' if fresh else 'finished units are reused'}); "

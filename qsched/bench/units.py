@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from filelock import FileLock, Timeout
 
-from qsched._util import json_default
+from qsched._util import json_default, write_atomic
 
 __all__ = ["Job", "UnitStore", "config_hash", "write_json", "finite", "now", "MARKER", "RESULT_FILE", "LOCK_FILE"]
 
@@ -46,18 +45,10 @@ def config_hash(obj: Any) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write strict JSON atomically: a unique temporary file beside ``path``, then ``os.replace``."""
+    """Write strict JSON atomically (:func:`qsched._util.write_atomic`), creating the directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=1, default=json_default, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=1, default=json_default, allow_nan=False))
 
 
 def finite(x: Any) -> Any:
