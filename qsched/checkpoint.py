@@ -14,88 +14,25 @@ sibling and moved into place, every file mode 0644.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 
 from qsched._util import package_versions
+from qsched.integrity import CheckpointError, FORMAT_NAME, file_digest, verify_safetensors  # noqa: F401 (re-exported)
 
 __all__ = ["CheckpointError", "save_quantized", "load_quantized", "verify_safetensors", "verify_folder",
            "is_quantized_folder", "MANIFEST_FILE", "WEIGHTS_FILE"]
 
-FORMAT_NAME = "qsched-quantized"
 FORMAT_VERSION = 2  # 1: qsched_quantized.safetensors beside config.json (qsched 0.1 before the diffusers layout)
 MANIFEST_FILE = "qsched_quantization.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' own file name (SAFETENSORS_WEIGHTS_NAME)
-DIGEST_KEY = "qsched_blake2b"  # safetensors metadata: JSON {tensor name: 128-bit BLAKE2b of its bytes}
 _FILE_MODE, _DIR_MODE = 0o644, 0o755
-_CHUNK = 1 << 22
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written or read back exactly (corrupted, truncated, wrong format or unsupported)."""
-
-
-# ------------------------------------------------------------------------------------------------ digests
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """128-bit BLAKE2b of a tensor's bytes (C order, any dtype): 32 hex digits, short enough for the header."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().data if flat.numel() else b""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def digest_metadata(state_dict: Mapping[str, torch.Tensor], spec: str) -> dict[str, str]:
-    """safetensors metadata entries of a qsched checkpoint: format, spec and the per-tensor digests."""
-    digests = {k: tensor_digest(t) for k, t in state_dict.items()}
-    return {"qsched_format": FORMAT_NAME, "qsched_spec": spec, DIGEST_KEY: json.dumps(digests, sort_keys=True)}
-
-
-def verify_safetensors(path: str | os.PathLike, require: bool = False) -> bool:
-    """Check every tensor of a safetensors file against the digests in its metadata.
-
-    Returns False for a file without qsched digests (raises instead when ``require``); raises
-    :class:`CheckpointError` naming the file if it is truncated, unreadable, or a tensor's bytes changed.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if DIGEST_KEY not in meta:
-                if require:
-                    raise CheckpointError(f"{path}: no qsched checksums ({DIGEST_KEY}) in the metadata of a "
-                                          "qsched-quantized checkpoint")
-                return False
-            digests = json.loads(meta[DIGEST_KEY])
-            keys = list(f.keys())
-            for k in keys:
-                if k not in digests:
-                    raise CheckpointError(f"{path}: tensor {k!r} has no checksum")
-                if tensor_digest(f.get_tensor(k)) != digests[k]:
-                    raise CheckpointError(f"{path}: checksum mismatch for tensor {k!r} (the file is corrupted)")
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors' own errors for truncated / garbled files
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path}: unreadable safetensors file (truncated or corrupted): {first}") from None
-    return True
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify_folder(directory: str | os.PathLike) -> dict[str, Any]:
@@ -107,7 +44,7 @@ def verify_folder(directory: str | os.PathLike) -> dict[str, Any]:
         p = directory / rel
         if not p.is_file():
             raise CheckpointError(f"{p}: missing (listed in {directory / MANIFEST_FILE})")
-        if _file_digest(p) != digest:
+        if file_digest(p) != digest:
             raise CheckpointError(f"{p}: checksum mismatch with {MANIFEST_FILE} (the file is truncated or corrupted)")
     return manifest
 
@@ -199,7 +136,7 @@ def save_quantized(pipe_or_module: Any, directory: str | os.PathLike) -> Path:
     try:
         target = pipe_or_module if name is not None else denoiser
         target.save_pretrained(str(tmp), safe_serialization=True)
-        files = {p.relative_to(tmp).as_posix(): _file_digest(p) for p in _tree_files(tmp)}
+        files = {p.relative_to(tmp).as_posix(): file_digest(p) for p in _tree_files(tmp)}
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -242,8 +179,7 @@ def load_quantized(directory: str | os.PathLike, keep_packed: bool = False, devi
     scales in memory and dequantizes during each forward (identical outputs, smaller, slower). Extra ``kwargs`` go
     to ``from_pretrained``.
     """
-    import qsched.hf_quantizer  # noqa: F401  (registers the quantizer with diffusers)
-    from qsched.hf_quantizer import _realign
+    from qsched.hf_quantizer import _realign  # importing it registers the quantizer with diffusers
     from qsched.quantization import quantized_layers
 
     directory = Path(directory)

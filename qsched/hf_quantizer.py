@@ -29,9 +29,9 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from torch import nn
 
-from qsched.checkpoint import CheckpointError, digest_metadata, verify_safetensors
+from qsched.integrity import CheckpointError, digest_metadata, verify_safetensors
 from qsched.quantization import (BACKEND_ATTR, SPEC_ATTR, QuantConv2d, QuantLinear, QuantSpec, _QuantBase,
-                                 _set_submodule, quantized_layers)
+                                 _set_submodule, quantize, quantized_layers, set_diffusers_marker)
 
 __all__ = ["QSchedConfig", "QSchedQuantizer", "QUANT_METHOD", "register", "attach"]
 
@@ -189,8 +189,6 @@ class QSchedQuantizer(DiffusersQuantizer):
         cfg = self.quantization_config
         _realign(model)
         if not self.pre_quantized:
-            from qsched.quantization import quantize
-
             summary = quantize(model, cfg.spec, skip=cfg.skip, include_conv=cfg.include_conv,
                                keep_packed=cfg.keep_packed)
             cfg = copy.deepcopy(cfg)  # the caller's config object stays a recipe
@@ -313,6 +311,13 @@ def register() -> None:
                           "qsched's quantized checkpoints need diffusers>=0.39")
     q_map[QUANT_METHOD] = QSchedQuantizer
     c_map[QUANT_METHOD] = QSchedConfig
+    set_diffusers_marker(_mark)
+
+
+def _mark(model: nn.Module, spec: QuantSpec, skip: list[str], include_conv: bool, keep_packed: bool,
+          modules: list[str]) -> None:
+    """quantize()'s hook for diffusers models (see :func:`qsched.quantization.set_diffusers_marker`)."""
+    attach(model, QSchedConfig(spec, skip=skip, include_conv=include_conv, keep_packed=keep_packed, modules=modules))
 
 
 register()

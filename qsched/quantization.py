@@ -55,7 +55,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,17 @@ __all__ = [
 
 SPEC_ATTR = "qsched_quant_spec"
 BACKEND_ATTR = "qsched_quant_backend"
+
+# Called as marker(model, spec, skip, include_conv, keep_packed, modules) on every diffusers model quantize() makes,
+# so that its save_pretrained writes the quantized layout. Set by qsched.hf_quantizer, which qsched imports as soon as
+# diffusers loads its quantizers (this module does not import the diffusers integration; that one imports this).
+_DIFFUSERS_MARKER: list[Callable[..., None]] = []
+
+
+def set_diffusers_marker(marker: Callable[..., None]) -> None:
+    """Install the function that marks quantized diffusers models (called by :mod:`qsched.hf_quantizer`)."""
+    _DIFFUSERS_MARKER[:] = [marker]
+
 
 class _QuantBase(nn.Module):
     """Shared storage / dequantization logic of QuantLinear and QuantConv2d."""
@@ -406,10 +417,10 @@ def quantize(pipe_or_module: Any, spec: QuantSpec | str = "w4a8", skip: list[str
     setattr(denoiser, SPEC_ATTR, spec.name)
     setattr(denoiser, BACKEND_ATTR, "qsched")
     if hasattr(denoiser, "register_to_config"):  # a diffusers model: save_pretrained writes the quantized layout
-        from qsched.hf_quantizer import QSchedConfig, attach
-
-        attach(denoiser, QSchedConfig(spec, skip=skip_list, include_conv=include_conv, keep_packed=keep_packed,
-                                      modules=chosen))
+        if not _DIFFUSERS_MARKER:
+            raise ImportError("qsched's diffusers quantizer is not registered (qsched.hf_quantizer failed to import "
+                              "with this diffusers; see the warning above): qsched needs diffusers>=0.39")
+        _DIFFUSERS_MARKER[0](denoiser, spec, skip_list, include_conv, keep_packed, chosen)
     return QuantSummary(spec=spec, quantized=chosen, skipped=skipped, bytes_before=before,
                         bytes_after=_state_bytes(denoiser), backend="qsched", denoiser=name)
 
