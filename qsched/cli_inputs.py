@@ -114,7 +114,7 @@ def prompts_for(path: Optional[Path], mspec: Any, n: int) -> Any:
     if path is None:
         if not mspec.is_testbed:
             raise UsageError("pass --prompts FILE (one prompt per line, CSV, sDCI YAML...) for a real model")
-        return load_prompts("testbed-calib", n=n)  # training wording, disjoint from the held-out eval prompts
+        return load_prompts("testbed-calib", n=n)  # calibration wording: neither trained on nor evaluated on
     if not path.exists():
         raise FileNotFoundError(f"prompt file not found: {path}")
     if path.is_file() and not path.read_text(encoding="utf-8", errors="replace").strip():

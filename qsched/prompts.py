@@ -3,7 +3,8 @@
 ``load_prompts(source, n=None, seed=0)`` reads prompts from
 
 - ``"testbed-heldout"`` (default): held-out wording of the embedded Fashion-MNIST testbed, with class labels;
-- ``"testbed-calib"``: training wording, one class per prompt (round robin), disjoint from the held-out set;
+- ``"testbed-calib"``: calibration wording (new to the model like a user's own prompts: neither the training
+  nor the held-out wording), one class per prompt (round robin), 120 distinct prompts;
 - a plain text file (one prompt per line; blank lines and ``#`` comments skipped);
 - a CSV file (column ``prompt`` or ``caption``, else the first column);
 - the sDCI YAML of SVDQuant's ``mit-han-lab/svdquant-datasets`` (a mapping ``name -> prompt``; a list of
@@ -99,15 +100,15 @@ def _testbed_heldout(n: int | None, seed: int) -> PromptSet:
 
 
 def _testbed_calib(n: int | None, seed: int) -> PromptSet:
-    """Training-wording prompts, classes round robin, never a held-out string."""
+    """Calibration-wording prompts (never trained on, never evaluated on), classes round robin."""
     from qsched.testbed import data
 
-    held = set(data.all_captions("heldout")[0])
+    avoid = set(data.all_captions("heldout")[0]) | set(data.all_captions("train")[0])
     n_cls = len(data.CLASS_NAMES)
     rng = random.Random(seed)
     per_class = []
     for c in range(n_cls):
-        caps = [p for p in data.captions_for(c, "train") if p not in held]
+        caps = [p for p in data.captions_for(c, "calib") if p not in avoid]
         rng.shuffle(caps)
         per_class.append(caps)
     if n is None:

@@ -79,11 +79,12 @@ def test_calibrate_end_to_end_then_generate_and_report(tiny, tmp_path):
     data = json.loads((out / "calibration.json").read_text())
     assert len(data["trials"]) == 3 and data["quant_spec"] == "w4a8" and data["steps"] == 2
     assert data["model"] == "testbed" and len(data["prompts"]) == 4
-    # calibration prompts use training wording, disjoint from the held-out evaluation prompts
+    # calibration prompts use the calibration wording: neither the training nor the held-out evaluation wording
     from qsched.testbed.data import all_captions
 
     assert not set(data["prompts"]) & set(all_captions("heldout")[0])
-    assert set(data["prompts"]) <= set(all_captions("train")[0])
+    assert not set(data["prompts"]) & set(all_captions("train")[0])
+    assert set(data["prompts"]) <= set(all_captions("calib")[0])
     # 1 evaluation per step for the first trial, the first step cached afterwards
     assert data["model_evals"] == 2 + 2 * 1 and data["cache_hits"] == 2
     assert (out / "schedules.json").exists() and (out / "scheduler" / "scheduler_config.json").exists()

@@ -16,15 +16,20 @@ def test_heldout_default_matches_testbed_and_has_labels():
     assert len(load_prompts()) == len(data.all_captions("heldout")[0])
 
 
-def test_calib_round_robin_training_wording_disjoint_from_heldout():
+def test_calib_round_robin_wording_neither_trained_nor_evaluated():
     ps = load_prompts("testbed-calib", n=25, seed=1)
     assert ps.labels == [i % len(data.CLASS_NAMES) for i in range(25)]
     train = set(data.all_captions("train")[0])
     held = set(data.all_captions("heldout")[0])
-    assert all(p in train and p not in held for p in ps.prompts)
+    assert all(p not in train and p not in held for p in ps.prompts)
     for p, y in zip(ps.prompts, ps.labels):
-        assert p in data.captions_for(y, "train")
+        assert p in data.captions_for(y, "calib")
     assert len(set(ps.prompts)) == 25  # no repeats while the pool lasts
+    assert len(set(load_prompts("testbed-calib").prompts)) == len(data.all_captions("calib")[0]) == 120
+    # the three wordings share neither synonyms nor templates
+    for c in range(len(data.CLASS_NAMES)):
+        assert not set(data.CALIB_SYNONYMS[c]) & set(data.SYNONYMS[c][0] + data.SYNONYMS[c][1])
+    assert not set(data.CALIB_TEMPLATES) & set(data.TRAIN_TEMPLATES + data.HELDOUT_TEMPLATES)
     assert load_prompts("testbed-calib", n=25, seed=1).prompts == ps.prompts
     assert load_prompts("testbed-calib", n=25, seed=2).prompts != ps.prompts
 

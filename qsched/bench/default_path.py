@@ -168,8 +168,11 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     evalp = load_prompts("testbed-heldout", n=s.default_images, seed=0)
     keys = [(st, sp, dr) for st in s.steps for sp in specs for dr in range(s.default_draws)]
     base = {"env": env.name, "search": s.default_search_prompts, "val": s.default_val_prompts,
-            "trials": s.default_trials, "defaults": "qsched.defaults/1"}
-    cal_jobs = [Job("default-calib", f"{st}s-{sp}-d{dr}", {**base, "steps": st, "spec": sp, "draw": dr},
+            "trials": s.default_trials, "defaults": "qsched.defaults/2"}
+    calp = {dr: config_hash(load_prompts("testbed-calib", s.default_search_prompts + s.default_val_prompts,
+                                         seed=dr).prompts) for dr in range(s.default_draws)}
+    cal_jobs = [Job("default-calib", f"{st}s-{sp}-d{dr}",
+                    {**base, "steps": st, "spec": sp, "draw": dr, "calib_prompts_sha1": calp[dr]},
                     _calib_unit(models, env, st, sp, dr, s), f"default calibrate {st} steps {sp} draw {dr}")
                 for st, sp, dr in keys]
     cals = dict(zip(keys, units.run_all(cal_jobs)))

@@ -1,8 +1,13 @@
 """Fashion-MNIST images and free-text captions for the embedded testbed.
 
 Images come from the Debian package ``dataset-fashion-mnist`` (idx files). Captions are built from class
-synonyms and sentence templates; a held-out set of synonyms *and* templates is never seen in training and
-is used for every evaluation, so that scores measure generalisation to new wording, not memorised strings.
+synonyms and sentence templates in three disjoint splits (synonyms *and* templates):
+
+- ``"train"``: the only wording the denoisers, the classifier and the tiny CLIP were trained on;
+- ``"calib"``: wording for calibration (``testbed-calib``), never trained on and never evaluated on. A user's
+  calibration prompts are new sentences to their model; calibrating on memorised training captions measured
+  the wrong regime (their JAQ gains did not carry over to new wording; BENCHMARKS.md, "Default path");
+- ``"heldout"``: wording for every evaluation (``testbed-heldout``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,18 @@ SYNONYMS: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {
     9: (("ankle boot", "boot", "boots", "leather boot", "chelsea boot"), ("short boot", "hiking boot")),
 }
 
+# Calibration wording: neither trained on nor evaluated on.
+CALIB_SYNONYMS: dict[int, tuple[str, ...]] = {
+    0: ("graphic tee", "cotton t-shirt", "v-neck tee"), 1: ("denim jeans", "cargo pants", "sweatpants"),
+    2: ("wool sweater", "turtleneck sweater", "crewneck jumper"), 3: ("cocktail dress", "maxi dress", "party dress"),
+    4: ("raincoat", "puffer jacket", "wool coat"), 5: ("summer sandal", "leather sandals", "gladiator sandal"),
+    6: ("oxford shirt", "work shirt", "plaid shirt"), 7: ("canvas sneaker", "tennis shoe", "gym shoe"),
+    8: ("leather handbag", "clutch bag", "messenger bag"), 9: ("suede ankle boot", "heeled boot", "winter boot"),
+}
+CALIB_TEMPLATES: tuple[str, ...] = (
+    "a studio photo of a {}", "a {} for sale", "there is a {} in this photo", "a {} seen from the front",
+)
+
 TRAIN_TEMPLATES: tuple[str, ...] = (
     "{}", "a photo of a {}", "a picture of a {}", "an image of a {}", "a {}", "a black and white photo of a {}",
     "a product photo of a {}", "a grayscale image of a {}", "a small photo of the {}", "a {} on a dark background",
@@ -51,14 +68,16 @@ BAD_QUALITY = ("a bad photo", "a noisy blurry photo", "a low quality photo", "a 
 
 
 def captions_for(label: int, split: str = "train") -> list[str]:
-    """All captions of one class for ``split`` ("train" or "heldout")."""
+    """All captions of one class for ``split`` ("train", "calib" or "heldout")."""
     syn_train, syn_held = SYNONYMS[label]
     if split == "train":
         syns, temps = syn_train, TRAIN_TEMPLATES
+    elif split == "calib":
+        syns, temps = CALIB_SYNONYMS[label], CALIB_TEMPLATES
     elif split == "heldout":
         syns, temps = syn_held, HELDOUT_TEMPLATES
     else:
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise ValueError(f"split must be 'train', 'calib' or 'heldout', got {split!r}")
     return [t.format(s) for t in temps for s in syns]
 
 
