@@ -10,7 +10,6 @@ accuracy, train time); the checkpoint files are removed at the end.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 
 from qsched.testbed.classifier import FashionClassifier, save_classifier
 from qsched.testbed.data import load_fashion_mnist
-from qsched.testbed.trainutil import load_checkpoint, lr_at, save_checkpoint
+from qsched.testbed.trainutil import (drop_checkpoint, load_checkpoint, lr_at, optimizer_step, save_checkpoint,
+                                       scorer_parser)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -78,12 +78,8 @@ def train(out: Path, epochs: int = 4, limit: int | None = None, batch_size: int 
             idx = perm[b * batch_size:(b + 1) * batch_size]
             x = augment(train_set.images[idx], gen)
             y = train_set.labels[idx]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, lr, warmup=min(200, total // 10 + 1), final_frac=0.02)
             loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(opt, loss, lr_at(step, total, lr, warmup=min(200, total // 10 + 1), final_frac=0.02))
             step += 1
             run_loss += float(loss.detach()) * len(idx)
             run_n += len(idx)
@@ -105,23 +101,16 @@ def train(out: Path, epochs: int = 4, limit: int | None = None, batch_size: int 
     summary["complete"] = not stopped
     save_classifier(model, out, summary)
     if not stopped:
-        for suffix in (".safetensors", ".json"):
-            ckpt.with_suffix(suffix).unlink(missing_ok=True)
+        drop_checkpoint(ckpt)
     print(f"[classifier] saved to {out}: test accuracy {acc:.4f} on {summary['n_test']} images", flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    p = scorer_parser(__doc__, batch_size=128, lr=2e-3)
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--limit", type=int, default=None, help="use only the first K train (and test) images")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -19,7 +19,6 @@ images from degraded ones (fresh random draws, milder and mixed degradations, se
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ import torch.nn.functional as F
 
 from qsched.testbed.clip import IQA_PAIR, TinyCLIP, clip_iqa, save_tiny_clip
 from qsched.testbed.data import BAD_QUALITY, CLASS_NAMES, GOOD_QUALITY, SYNONYMS, all_captions, load_fashion_mnist
-from qsched.testbed.trainutil import load_checkpoint, lr_at, save_checkpoint
+from qsched.testbed.trainutil import (drop_checkpoint, load_checkpoint, lr_at, optimizer_step, save_checkpoint,
+                                       scorer_parser)
 
 DEGRADATIONS = ("noise", "blur", "posterize", "blocky", "residue", "contrast")
 
@@ -235,12 +235,8 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
         ci = pick_captions(y, q, cap_cls, cap_q, gen)
         pos = (((cap_cls[ci][None, :] < 0) | (cap_cls[ci][None, :] == y[:, None]))
                & ((cap_q[ci][None, :] < 0) | (cap_q[ci][None, :] == q[:, None])))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1), final_frac=0.02)
         loss = multi_positive_loss(model(x, cap_emb[ci]), pos)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1), final_frac=0.02))
         step += 1
         run = float(loss.detach()) if first else 0.98 * run + 0.02 * float(loss.detach())
         first = False
@@ -261,25 +257,18 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
                "train_time_s": round(train_time, 1), "threads": torch.get_num_threads(), "complete": complete}
     save_tiny_clip(model, out, summary)
     if complete:
-        for suffix in (".safetensors", ".json"):
-            ckpt.with_suffix(suffix).unlink(missing_ok=True)
+        drop_checkpoint(ckpt)
     print(f"[clip] saved to {out}", flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    p = scorer_parser(__doc__, batch_size=192, lr=2e-3)
     p.add_argument("--steps", type=int, default=700, help="total optimizer steps (sets the LR schedule)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first K train images")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first K test images only")
-    p.add_argument("--batch-size", type=int, default=192)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--width", type=int, default=16, help="image encoder width (channels of the first conv)")
     p.add_argument("--small-captions", action="store_true", help="a ~50-caption bank (smoke tests only)")

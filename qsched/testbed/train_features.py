@@ -15,7 +15,6 @@ images). No noise augmentation: it taught the features to ignore noise (see ``fe
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -28,7 +27,8 @@ import torch.nn.functional as F
 from qsched.testbed.data import load_fashion_mnist
 from qsched.testbed.features2 import FD2_REF_FILE, STEM, Features2Net
 from qsched.frechet import feature_stats, save_stats
-from qsched.testbed.trainutil import load_checkpoint, lr_at, save_checkpoint
+from qsched.testbed.trainutil import (drop_checkpoint, load_checkpoint, lr_at, optimizer_step, save_checkpoint,
+                                       scorer_parser)
 from qsched.testbed.weights_io import save_net
 
 
@@ -91,12 +91,8 @@ def train(out: Path, steps: int = 1200, batch_size: int = 128, lr: float = 3e-3,
         torch.manual_seed(seed * 1_000_003 + step)  # dropout
         idx = torch.randint(0, n, (batch_size,), generator=g)
         x, y = augment(tr.images[idx], g), tr.labels[idx]
-        for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1), final_frac=0.02)
         loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1), final_frac=0.02))
         if (step + 1) % log_every == 0:
             print(f"[features2] step {step + 1}/{steps} loss {loss.item():.4f} ({time.time() - t0 + elapsed:.0f}s)",
                   flush=True)
@@ -127,22 +123,15 @@ def train(out: Path, steps: int = 1200, batch_size: int = 128, lr: float = 3e-3,
     _atomic(out, FD2_REF_FILE, lambda p: save_stats(p, mu, sigma, meta={
         "n_images": int(te.images.shape[0]), "split": "test", "feature": "features2 (192-d)",
         "features2_test_accuracy": acc}))
-    for suffix in (".safetensors", ".json"):
-        ckpt.with_suffix(suffix).unlink(missing_ok=True)
+    drop_checkpoint(ckpt)
     print(f"[features2] saved to {out}: clean test accuracy {acc:.4f}, {train_time:.0f}s", flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    p = scorer_parser(__doc__, batch_size=128, lr=3e-3, seed=1)
     p.add_argument("--steps", type=int, default=1200)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--limit", type=int, default=None, help="use only the first K train (and test) images")
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch_size < 1:
         raise SystemExit(f"--steps and --batch-size must be positive, got {a.steps} and {a.batch_size}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from .models import build_unet, noise_scheduler, unet_config
+from .models import build_unet, noise_scheduler
 from .trainutil import (Logger, base_parser, denoising_loss, ema_update, load_checkpoint, lr_at, save_checkpoint,
                         training_setup)
 

@@ -40,6 +40,15 @@ def lr_at(step: int, total: int, base: float, warmup: int = 100, final_frac: flo
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One optimizer step at learning rate ``lr`` (set on every parameter group) on ``loss``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -128,6 +137,24 @@ def caption_table(split: str = "train") -> tuple[list[str], torch.Tensor, torch.
     for i, c in enumerate(labels):
         by_class.setdefault(c, []).append(i)
     return caps, states, torch.tensor(labels), by_class
+
+
+def scorer_parser(doc: str | None, batch_size: int, lr: float, seed: int = 0) -> argparse.ArgumentParser:
+    """The options every testbed scorer training script (classifier, tiny CLIP, features2) shares."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--limit", type=int, default=None, help="use only the first K train (and test) images")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=seed)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    return p
+
+
+def drop_checkpoint(ckpt: Path) -> None:
+    """Remove a finished run's resume checkpoint (``.safetensors`` + ``.json``)."""
+    for suffix in (".safetensors", ".json"):
+        ckpt.with_suffix(suffix).unlink(missing_ok=True)
 
 
 def base_parser(doc: str | None, steps: int, lr: float, work: str, ckpt_every: int) -> argparse.ArgumentParser:
