@@ -6,6 +6,11 @@ bootstrap confidence interval over prompts (``scipy.stats.bootstrap``, BCa). Whe
 validated on the same prompts the interval is widened for the number of candidates (Bonferroni), so picking
 the best of them does not manufacture a "significant" gain. A candidate is kept only when its interval's lower
 end is above zero; otherwise the original schedule is kept.
+
+TC (text-image alignment) and IQ (image quality) get their own paired intervals too, and the verdict says when
+one of them fell reliably while JAQ rose. That is reported, not a veto: on the testbed the schedules that traded
+TC -0.3 for IQ +0.4 (1-step W8A8/W4A8) made held-out FD and class accuracy *better* (BENCHMARKS.md, "Default
+path"), so a veto would only have thrown away gains.
 """
 
 from __future__ import annotations
@@ -79,8 +84,10 @@ def validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], 
               seeds: list[int], steps: int, confidence: float) -> dict[str, Any]:
     """Score the identity and every candidate on the validation prompts/seeds; paired gains with intervals
     widened (Bonferroni) for the number of candidates."""
-    def per_prompt(s: JAQScore) -> np.ndarray:
-        return per_prompt_means(np.asarray(s.tc_per_image) + s.k * np.asarray(s.iq_per_image), len(prompts))
+    def per_prompt(s: JAQScore) -> dict[str, np.ndarray]:
+        tc, iq = np.asarray(s.tc_per_image), np.asarray(s.iq_per_image)
+        return {"jaq": per_prompt_means(tc + s.k * iq, len(prompts)), "tc": per_prompt_means(tc, len(prompts)),
+                "iq": per_prompt_means(iq, len(prompts))}
 
     ident = run_schedule(Schedule.identity(steps), prompts, seeds)
     base = per_prompt(ident)
@@ -88,9 +95,13 @@ def validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], 
     rows = []
     for name, sched in cands.items():
         sc = run_schedule(sched, prompts, seeds)
-        gain = paired_gain(per_prompt(sc), base, confidence=level)
+        pp = per_prompt(sc)
+        gain = paired_gain(pp["jaq"], base["jaq"], confidence=level)
+        parts = {k: paired_gain(pp[k], base[k], confidence=level) for k in ("tc", "iq")}
+        worse = [k for k, g in parts.items() if g.ci_high < 0]
         rows.append({"name": name, "schedule": sched.to_dict(), "jaq": sc.jaq, "tc": sc.tc, "iq": sc.iq,
-                     "gain": gain.to_dict()})
+                     "gain": gain.to_dict(), "tc_gain": parts["tc"].to_dict(), "iq_gain": parts["iq"].to_dict(),
+                     "worse": worse})
     best = max(rows, key=lambda r: r["gain"]["mean"])["name"] if rows else None
     return {"prompts": prompts, "seeds": seeds, "confidence": confidence, "interval_level": level,
             "identity": {"jaq": ident.jaq, "tc": ident.tc, "iq": ident.iq}, "candidates": rows,
@@ -100,6 +111,14 @@ def validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], 
 def candidate(validation: dict[str, Any], name: str | None) -> dict[str, Any] | None:
     """The validated candidate called ``name`` (None if absent)."""
     return next((c for c in validation["candidates"] if c["name"] == name), None)
+
+
+def _fell(row: dict[str, Any]) -> str:
+    """", although <part> fell by x (CI a to b)" for each part of JAQ the candidate made reliably worse."""
+    names = {"tc": "text-image alignment (TC)", "iq": "image quality (IQ)"}
+    parts = [f"{names[k]} fell by {-row[k + '_gain']['mean']:.2f} (CI {row[k + '_gain']['ci_low']:+.2f} to "
+             f"{row[k + '_gain']['ci_high']:+.2f})" for k in row.get("worse") or []]
+    return (", although " + " and ".join(parts)) if parts else ""
 
 
 def verdict(res: Any, out: Path | None = None) -> str:
@@ -116,7 +135,7 @@ def verdict(res: Any, out: Path | None = None) -> str:
     if res.decision == "qsched":
         g = best["gain"]
         return (f"Q-Sched ({res.chosen}) improves JAQ on {n} validation prompts by {g['mean']:+.2f} "
-                f"({100 * v['confidence']:.0f}% CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}){where}")
+                f"({100 * v['confidence']:.0f}% CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}){_fell(best)}{where}")
     if best is None:
         return f"no candidate differs from the original schedule: kept the original schedule{where}"
     g = best["gain"]

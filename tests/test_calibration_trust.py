@@ -87,6 +87,36 @@ def test_a_real_gain_is_validated_and_kept(qpipe):
     assert "per-step-shrunk" in names
 
 
+class DarkTC:
+    """Alignment that falls as images brighten (-100 * mean brightness)."""
+
+    def __call__(self, images, prompts):
+        return -BrightTC()(images, prompts)
+
+
+class BrightIQ:
+    """Quality that rises as images brighten (mean brightness)."""
+
+    def __call__(self, images):
+        return BrightTC()(images, None) / 100
+
+
+def test_a_gain_bought_with_worse_alignment_is_reported(qpipe):
+    # JAQ = TC + 300 IQ = +200 * brightness rises with c^x > 1 on every prompt while TC falls: kept (JAQ decides),
+    # and the verdict says what fell
+    r = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(DarkTC(), BrightIQ(), k=300.0),
+                  n_trials=12, progress=False, call_kwargs=KW)
+    best = next(c for c in r.validation["candidates"] if c["name"] == r.validation["best_candidate"])
+    assert r.decision == "qsched" and best["gain"]["ci_low"] > 0
+    assert best["worse"] == ["tc"] and best["tc_gain"]["ci_high"] < 0 < best["iq_gain"]["ci_low"]
+    assert "although text-image alignment (TC) fell by" in r.verdict
+    # alignment that does not fall: nothing to report
+    flat_tc = lambda images, prompts: torch.zeros(len(images))  # noqa: E731
+    r2 = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(flat_tc, BrightIQ(), k=300.0),
+                   n_trials=12, progress=False, call_kwargs=KW)
+    assert r2.decision == "qsched" and "although" not in r2.verdict, r2.verdict
+
+
 def test_validation_prompts_must_be_disjoint(qpipe):
     with pytest.raises(ValueError, match="disjoint"):
         calibrate(qpipe, SEARCH, 2, validation_prompts=SEARCH[:2], jaq=JAQ(Blind(), ContrastIQ()), progress=False,

@@ -160,6 +160,7 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                     write: Callable[[], None], table: bool = True) -> None:
     """Run (or reuse) the default-path units and put them into ``R["default"]`` (``table=False``: only the units,
     for a helper process; the bootstraps run once, in the main process)."""
+    from qsched import defaults
     from qsched.prompts import load_prompts
 
     con = units.console
@@ -168,7 +169,9 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     evalp = load_prompts("testbed-heldout", n=s.default_images, seed=0)
     keys = [(st, sp, dr) for st in s.steps for sp in specs for dr in range(s.default_draws)]
     base = {"env": env.name, "search": s.default_search_prompts, "val": s.default_val_prompts,
-            "trials": s.default_trials, "defaults": "qsched.defaults/2"}
+            "trials": s.default_trials, "val_seeds": list(defaults.VALIDATION_SEEDS),
+            "search_seeds": list(defaults.SEARCH_SEEDS), "parametrization": defaults.PARAMETRIZATION,
+            "defaults": "qsched.defaults/2"}
     calp = {dr: config_hash(load_prompts("testbed-calib", s.default_search_prompts + s.default_val_prompts,
                                          seed=dr).prompts) for dr in range(s.default_draws)}
     cal_jobs = [Job("default-calib", f"{st}s-{sp}-d{dr}",
@@ -229,7 +232,8 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                 "help_accuracy": sum(d["accuracy"]["ci_low"] > 0 for d in draws)}
     R["default"] = {"rows": table, "images": s.default_images, "draws": s.default_draws,
                     "search_prompts": s.default_search_prompts, "val_prompts": s.default_val_prompts,
-                    "trials": s.default_trials}
+                    "val_seeds": list(defaults.VALIDATION_SEEDS), "trials": s.default_trials,
+                    "calibration_prompts": "testbed-calib"}
     write()
 
 
@@ -245,8 +249,9 @@ def render_default(R: dict[str, Any]) -> list[str]:
         return []
     L = ["## Default path: `qsched calibrate` with its defaults, then held-out evaluation", "",
          f"Each (steps, spec): {D['draws']} calibration draws (other `testbed-calib` prompt shuffles and search seeds) "
-         f"of the default main job ({D['search_prompts']} search prompts, {D['val_prompts']} validation prompts x 2 "
-         f"seeds, {D['trials']} trials, parametrization auto, do no harm), each followed by {D['images']:,} held-out "
+         f"of the default main job ({D['search_prompts']} search prompts, {D['val_prompts']} validation prompts x "
+         f"{len(D.get('val_seeds', (1, 2)))} seeds, {D['trials']} trials, parametrization auto, do no harm), each "
+         f"followed by {D['images']:,} held-out "
          "images with the original and the chosen schedule (same prompts and seeds). Cells: change vs the original "
          "schedule, mean ± sd over draws; 'CI better/worse': how many draws' paired bootstrap 95% CI over images "
          "excludes 0 on the good / bad side. FD: testbed-classifier features; FD2: an independently trained "
