@@ -208,18 +208,28 @@ def main(
     """Q-Sched: quantization-aware scheduling for few-step diffusion models."""
 
 
+# ---------------------------------------------------------------------------------------------- shared options
+# Options several commands take, declared once (typer reads these OptionInfo defaults per command).
+MODEL_OPTION = typer.Option("testbed", help="Model alias or path (see qsched.pipelines.MODELS).")
+SPEC_OPTION = typer.Option("w4a8", help="Quantization spec (w4a8, w8a8, w4a4, w4a16, ...) or 'none' for full "
+                           "precision.")
+STEPS_OPTION = typer.Option(None, help="Denoising steps (default: the schedule's, else the model's; 4 for the "
+                            "testbed).")
+PROGRESS_OPTION = typer.Option(True, help="Show a progress bar.")
+
+
 # ---------------------------------------------------------------------------------------------- calibrate
 
 
 @app.command()
 @_user_errors
 def calibrate(
-    model: str = typer.Option("testbed", help="Model alias or path (see qsched.pipelines.MODELS)."),
-    spec: str = typer.Option("w4a8", help="Quantization spec (w4a8, w8a8, ...) or 'none' for full precision."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's; 4 for the testbed)."),
+    model: str = MODEL_OPTION,
+    spec: str = SPEC_OPTION,
+    steps: Optional[int] = STEPS_OPTION,
     prompts: Optional[Path] = typer.Option(None, help="Calibration prompt file: the first --n-prompts lines are "
                                            "searched on, the next --n-validation validate (default on the testbed: "
-                                           "training-wording prompts, disjoint from evaluation)."),
+                                           "testbed-calib, wording neither trained on nor evaluated on)."),
     n_prompts: int = typer.Option(DEFAULT_SEARCH_PROMPTS, help="Number of search prompts."),
     n_validation: int = typer.Option(DEFAULT_VALIDATION_PROMPTS, help="Number of validation prompts (disjoint from "
                                      "the search prompts; 0: no validation)."),
@@ -243,7 +253,7 @@ def calibrate(
     scorer: Optional[str] = typer.Option(None, help="JAQ preset: testbed, sd15 or sdxl (default from the model)."),
     guidance_scale: Optional[float] = typer.Option(None, help="Guidance scale (default: the model's)."),
     device: str = typer.Option("cpu", help="Torch device."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Calibrate Q-Sched coefficients for a quantized model and save schedule, results and report."""
     from qsched.calibrate import calibrate as run_calibration
@@ -358,12 +368,12 @@ def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
 @_user_errors
 def generate(
     prompt: str = typer.Argument(..., help="The prompt."),
-    model: str = typer.Option("testbed", help="Model alias or path."),
+    model: str = MODEL_OPTION,
     schedule: Optional[Path] = typer.Option(None, help="Calibration directory, schedules.json or scheduler dir."),
     model_coeff: Optional[str] = typer.Option(None, help="Per-step c^e values 'a,b,...' (instead of --schedule)."),
     sample_coeff: Optional[str] = typer.Option(None, help="Per-step c^x values 'a,b,...' (with --model-coeff)."),
-    spec: str = typer.Option("w4a8", help="Quantization spec or 'none'."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the schedule's or the model's)."),
+    spec: str = SPEC_OPTION,
+    steps: Optional[int] = STEPS_OPTION,
     seed: int = typer.Option(0, help="Seed."),
     guidance_scale: Optional[float] = typer.Option(None, help="Guidance scale (default: the model's)."),
     out: Path = typer.Option(Path("image.png"), help="Output image file."),
@@ -433,7 +443,7 @@ def _save_image(img: Any, path: Path) -> None:
 def quantize(
     spec: str = typer.Option("w4a8", help="Quantization spec (w4a8, w8a8, w4a16, ...)."),
     out: Path = typer.Option(..., help="Output directory for the quantized pipeline."),
-    model: str = typer.Option("testbed", help="Model alias or path."),
+    model: str = MODEL_OPTION,
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
     """Quantize a model's denoiser and save it (load it back with qsched.load_quantized)."""
@@ -458,11 +468,11 @@ def quantize(
 @app.command()
 @_user_errors
 def evaluate(
-    model: str = typer.Option("testbed", help="Model alias or path."),
-    spec: str = typer.Option("w4a8", help="Quantization spec for the quantized rows."),
+    model: str = MODEL_OPTION,
+    spec: str = typer.Option("w4a8", help="Quantization spec of the quantized rows (w4a8, w8a8, w4a4, ...)."),
     schedule: Optional[Path] = typer.Option(None, help="Q-Sched calibration directory (quantized model)."),
     fp_schedule: Optional[Path] = typer.Option(None, help="Calibration directory of the full-precision model."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+    steps: Optional[int] = STEPS_OPTION,
     prompts: Optional[str] = typer.Option(None, help="Prompt file or set (default: testbed held-out)."),
     n_images: Optional[int] = typer.Option(None, help="Images per configuration."),
     seed: int = typer.Option(0, help="Base seed (image i uses generator seed seed*100003+i)."),
@@ -472,7 +482,7 @@ def evaluate(
     fid_ref: Optional[Path] = typer.Option(None, help="Reference statistics for fid."),
     out: Path = typer.Option(Path("runs/eval"), help="Output directory."),
     device: str = typer.Option("cpu", help="Torch device."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = PROGRESS_OPTION,
 ) -> None:
     """Side-by-side evaluation: full precision vs naive quantization vs Q-Sched (vs FP + tuned).
 
