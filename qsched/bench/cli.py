@@ -62,6 +62,7 @@ def bench(
                                                "JSON (written by `python -m qsched.bench.kernels --out ...`)."),
     no_rss: bool = typer.Option(False, "--no-rss", help="Skip the per-process RSS measurement."),
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Override images per evaluation row."),
+    fid_images: Optional[int] = typer.Option(None, "--fid-images", help="Override images per Inception FID row."),
     calib_trials: Optional[int] = typer.Option(None, "--calib-trials", help="Override trials per calibration."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (log lines only)."),
     jobs: int = typer.Option(1, "--jobs", help="Processes sharing the work (each gets cores/jobs torch threads)."),
@@ -93,7 +94,7 @@ def bench(
             except ValueError:
                 raise ValueError(f"--steps must be comma-separated integers, got {steps!r}") from None
         for name, value in (("threads", threads), ("sd15", sd15), ("sd15_json", sd15_json), ("kernels_json", kernels_json),
-                            ("eval_images", eval_images), ("calib_trials", calib_trials),
+                            ("eval_images", eval_images), ("fid_images", fid_images), ("calib_trials", calib_trials),
                             ("default_images", default_images), ("default_draws", default_draws)):
             if value is not None:
                 kw[name] = value

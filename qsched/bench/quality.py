@@ -41,6 +41,7 @@ def calibrate_unit(models: Models, env: BenchEnv, prompts: list[str], steps: int
     schedule (``do_no_harm=False``) and record its validation gain, by which the "best" row is chosen."""
 
     def compute(d: Path) -> dict[str, Any]:
+        from qsched import defaults
         from qsched.calibrate import calibrate
 
         with warnings.catch_warnings():
@@ -49,7 +50,8 @@ def calibrate_unit(models: Models, env: BenchEnv, prompts: list[str], steps: int
                             strategy=strategy, n_trials=n_trials, sampler="tpe", grid_range=s.grid_range,
                             grid_points=grid_points, seeds=(s.calib_seed,), out_dir=d, progress=s.progress,
                             sampler_seed=sampler_seed, model_name=env.name, call_kwargs=env.call_kwargs() or None,
-                            validation_prompts=validation_prompts, do_no_harm=do_no_harm)
+                            validation_prompts=validation_prompts, validation_seeds=defaults.VALIDATION_SEEDS,
+                            do_no_harm=do_no_harm)
         return calib_summary(res, keep_trials)
 
     return compute
@@ -105,6 +107,7 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                     write: Callable[[], None]) -> None:
     """Run (or reuse) section 1's units and put them into ``R`` (``calibrations``, ``rows``, ``fid``, ``prompts``);
     ``write()`` re-renders the report after each finished unit."""
+    from qsched import defaults
     from qsched.prompts import load_prompts
 
     con = units.console
@@ -115,12 +118,14 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     if overlap:
         raise RuntimeError(f"calibration and evaluation prompts overlap: {sorted(overlap)[:3]}")
     R["prompts"] = {"calibration": {"source": "testbed-calib", "n": len(calib), "prompts": calib.prompts},
-                    "validation": {"source": "testbed-calib", "n": len(valp), "prompts": valp},
+                    "validation": {"source": "testbed-calib", "n": len(valp), "prompts": valp,
+                                   "seeds": list(defaults.VALIDATION_SEEDS)},
                     "evaluation": {"source": "testbed-heldout", "seed": 0, "n_images": s.eval_images,
                                    "distinct_prompts": len(set(evalp.prompts))},
                     "disjoint": True}
     base = {"env": env.name, "calib_prompts_sha1": config_hash(calib.prompts), "calib_seed": s.calib_seed,
-            "seed_rule": SEED_RULE, "val_prompts_sha1": config_hash(valp)}
+            "seed_rule": SEED_RULE, "val_prompts_sha1": config_hash(valp),
+            "val_seeds": list(defaults.VALIDATION_SEEDS)}
 
     # ---- calibrations
     con.rule("[bold]1. Quality: calibrations")

@@ -69,8 +69,10 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
           f"n={s['eval_images']}, seed=0)` ({_f(pr.get('evaluation', {}).get('distinct_prompts'))} distinct "
           f"held-out wordings, cycled); {_eval_seed_text(R)}, the same in every row. "
           f"Calibration and evaluation prompts are disjoint (checked: {pr.get('disjoint', '-')}).",
-          "\"Q-Sched best\" is the parametrization (linear / ramp / per-step) with the highest *calibration* JAQ; "
-          "evaluation metrics play no part in the choice. \"fp32 tuned\" is the fp32 model with a schedule "
+          f"\"Q-Sched best\" is the parametrization (linear / ramp / per-step) with the highest *validation* gain "
+          f"(JAQ on {s['val_prompts']} other `testbed-calib` prompts x {len(pr.get('validation', {}).get('seeds') or [1])} "
+          "seeds, paired with the original schedule) among those whose CI is above zero, else the original "
+          "schedule (do no harm); evaluation metrics play no part in the choice. \"fp32 tuned\" is the fp32 model with a schedule "
           "calibrated on the fp32 model by the same procedure (best parametrization): the control the paper "
           "omits. FD: Frechet distance in the testbed classifier's features against the real test set (lower is "
           "better); accuracy: the classifier's agreement with the prompt's class; JAQ: CLIPScore + 2 CLIP-IQA "

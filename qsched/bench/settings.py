@@ -32,7 +32,7 @@ class BenchSettings:
     parametrizations: tuple[str, ...] = PARAMETRIZATIONS
     headline_steps: int = 4
     calib_prompts: int = 20
-    val_prompts: int = 32  # validation prompts (testbed-calib wording, disjoint from the search prompts)
+    val_prompts: int = defaults.VALIDATION_PROMPTS  # testbed-calib, disjoint from the search prompts
     calib_trials: int = 50
     calib_seed: int = 0
     eval_images: int = 5000
@@ -81,8 +81,8 @@ class BenchSettings:
         if self.sd15 not in ("run", "read", "skip"):
             raise ValueError(f"sd15 must be 'run', 'read' or 'skip', got {self.sd15!r}")
         for name in ("calib_prompts", "val_prompts", "calib_trials", "default_draws", "default_images",
-                     "default_search_prompts", "default_val_prompts", "default_trials", "eval_images", "eval_batch", "grid_points", "search_trials",
-                     "speed_batch", "speed_steps", "speed_repeats"):
+                     "default_search_prompts", "default_val_prompts", "default_trials", "eval_images", "fid_images",
+                     "eval_batch", "grid_points", "search_trials", "speed_batch", "speed_steps", "speed_repeats"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads is not None and int(self.threads) < 1:
