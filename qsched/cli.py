@@ -291,6 +291,11 @@ def calibrate(
     if len(both) < n_prompts + n_validation:
         raise UsageError(f"{prompts} holds {len(both)} prompts; --n-prompts {n_prompts} + --n-validation "
                          f"{n_validation} need {n_prompts + n_validation} (lower them, or pass --n-validation 0)")
+    distinct = len(set(both.prompts[:n_prompts + n_validation]))
+    if n_validation and distinct < n_prompts + n_validation:
+        raise UsageError(f"{prompts or 'the testbed calibration set'} has {distinct} distinct prompts; --n-prompts "
+                         f"{n_prompts} + --n-validation {n_validation} need {n_prompts + n_validation} different ones "
+                         "(search and validation prompts must not repeat)")
     ps, val = both.take(n_prompts), list(both.prompts[n_prompts:n_prompts + n_validation])
     preset = scorer or mspec.jaq_preset
     from qsched.search import check_storage

@@ -194,6 +194,7 @@ CALIBRATE = [
     ("prompts-binary-yaml", lambda f, t: ["--prompts", str(f["p_bin_yaml"])], "bin.yaml"),
     ("prompts-dir", lambda f, t: ["--prompts", str(f["p_dir"])], "adir"),
     ("prompts-too-few", lambda f, t: ["--prompts", str(f["p_three"]), "--n-prompts", "5"], "holds 3 prompts"),
+    ("testbed-prompts-repeat", lambda f, t: ["--n-prompts", "30", "--n-validation", "96"], "120 distinct prompts"),
     ("model-unknown", lambda f, t: ["--model", "no-such-model"], "no-such-model"),
     ("model-dir-no-prompts", lambda f, t: ["--model", str(f["empty_dir"])], "--prompts"),
     ("spec-unknown-bits", lambda f, t: ["--spec", "w4a99"], "w4a99"),
