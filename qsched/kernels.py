@@ -33,11 +33,18 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   the weight error is <= 1/(2*127*127) of the row's largest weight (the measured output error vs the simulated
   model is in the tests and the benchmark; target <= 1e-3). ``planes=1`` is the per-channel int8 rounding of
   the W4 weight (W8A8 speed and 1 byte per weight, but not faithful: ~1e-2 error).
+  **Int8 scale grid** (spec option ``-i8``, e.g. ``w4a8-i8``): the quantizer puts every row's group scales on
+  ``s_row * m_g`` with integer ``m_g`` in 1..16 (:func:`~qsched.qformat.quantize_weight`; still plain fp16
+  scales on disk, same file). Then ``code * m_g`` (|.| <= 112) is one int8 weight per output channel with the
+  float32 scale ``s_row``, exactly the dequantized weight: W8A8's single GEMM and 1 byte per weight, faithful
+  like W8A8 (:func:`scale_grid_plane` checks it bit for bit; a layer whose scales are off the grid takes the
+  plane path, and the summary says why). The grid costs accuracy: groups far below the row's largest get
+  coarser scales (measured in ``python -m qsched.bench.scale_grid``).
   Asymmetric 8-bit codes minus zero point span [-255, 255] and take the plane path as well.
 * The 4-bit checkpoint on disk is unchanged; the int8 planes are built once, at compile time.
 
 Faithfulness. Each real-kernel layer fed the same input as its simulated twin agrees to float rounding (measured
-<= 4e-7 relative for per-channel specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py). Whole forwards
+<= 4e-7 relative for per-channel and -i8 specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py). Whole forwards
 agree less: per-token activation rounding is discontinuous, so a 1e-7 difference that moves one value across a
 rounding boundary changes a code, and the change spreads through later layers. The simulated model shows the
 same spread against *itself* (1 thread vs 2 threads, or a 1e-7 input perturbation: ~8e-3 relative on the testbed,
@@ -148,7 +155,7 @@ def weight_planes(layer: _QuantBase, planes: int = 2) -> tuple[torch.Tensor, tor
 def scale_grid_plane(layer: _QuantBase) -> tuple[torch.Tensor, torch.Tensor] | str:
     """The exact single int8 plane of a layer whose group scales lie on the int8 scale grid (spec ``-i8``).
 
-    Recovers each row's base scale ``s = max(max_g scale_g / 16, 2^-24)`` and integer multipliers
+    Recovers each row's base scale ``s = max_g scale_g / 16`` and integer multipliers
     ``m_g = scale_g / s`` (1..16) from the stored fp16 scales, and returns ``(codes * m_g`` as int8 ``(out, k)``,
     float32 ``s (out,))``, checked to equal the dequantized weight bit for bit in float32. Returns the reason
     instead when the scales are not on the grid (e.g. codes written without ``-i8``) or the check fails.
@@ -158,7 +165,7 @@ def scale_grid_plane(layer: _QuantBase) -> tuple[torch.Tensor, torch.Tensor] | s
         return f"{spec.name} is not a symmetric <= 4-bit spec with the int8 scale grid (-i8)"
     scale = layer.weight_scale.float()
     out, ng = scale.shape
-    base = (scale.amax(dim=1) / 16).clamp(min=2.0**-24) if out else scale.new_zeros(0)
+    base = scale.amax(dim=1) / 16 if out else scale.new_zeros(0)
     mult = scale / base.unsqueeze(1)
     on_grid = (mult == mult.round()) & (mult >= 1) & (mult <= 16)
     if not bool(on_grid.all()):

@@ -189,18 +189,20 @@ def _grid_scales(amax: torch.Tensor, qmax: int) -> torch.Tensor:
 
     Per row: ``S = max_g amax_g / qmax`` rounded *up* to ``_GRID_BITS`` significant bits (and to a multiple of
     2^-20, so that ``s = S / 16`` is a multiple of the smallest fp16 subnormal), clamped to [2^-20, 64512];
-    each group gets ``s * m_g`` with integer ``m_g = clamp(ceil(amax_g / qmax / s), 1, 16)``. ``S * m_g / 16``
-    has at most 10 significant bits on the 2^-24 lattice, so it is an exact fp16 value. The largest group has
-    ``m_g = 16`` unless the row's ``S`` was raised to the 2^-20 floor, so ``s = max(max_g scale_g / 16, 2^-24)``
-    recovers the base scale from the stored fp16 scales alone (:func:`qsched.kernels.weight_planes`).
+    each group gets ``s * m_g`` with integer ``m_g = clamp(ceil(amax_g / qmax / s), 1, 16)``, and the row's
+    largest group ``m_g = 16`` (what the ceil gives anyway unless the 2^-20 floor coarsened ``S``: rows of
+    weights below ~2e-4), so ``s = max_g scale_g / 16`` recovers the base scale from the stored fp16 scales
+    alone (:func:`qsched.kernels.scale_grid_plane`). ``S * m_g / 16`` has at most 10 significant bits on the
+    2^-24 lattice, so it is an exact fp16 value. All-zero rows get 2^-24 everywhere (then ``s = 2^-28``).
     """
     target = amax / qmax
-    big = target.amax(-1).clamp(min=2.0**-20)
-    quantum = torch.ldexp(torch.ones_like(big), torch.frexp(big).exponent - _GRID_BITS).clamp(min=2.0**-20)
-    big = (torch.ceil(big / quantum) * quantum).clamp(max=_GRID_MAX)
-    base = (big / _GRID_MULT).unsqueeze(-1)
+    big = target.amax(-1, keepdim=True)
+    grid = big.clamp(min=2.0**-20)
+    quantum = torch.ldexp(torch.ones_like(grid), torch.frexp(grid).exponent - _GRID_BITS).clamp(min=2.0**-20)
+    base = (torch.ceil(grid / quantum) * quantum).clamp(max=_GRID_MAX) / _GRID_MULT
     mult = torch.ceil(target / base).clamp_(1, _GRID_MULT)
-    return (base * mult).half()
+    mult = torch.where(target == big, float(_GRID_MULT), mult)
+    return torch.where(big > 0, base * mult, _SCALE_MIN).half()  # all-zero rows: the smallest scale, as without
 
 
 def quantize_weight(w2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
