@@ -44,9 +44,9 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
 * The 4-bit checkpoint on disk is unchanged; the int8 planes are built once, at compile time.
 
 Faithfulness. Each real-kernel layer fed the same input as its simulated twin agrees to float rounding (measured
-<= 4e-7 relative for per-channel and -i8 specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py). Whole forwards
-agree less: per-token activation rounding is discontinuous, so a 1e-7 difference that moves one value across a
-rounding boundary changes a code, and the change spreads through later layers. The simulated model shows the
+<= 4e-7 relative for per-channel and -i8 specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py).
+Whole forwards agree less: per-token activation rounding is discontinuous, so a 1e-7 difference that moves one
+value across a rounding boundary changes a code, and the change spreads through later layers. The simulated model shows the
 same spread against *itself* (1 thread vs 2 threads, or a 1e-7 input perturbation: ~8e-3 relative on the testbed,
 ~3e-2 on the SD1.5-sized UNet; ``python -m qsched.bench.kernels --faithfulness``), so a per-forward bound of 1e-3
 against it is below its own noise floor. The real-kernel model is as close to full precision as the simulated one

@@ -1,4 +1,4 @@
-"""Quality cost of the int8 scale grid (spec option ``-i8``): per-layer weight error and image quality of the testbed.
+"""Quality cost of the int8 scale grid (spec option ``-i8``): per-layer weight error and testbed image quality.
 
     nice -n 10 python -m qsched.bench.scale_grid --out benchmarks/scale_grid.json [--n-images 2000] [--seeds 0 1]
 
@@ -28,7 +28,7 @@ import torch
 
 __all__ = ["weight_errors", "quality", "main"]
 
-SPECS = ("w8a8", "w4a8", "w4a8-i8")
+SPECS = ("w4a8", "w4a8-i8", "w8a8")
 
 
 def weight_errors(unet: torch.nn.Module, specs: tuple[str, ...] = SPECS) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/scale_grid.json"), help="JSON result (a .md beside it)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/scale_grid.json"), help="JSON result (.md beside it)")
     ap.add_argument("--specs", nargs="+", default=list(SPECS), help="specs to compare (the first is the ratio base)")
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
