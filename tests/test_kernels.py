@@ -260,9 +260,10 @@ def test_compiled_denoiser_is_faithful(build, spec, local_tol):
     # so a per-forward 1e-3 bound against it is below its own noise floor; see the module docstring.)
     with torch.no_grad():
         ref, out_sim, out_real = (m(*args, **kw).sample for m in (fp, sim, real))
-        nudged = (args[0] * (1 + 1e-7 * torch.randn(args[0].shape, generator=torch.Generator().manual_seed(2))),
-                  args[1])
-        floor = rel(sim(*nudged, **kw).sample, out_sim)  # the simulated model against itself, 1e-7 input change
+        # the simulated model against itself, 1e-7 input change; one nudge's effect varies ~100x: take 3
+        floor = max(rel(sim(args[0] * (1 + 1e-7 * torch.randn(args[0].shape, generator=torch.Generator()
+                                                               .manual_seed(seed))), args[1], **kw).sample, out_sim)
+                    for seed in (2, 3, 4))
     e_sim, e_real = rel(out_sim, ref), rel(out_real, ref)
     assert e_real <= 1.1 * e_sim + 1e-4
     assert rel(out_real, out_sim) <= 3 * floor + 1e-6
