@@ -341,3 +341,21 @@ def test_bench_markdown_from_a_result():
                     "groups": [rows], "skipped": {"quanto-w8a8": "not installed"}}}
     md = markdown(res)
     assert "| 1 | qsched-int8-w8a8 | 0.50 | 4.00 | 2.00 |" in md and "quanto-w8a8: not installed" in md
+
+
+def test_bench_i8_variant_and_scale_grid_helpers():
+    from qsched.bench.kernels import _specs_of, file_bytes, variant_spec
+    from qsched.bench.scale_grid import markdown as grid_markdown
+    from qsched.bench.scale_grid import weight_errors
+
+    assert variant_spec("qsched-int8-w4a8-i8") == "w4a8-i8" and variant_spec("fp32") is None
+    assert _specs_of(("fp32", "qsched-int8-w4a8-i8", "qsched-int8-w4a8")) == ("w8a8", "w4a8", "w4a8-i8")
+    assert file_bytes("qsched-int8-w4a8-i8", {"w4a8-i8": 5}) == 5 and file_bytes("bf16", {"fp16": 2}) == 2
+    torch.manual_seed(0)
+    we = weight_errors(nn.Sequential(nn.Linear(64, 32), nn.Linear(8, 8)), ("w4a8", "w4a8-i8", "w8a8"))
+    assert we["layers"] == 1  # the 8-input layer is shorter than a group: w4a8 skips it, so it is not compared
+    assert 0 < we["w8a8"]["mean"] < we["w4a8"]["mean"] and we["w4a8"]["mean_ratio_vs_w4a8"] == 1.0
+    row = {"fd": 1.0, "accuracy": 0.5, "per_seed": [{"seed": 0, "fd": 1.0, "accuracy": 0.5}]}
+    md = grid_markdown({"command": "c", "date": "d", "weight_error": we,
+                        "quality": {"n_images": 4, "seeds": [0], "rows": {"fp32": row, "w4a8-i8": row}}})
+    assert "| w4a8-i8 | 1.000 | 0.5000 | 1.000 / 0.5000 |" in md and "mean ratio vs w4a8" in md
