@@ -95,6 +95,11 @@ def test_spec_int8_scale_grid_rejects_meaningless_combinations(bad, why):
         QuantSpec(4, 8, int8_scales=1)
 
 
+def test_int8_scale_grid_is_not_a_torchao_format():
+    with pytest.raises(ValueError, match=r"-i8\) is a backend='qsched' format"):
+        quantize(nn.Sequential(nn.Linear(64, 64)), "w4a16-i8", backend="torchao")
+
+
 @pytest.mark.parametrize("bad", ["", "w4", "a8w4", "w1a8", "w9a8", "w4a3", "w4a17", "w4a8-g0", "w4a8-foo",
                                  "w4a8-g32-g64", "w4a8-asym-sym", "int4", "w4a8g32"])
 def test_spec_parse_rejects(bad):
