@@ -33,13 +33,20 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   the weight error is <= 1/(2*127*127) of the row's largest weight (the measured output error vs the simulated
   model is in the tests and the benchmark; target <= 1e-3). ``planes=1`` is the per-channel int8 rounding of
   the W4 weight (W8A8 speed and 1 byte per weight, but not faithful: ~1e-2 error).
+  **Int8 scale grid** (spec option ``-i8``, e.g. ``w4a8-i8``): the quantizer puts every row's group scales on
+  ``s_row * m_g`` with integer ``m_g`` in 1..16 (:func:`~qsched.qformat.quantize_weight`; still plain fp16
+  scales on disk, same file). Then ``code * m_g`` (|.| <= 112) is one int8 weight per output channel with the
+  float32 scale ``s_row``, exactly the dequantized weight: W8A8's single GEMM and 1 byte per weight, faithful
+  like W8A8 (:func:`scale_grid_plane` checks it bit for bit; a layer whose scales are off the grid takes the
+  plane path, and the summary says why). The grid costs accuracy: groups far below the row's largest get
+  coarser scales (measured in ``python -m qsched.bench.scale_grid``).
   Asymmetric 8-bit codes minus zero point span [-255, 255] and take the plane path as well.
 * The 4-bit checkpoint on disk is unchanged; the int8 planes are built once, at compile time.
 
 Faithfulness. Each real-kernel layer fed the same input as its simulated twin agrees to float rounding (measured
-<= 4e-7 relative for per-channel specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py). Whole forwards
-agree less: per-token activation rounding is discontinuous, so a 1e-7 difference that moves one value across a
-rounding boundary changes a code, and the change spreads through later layers. The simulated model shows the
+<= 4e-7 relative for per-channel and -i8 specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py).
+Whole forwards agree less: per-token activation rounding is discontinuous, so a 1e-7 difference that moves one
+value across a rounding boundary changes a code, and the change spreads through later layers. The simulated model shows the
 same spread against *itself* (1 thread vs 2 threads, or a 1e-7 input perturbation: ~8e-3 relative on the testbed,
 ~3e-2 on the SD1.5-sized UNet; ``python -m qsched.bench.kernels --faithfulness``), so a per-forward bound of 1e-3
 against it is below its own noise floor. The real-kernel model is as close to full precision as the simulated one
@@ -77,7 +84,7 @@ from qsched.quantization import (
 from qsched.runner import denoiser_of
 
 __all__ = ["BACKENDS", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized", "quantize_activations",
-           "weight_planes", "kernel_layers"]
+           "weight_planes", "scale_grid_plane", "kernel_layers"]
 
 BACKENDS = ("auto", "int8", "torchao")
 KERNELS_ATTR = "qsched_kernels"
@@ -112,7 +119,8 @@ def weight_planes(layer: _QuantBase, planes: int = 2) -> tuple[torch.Tensor, tor
     Returns ``(codes, scales, exact)``: int8 ``(P, out, k)``, float32 ``(P, out)`` with
     ``weight ~= sum_p scales[p, :, None] * codes[p]`` (``k`` = flattened input length), and whether the sum
     equals the dequantized weight exactly. One group per row with codes that fit int8 gives the stored codes
-    themselves (exact, P=1); otherwise up to ``planes`` residual planes (stopping early once exact).
+    themselves (exact, P=1); so do ``-i8`` specs (group scales on the int8 grid: :func:`scale_grid_plane`);
+    otherwise up to ``planes`` residual planes (stopping early once exact).
     """
     if not 1 <= planes <= _MAX_PLANES:
         raise KernelError(f"planes must be 1..{_MAX_PLANES}, got {planes!r}")
@@ -125,6 +133,10 @@ def weight_planes(layer: _QuantBase, planes: int = 2) -> tuple[torch.Tensor, tor
         d = codes - offset
         if d.numel() == 0 or int(d.abs().max()) <= 127:
             return d.to(torch.int8).unsqueeze(0), layer.weight_scale.float().reshape(1, out), True
+    elif spec.int8_scales:
+        grid = scale_grid_plane(layer)
+        if not isinstance(grid, str):
+            return grid[0].unsqueeze(0), grid[1].reshape(1, out), True
     w = layer.dequantize(torch.float32).reshape(out, k).double()  # the simulated layer's weight, exactly
     codes_l, scales_l = [], []
     resid = w
@@ -138,6 +150,37 @@ def weight_planes(layer: _QuantBase, planes: int = 2) -> tuple[torch.Tensor, tor
         if not resid.any():
             break
     return torch.stack(codes_l), torch.stack(scales_l), not bool(resid.any())
+
+
+def scale_grid_plane(layer: _QuantBase) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The exact single int8 plane of a layer whose group scales lie on the int8 scale grid (spec ``-i8``).
+
+    Recovers each row's base scale ``s = max_g scale_g / 16`` and integer multipliers
+    ``m_g = scale_g / s`` (1..16) from the stored fp16 scales, and returns ``(codes * m_g`` as int8 ``(out, k)``,
+    float32 ``s (out,))``, checked to equal the dequantized weight bit for bit in float32. Returns the reason
+    instead when the scales are not on the grid (e.g. codes written without ``-i8``) or the check fails.
+    """
+    spec, k = layer.spec, layer._k
+    if not spec.int8_scales or not spec.symmetric or spec.weight_bits > 4:
+        return f"{spec.name} is not a symmetric <= 4-bit spec with the int8 scale grid (-i8)"
+    scale = layer.weight_scale.float()
+    out, ng = scale.shape
+    base = scale.amax(dim=1) / 16 if out else scale.new_zeros(0)
+    mult = scale / base.unsqueeze(1)
+    on_grid = (mult == mult.round()) & (mult >= 1) & (mult <= 16)
+    if not bool(on_grid.all()):
+        rows = (~on_grid).any(dim=1).nonzero().flatten()
+        return (f"group scales are not on the int8 grid (row scale x integer 1..16) in {rows.numel()} of {out} "
+                f"rows (first: row {int(rows[0])}); were the codes written with {spec.name}?")
+    g, _ = _groups(k, spec.group_size)
+    codes = _unpack(layer.qweight, spec.weight_bits, ng * g).to(torch.int16) - 2 ** (spec.weight_bits - 1)
+    d = (codes.reshape(out, ng, g) * mult.to(torch.int16).unsqueeze(-1)).reshape(out, ng * g)[:, :k]
+    if d.numel() and int(d.abs().max()) > 127:
+        return "codes x group multipliers exceed int8"
+    d = d.to(torch.int8)
+    if not torch.equal(d.float() * base.unsqueeze(1), layer.dequantize(torch.float32).reshape(out, k)):
+        return "codes x group multipliers x row scale differ from the dequantized weight"
+    return d.contiguous(), base
 
 
 # Shared int32 scratch for GEMM results (per thread): fresh multi-MB allocations per call cost page faults that
@@ -356,12 +399,13 @@ class KernelSummary:
     bytes_before: int = 0
     bytes_after: int = 0
     planes: int = 2
+    grid_fallback: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
         return {"backend": self.backend, "compiled": len(self.compiled), "kept": dict(self.kept),
                 "inexact_layers": len(self.inexact), "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "planes": self.planes}
+                "bytes_after": self.bytes_after, "planes": self.planes, "grid_fallback": dict(self.grid_fallback)}
 
     def __str__(self) -> str:
         mib = 2**20
@@ -370,6 +414,8 @@ class KernelSummary:
         if self.inexact:
             lines.append(f"  {len(self.inexact)} layers use {self.planes} int8 weight planes for group-wise scales "
                          f"(approximate to <= 1/(2*127^{self.planes}) of each row's max weight)")
+        lines += [f"  -i8 layer on weight planes, not one exact int8 plane: {n}: {why}"
+                  for n, why in self.grid_fallback.items()]
         lines += [f"  kept simulated: {n}: {why}" for n, why in self.kept.items()]
         return "\n".join(lines)
 
@@ -444,6 +490,10 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
         summary.compiled[name] = type(new).__name__
         if isinstance(new, _KERNEL_TYPES) and not new.exact:
             summary.inexact.append(name)
+        if isinstance(new, _KERNEL_TYPES) and layer.spec.int8_scales and (new.planes > 1 or not new.exact):
+            why = scale_grid_plane(layer)
+            if isinstance(why, str):
+                summary.grid_fallback[name] = why
     setattr(denoiser, KERNELS_ATTR, chosen)
     # save_quantized refuses non-"qsched" backends: a compiled model must not be written as a partial checkpoint.
     setattr(denoiser, BACKEND_ATTR, f"qsched+{chosen}")

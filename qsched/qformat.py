@@ -16,10 +16,13 @@ import torch.nn.functional as F
 
 __all__ = ["QuantSpec", "fake_quant_per_token", "quantize_weight", "dequantize_weight"]
 
-_EXAMPLES = "w4a8, w8a8, w4a4, w4a16, w8a16, w4a8-g64, w4a8-asym, w4a16-g128-asym, w4a8-pc"
+_EXAMPLES = "w4a8, w8a8, w4a4, w4a16, w8a16, w4a8-g64, w4a8-asym, w4a16-g128-asym, w4a8-pc, w4a8-i8"
 _DEFAULT = "default"  # sentinel for QuantSpec.group_size
 _SCALE_MIN = 2.0**-24  # smallest positive float16 (subnormal)
 _SCALE_MAX = 65504.0  # largest float16
+_GRID_BITS = 6  # significant bits of a row's base scale * 16 on the int8 scale grid (-i8)
+_GRID_MULT = 16  # largest integer group multiplier on the grid: codes * multiplier <= 7 * 16 = 112 fit int8
+_GRID_MAX = 64512.0  # largest float16 with _GRID_BITS significant bits (63 * 2^10)
 
 
 # ----------------------------------------------------------------------------------------------- spec
@@ -30,7 +33,10 @@ class QuantSpec:
     """A quantization recipe: weight/activation bit widths, weight group size, weight symmetry.
 
     ``group_size`` left at its default resolves to 32 for ``weight_bits <= 4`` and ``None`` (one scale per
-    output channel) otherwise. ``act_bits=16`` disables activation quantization.
+    output channel) otherwise. ``act_bits=16`` disables activation quantization. ``int8_scales`` (spec option
+    ``-i8``; symmetric group-wise <= 4-bit weights only) puts each row's group scales on an integer grid,
+    ``scale_g = s_row * m_g`` with ``m_g`` in 1..16, so ``codes * m_g`` is one exact int8 weight per output
+    channel (see :func:`quantize_weight`); the stored format is unchanged (fp16 scales).
     """
 
     weight_bits: int = 4
@@ -38,6 +44,7 @@ class QuantSpec:
     group_size: int | None | str = _DEFAULT
     symmetric: bool = True
     act_granularity: str = "per-token"
+    int8_scales: bool = False
 
     def __post_init__(self) -> None:
         wb = self.weight_bits
@@ -55,6 +62,16 @@ class QuantSpec:
             raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
         if self.act_granularity != "per-token":
             raise ValueError(f"act_granularity must be 'per-token' (dynamic), got {self.act_granularity!r}")
+        if not isinstance(self.int8_scales, bool):
+            raise ValueError(f"int8_scales must be a bool, got {self.int8_scales!r}")
+        if self.int8_scales:
+            why = ("asymmetric weights (zero points)" if not self.symmetric
+                   else f"{wb}-bit weights (codes * 16 must fit int8: 2..4 bits)" if wb > 4
+                   else "per-channel scales (-pc: there are no group scales to put on a grid)" if g is None
+                   else None)
+            if why is not None:
+                raise ValueError(f"int8 scale grid (-i8) is for symmetric group-wise 2..4-bit weights, not {why}. "
+                                 f"Examples: {_EXAMPLES}")
 
     @staticmethod
     def default_group_size(weight_bits: int) -> int | None:
@@ -74,6 +91,8 @@ class QuantSpec:
             s += "-pc" if self.group_size is None else f"-g{self.group_size}"
         if not self.symmetric:
             s += "-asym"
+        if self.int8_scales:
+            s += "-i8"
         return s
 
     def __str__(self) -> str:
@@ -90,26 +109,30 @@ class QuantSpec:
         text = spec.strip().lower()
         m = re.fullmatch(r"w(\d+)a(\d+)((?:-[a-z0-9]+)*)", text)
         if m is None:
-            raise ValueError(f"ill-formed quantization spec {spec!r}; expected w<2..8>a<4..16>[-g<N>|-pc][-asym]. "
-                             f"Examples: {_EXAMPLES}")
+            raise ValueError(f"ill-formed quantization spec {spec!r}; expected "
+                             f"w<2..8>a<4..16>[-g<N>|-pc][-asym][-i8]. Examples: {_EXAMPLES}")
         wb, ab = int(m.group(1)), int(m.group(2))
         group: int | None | str = _DEFAULT
         symmetric = True
+        int8_scales = False
         seen: set[str] = set()
         for opt in filter(None, m.group(3).split("-")):
-            kind = "g" if re.fullmatch(r"g\d+|pc", opt) else "sym" if opt in ("asym", "sym") else None
+            kind = ("g" if re.fullmatch(r"g\d+|pc", opt) else "sym" if opt in ("asym", "sym")
+                    else "i8" if opt == "i8" else None)
             if kind is None:
                 raise ValueError(f"unknown option {opt!r} in quantization spec {spec!r}; options are -g<N>, -pc, "
-                                 f"-asym, -sym. Examples: {_EXAMPLES}")
+                                 f"-asym, -sym, -i8. Examples: {_EXAMPLES}")
             if kind in seen:
                 raise ValueError(f"option given twice in quantization spec {spec!r}. Examples: {_EXAMPLES}")
             seen.add(kind)
             if kind == "g":
                 group = None if opt == "pc" else int(opt[1:])
+            elif kind == "i8":
+                int8_scales = True
             else:
                 symmetric = opt == "sym"
         try:
-            return cls(weight_bits=wb, act_bits=ab, group_size=group, symmetric=symmetric)
+            return cls(weight_bits=wb, act_bits=ab, group_size=group, symmetric=symmetric, int8_scales=int8_scales)
         except ValueError as e:
             raise ValueError(f"invalid quantization spec {spec!r}: {e}") from None
 
@@ -161,10 +184,43 @@ def _packed_cols(n: int, bits: int) -> int:
     return n if bits > 4 else (n + 1) // 2
 
 
+def _grid_scales(w: torch.Tensor, qmax: int) -> torch.Tensor:
+    """fp16 group scales ``(out, ng)`` on the int8 scale grid (``-i8``) of a grouped float32 weight (out, ng, g).
+
+    Per row: ``S = max_g amax_g / qmax`` rounded *up* to ``_GRID_BITS`` significant bits (and to a multiple of
+    2^-20, so that ``s = S / 16`` is a multiple of the smallest fp16 subnormal), clamped to [2^-20, 64512];
+    each group gets ``s * m_g`` with an integer ``m_g`` in 1..16: of ``floor`` and ``ceil`` of the ideal
+    ``amax_g / qmax / s``, the one whose round-to-nearest codes give the group the smaller squared error (``ceil``
+    never clips; ``floor`` may clip the group's extremes but rounds the rest finer, which measured clearly better
+    than ``ceil`` alone in ``python -m qsched.bench.scale_grid``). The row's largest group gets
+    ``m_g = 16`` (what ``ceil`` gives anyway unless the 2^-20 floor coarsened ``S``: rows of weights below
+    ~2e-4), so ``s = max_g scale_g / 16`` recovers the base scale from the stored fp16 scales alone
+    (:func:`qsched.kernels.scale_grid_plane`). ``S * m_g / 16`` has at most 10 significant bits on the 2^-24
+    lattice, so it is an exact fp16 value. All-zero rows get 2^-24 everywhere (then ``s = 2^-28``).
+    """
+    target = w.abs().amax(-1) / qmax
+    big = target.amax(-1, keepdim=True)
+    grid = big.clamp(min=2.0**-20)
+    quantum = torch.ldexp(torch.ones_like(grid), torch.frexp(grid).exponent - _GRID_BITS).clamp(min=2.0**-20)
+    base = (torch.ceil(grid / quantum) * quantum).clamp(max=_GRID_MAX) / _GRID_MULT
+
+    def sse(m: torch.Tensor) -> torch.Tensor:  # squared error of each group quantized with scale base * m
+        sc = (base * m).unsqueeze(-1)
+        return (torch.round(w / sc).clamp_(-qmax, qmax) * sc - w).square_().sum(-1)
+
+    hi = torch.ceil(target / base).clamp_(1, _GRID_MULT)
+    lo = torch.floor(target / base).clamp_(1, _GRID_MULT)
+    mult = torch.where(sse(lo) < sse(hi), lo, hi)
+    mult = torch.where(target == big, float(_GRID_MULT), mult)
+    return torch.where(big > 0, base * mult, _SCALE_MIN).half()  # all-zero rows: the smallest scale, as without
+
+
 def quantize_weight(w2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest quantization of a 2-D weight ``(out, k)`` -> (packed codes, fp16 scales, zero points).
 
-    Scales have shape ``(out, n_groups)``; zero points (uint8, same shape) only for asymmetric specs.
+    Scales have shape ``(out, n_groups)``; zero points (uint8, same shape) only for asymmetric specs. With
+    ``spec.int8_scales`` the scales lie on the int8 scale grid (:func:`_grid_scales`); the codes are rounded with
+    them as usual (and clamped: a grid scale may be a little below the group's ``max|w| / qmax``).
     """
     if w2d.dim() != 2:
         raise ValueError(f"quantize_weight expects a 2-D (out, in) weight, got shape {tuple(w2d.shape)}")
@@ -174,7 +230,10 @@ def quantize_weight(w2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     w = F.pad(w2d.detach().float(), (0, ng * g - k)).reshape(out, ng, g)
     if spec.symmetric:
         qmax = 2 ** (b - 1) - 1
-        scale16 = (w.abs().amax(-1) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).half()
+        if spec.int8_scales:
+            scale16 = _grid_scales(w, qmax)
+        else:
+            scale16 = (w.abs().amax(-1) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).half()
         q = torch.round(w / scale16.float().unsqueeze(-1)).clamp_(-qmax, qmax) + 2 ** (b - 1)
         zero = None
     else:

@@ -37,10 +37,12 @@ Spec grammar (``QuantSpec.parse``), case-insensitive::
              | "-pc"         one scale per output channel (no groups)
              | "-asym"       asymmetric weights (scale + zero point)
              | "-sym"        symmetric weights (the default)
+             | "-i8"         group scales on an int8 grid: row scale x integer 1..16 (symmetric, group-wise,
+                             2..4-bit weights), so the int8 kernels run W4A8 as one exact int8 GEMM
 
 Defaults: groups of 32 for weight bits <= 4, per output channel for 5..8 bits; symmetric. Examples: "w4a8"
 (int4 sym g32 weights, int8 per-token activations), "w8a8" (int8 per-channel weights), "w4a4", "w4a16",
-"w8a16", "w4a8-g64", "w4a8-asym", "w4a16-g128-asym", "w4a8-pc".
+"w8a16", "w4a8-g64", "w4a8-asym", "w4a16-g128-asym", "w4a8-pc", "w4a8-i8".
 
 Layers kept in full precision by default (``DEFAULT_SKIPS``, fnmatch patterns on module names): the input and
 output projections (``conv_in``/``conv_out`` of a UNet, ``x_embedder``/``pos_embed.proj``/``proj_out`` of a
@@ -446,6 +448,9 @@ def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, sk
     if not spec.symmetric or spec.act_granularity != "per-token":
         raise ValueError(f"backend='torchao' does not support {spec.name}: only symmetric specs; "
                          f"supported: {supported}")
+    if spec.int8_scales:
+        raise ValueError(f"backend='torchao' does not support {spec.name}: torchao derives its own scales, so the "
+                         f"int8 scale grid (-i8) is a backend='qsched' format; supported: {supported}")
     key = (spec.weight_bits, spec.act_bits)
     if key not in ((8, 16), (8, 8), (4, 16)) or (spec.weight_bits == 8 and spec.group_size is not None):
         raise ValueError(f"backend='torchao' does not support {spec.name}; supported: {supported}. "

@@ -38,7 +38,7 @@ def _modes(root) -> set[int]:
     return {stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) for d, _, fs in os.walk(root) for f in fs}
 
 
-@pytest.mark.parametrize("spec", ["w4a8", "w3a8-g16-asym", "w8a8"])
+@pytest.mark.parametrize("spec", ["w4a8", "w3a8-g16-asym", "w8a8", "w4a8-i8"])
 def test_module_save_load_exact(tmp_path, spec):
     unet = tiny_pipeline("pcm").unet
     quantize(unet, spec)

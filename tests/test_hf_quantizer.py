@@ -119,6 +119,29 @@ def test_quantize_at_load_and_pipeline_quantization_config(tmp_path):
     assert torch.equal(_run_unet(again, inputs), _run_unet(pipe.unet, inputs))
 
 
+def test_int8_scale_grid_spec_survives_save_pretrained_and_plain_from_pretrained(tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from qsched.kernels import compile_quantized
+
+    pipe = tiny_pipeline("lcm")
+    quantize(pipe, "w4a8-g16-i8")
+    pipe.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "unet" / "config.json").read_text())["quantization_config"]
+    assert qc["spec"] == "w4a8-g16-i8"
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert quant_spec_of(loaded) == "w4a8-g16-i8"
+    layers, ref = quantized_layers(loaded.unet), quantized_layers(pipe.unet)
+    assert set(layers) == set(ref) and all(m.spec.int8_scales for m in layers.values())
+    assert sum(m.weight_scale.shape[1] > 1 for m in layers.values()) > len(layers) // 2  # real group-wise grids
+    assert all(torch.equal(layers[n].weight_scale, ref[n].weight_scale) and torch.equal(layers[n].qweight,
+                                                                                       ref[n].qweight) for n in ref)
+    assert np.array_equal(_images(loaded, "lcm"), _images(pipe, "lcm"))
+    summary = compile_quantized(loaded, backend="int8")  # the reloaded scales are still on the int8 grid
+    assert summary.compiled and not summary.inexact and not summary.grid_fallback
+
+
 def test_torch_dtype_keeps_fp16_scales_and_casts_stay_allowed(tmp_path):
     from diffusers import UNet2DConditionModel
 

@@ -76,6 +76,30 @@ def test_spec_parse(text, wb, ab, g, sym, name):
     assert s.quantizes_activations == (ab < 16)
 
 
+@pytest.mark.parametrize("text, name", [("w4a8-i8", "w4a8-i8"), ("W4A8-I8-g64", "w4a8-g64-i8"),
+                                        ("w3a8-i8-sym", "w3a8-i8"), ("w4a16-g128-i8", "w4a16-g128-i8")])
+def test_spec_int8_scale_grid_option(text, name):
+    s = QuantSpec.parse(text)
+    assert s.int8_scales and s.symmetric and s.group_size is not None and s.name == name
+    assert QuantSpec.parse(s.name) == s and s.to_dict()["int8_scales"] is True
+    assert not QuantSpec.parse("w4a8").int8_scales and QuantSpec.parse("w4a8").to_dict()["int8_scales"] is False
+
+
+@pytest.mark.parametrize("bad, why", [("w4a8-asym-i8", "asymmetric"), ("w8a8-i8", "8-bit"), ("w5a8-g32-i8", "5-bit"),
+                                      ("w4a8-pc-i8", "per-channel"), ("w4a8-i8-i8", "twice")])
+def test_spec_int8_scale_grid_rejects_meaningless_combinations(bad, why):
+    with pytest.raises(ValueError, match=why) as e:
+        QuantSpec.parse(bad)
+    assert "w4a8-i8" in str(e.value)  # the message lists valid examples
+    with pytest.raises(ValueError, match="int8_scales must be a bool"):
+        QuantSpec(4, 8, int8_scales=1)
+
+
+def test_int8_scale_grid_is_not_a_torchao_format():
+    with pytest.raises(ValueError, match=r"-i8\) is a backend='qsched' format"):
+        quantize(nn.Sequential(nn.Linear(64, 64)), "w4a16-i8", backend="torchao")
+
+
 @pytest.mark.parametrize("bad", ["", "w4", "a8w4", "w1a8", "w9a8", "w4a3", "w4a17", "w4a8-g0", "w4a8-foo",
                                  "w4a8-g32-g64", "w4a8-asym-sym", "int4", "w4a8g32"])
 def test_spec_parse_rejects(bad):
@@ -123,6 +147,57 @@ def test_weight_roundtrip_error_bounded(spec):
     for r in range(6):
         for j in range(ng):
             assert torch.unique(deq[r, j * g:(j + 1) * g]).numel() <= 2 ** s.weight_bits
+
+
+@pytest.mark.parametrize("spec", ["w4a8-i8", "w4a8-g64-i8", "w3a8-i8", "w2a8-g16-i8"])
+def test_int8_scale_grid_scales_are_row_scale_times_small_integers(spec):
+    s = QuantSpec.parse(spec)
+    qmax = 2 ** (s.weight_bits - 1) - 1
+    g_ = torch.Generator().manual_seed(0)
+    k = 200  # not a multiple of the group size: the last group is padded
+    w = torch.randn(40, k, generator=g_) * torch.logspace(-9, 5, 40)[:, None]  # fp16 subnormal .. large scales
+    w *= torch.logspace(-3, 0, k)[torch.randperm(k, generator=g_)]  # groups of very different ranges in a row
+    w[0] = 0.0  # all-zero row
+    w[1, :s.group_size] = 0.0  # all-zero group
+    w[2, 7] = 1e7  # overflows the largest fp16 scale: clamped, codes saturate
+    packed, scale, zero = quantize_weight(w, s)
+    assert zero is None and scale.dtype == torch.float16 and torch.isfinite(scale.float()).all()
+    sf = scale.float()
+    base = sf.amax(1, keepdim=True) / 16
+    m = sf / base
+    assert torch.equal(m, m.round()) and m.min() >= 1 and m.max() == 16
+    assert torch.equal(base * m, sf)  # exact: the int8 kernels rebuild these scales bit for bit
+    assert (sf >= 2.0**-24).all() and sf[0].eq(2.0**-24).all()  # zero row: the smallest scale, as without -i8
+    assert sf[1, 0] == base[1] and (base[1:] >= 2.0**-24).all()  # zero group: the row's base scale
+    # each multiplier is floor or ceil of the ideal one, whichever gives the group the smaller squared error;
+    # ceil never clips, so no group is worse than half a step of its ceil scale (bar the clamped overflow)
+    ng, gs = scale.shape[1], s.group_size
+    wg = F.pad(w, (0, ng * gs - k)).reshape(40, ng, gs)
+    amax = wg.abs().amax(-1)
+    ideal = amax / qmax / base
+    hi, lo = ideal.ceil().clamp(1, 16), ideal.floor().clamp(1, 16)
+    top = amax == amax.amax(1, keepdim=True)
+    assert ((m == hi) | (m == lo) | top).all() and (m[top] == 16).all() and (m < hi).any()
+
+    def sse(sc):
+        return (torch.round(wg / sc[..., None]).clamp(-qmax, qmax) * sc[..., None] - wg).square().sum(-1)
+
+    clamped = amax / qmax > 64512  # the largest fp16 with 6 significant bits
+    assert clamped[2].any()
+    deq = dequantize_weight(packed, scale, zero, s, k)
+    err = F.pad(deq - w, (0, ng * gs - k)).reshape(40, ng, gs).square().sum(-1)
+    assert torch.allclose(err, sse(sf), rtol=1e-5, atol=0)
+    ceil_sse = sse(base * hi)
+    assert (err[~top] <= ceil_sse[~top] * (1 + 1e-6)).all()
+    assert (ceil_sse <= gs * (0.5 * base * hi) ** 2 * (1 + 1e-5))[~clamped].all()
+    # rows whose scales are normal fp16 numbers: no more than a few times plain round-to-nearest's error
+    plain = QuantSpec(s.weight_bits, 8, group_size=s.group_size)
+    p_packed, p_scale, _ = quantize_weight(w, plain)
+    rows = (p_scale.float() >= 2.0**-14).all(1) & (torch.arange(40) > 2)
+    assert rows.sum() >= 10
+    e_grid = (deq - w)[rows].norm(dim=1) / w[rows].norm(dim=1)
+    e_plain = (dequantize_weight(p_packed, p_scale, None, plain, k) - w)[rows].norm(dim=1) / w[rows].norm(dim=1)
+    assert (e_grid < 2 * e_plain).all()
 
 
 def test_more_bits_smaller_error():

@@ -45,7 +45,8 @@ VARIANTS: tuple[str, ...] = ("fp32", "bf16", "torchao-w8a8", "quanto-w8a8", "qsc
                              "qsched-int8-w4a8")
 # Not in the default run: W4A8 with a single int8 weight plane (W8A8's speed and size, not faithful to the group
 # scales: ~5e-3 per-layer error). ``--variants`` selects it.
-EXTRA_VARIANTS: tuple[str, ...] = ("qsched-int8-w4a8-1plane",)
+EXTRA_VARIANTS: tuple[str, ...] = ("qsched-int8-w4a8-1plane", "qsched-int8-w4a8-i8")
+# qsched-int8-w4a8-i8: the w4a8-i8 checkpoint (group scales on an int8 grid): one exact int8 plane.
 SD15_GROUPS: tuple[tuple[str, ...], ...] = (("fp32", "bf16", "qsched-int8-w8a8", "qsched-int8-w4a8"),
                                             ("fp32", "bf16", "qsched-sim-w4a8"),
                                             ("fp32", "bf16", "torchao-w8a8", "quanto-w8a8"))
@@ -93,23 +94,30 @@ def make_variant(variant: str, fp32: Callable[[], nn.Module], packed: dict[str, 
         return m
     if variant == "qsched-sim-w4a8":
         return load_quantized(packed["w4a8"])
-    if variant in ("qsched-int8-w8a8", "qsched-int8-w4a8", "qsched-int8-w4a8-1plane"):
-        m = load_quantized(packed[variant[12:16]], keep_packed=True)  # no float cache: only the int8 planes stay
+    if variant in ("qsched-int8-w8a8", "qsched-int8-w4a8", "qsched-int8-w4a8-1plane", "qsched-int8-w4a8-i8"):
+        m = load_quantized(packed[variant_spec(variant)], keep_packed=True)  # no float cache: only int8 planes stay
         compile_quantized(m, backend="int8", planes=1 if variant.endswith("1plane") else 2)
         return m
     raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 
+def variant_spec(variant: str) -> str | None:
+    """The qsched checkpoint spec a variant loads (None: not a qsched variant)."""
+    return {"qsched-sim-w4a8": "w4a8", "qsched-int8-w8a8": "w8a8", "qsched-int8-w4a8": "w4a8",
+            "qsched-int8-w4a8-1plane": "w4a8", "qsched-int8-w4a8-i8": "w4a8-i8"}.get(variant)
+
+
 def file_bytes(variant: str, files: dict[str, int]) -> int | None:
     """Bytes a user stores for ``variant`` (None: that library's format was not measured)."""
-    return {"fp32": files.get("fp32"), "bf16": files.get("fp16"), "qsched-sim-w4a8": files.get("w4a8"),
-            "qsched-int8-w8a8": files.get("w8a8"), "qsched-int8-w4a8": files.get("w4a8"),
-            "qsched-int8-w4a8-1plane": files.get("w4a8")}.get(variant)
+    if variant in ("fp32", "bf16"):
+        return files.get("fp32" if variant == "fp32" else "fp16")
+    spec = variant_spec(variant)
+    return files.get(spec) if spec else None
 
 
-def _write_files(model: nn.Module | None, d: Path, make: Callable[[], nn.Module]) -> tuple[dict[str, int],
-                                                                                      dict[str, Path]]:
-    """fp32 / fp16 safetensors and qsched w8a8 / w4a8 checkpoints; their sizes and the checkpoint dirs.
+def _write_files(model: nn.Module | None, d: Path, make: Callable[[], nn.Module],
+                 specs: tuple[str, ...] = ("w8a8", "w4a8")) -> tuple[dict[str, int], dict[str, Path]]:
+    """fp32 / fp16 safetensors and qsched checkpoints of ``specs``; their sizes and the checkpoint dirs.
 
     ``make()`` builds a fresh float copy (``model`` defaults to one; pass ``model`` to reuse one in memory)."""
     from safetensors.torch import save_file
@@ -126,7 +134,7 @@ def _write_files(model: nn.Module | None, d: Path, make: Callable[[], nn.Module]
         files[name] = p.stat().st_size
     del state
     packed: dict[str, Path] = {}
-    for spec in ("w8a8", "w4a8"):
+    for spec in specs:
         q = make()
         quantize(q, spec, keep_packed=True)  # same codes as the default; no float cache (memory)
         save_quantized(q, d / spec)
@@ -135,6 +143,12 @@ def _write_files(model: nn.Module | None, d: Path, make: Callable[[], nn.Module]
         del q
         gc.collect()
     return files, packed
+
+
+def _specs_of(variants: tuple[str, ...]) -> tuple[str, ...]:
+    """The checkpoints the variants load (w8a8 and w4a8 always: their file sizes are reported)."""
+    extra = [s for v in variants if (s := variant_spec(v)) and s not in ("w8a8", "w4a8")]
+    return ("w8a8", "w4a8", *dict.fromkeys(extra))
 
 
 def _ratios(rows: dict[str, dict[str, Any]], key: str, higher_is_better: bool) -> None:
@@ -162,7 +176,7 @@ def run_testbed(runs: int = 3, batch: int = 8, steps: int = 4, variants: tuple[s
     avail = availability()
     res: dict[str, Any] = {"batch": batch, "steps": steps, "runs": runs, "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="qsched-kbench-") as tmp:
-        files, packed = _write_files(unet0, Path(tmp), lambda: copy.deepcopy(unet0))
+        files, packed = _write_files(unet0, Path(tmp), lambda: copy.deepcopy(unet0), _specs_of(variants))
 
         def calib(m: nn.Module) -> None:
             pipe = TestbedPipeline(m, copy.deepcopy(base.scheduler), base.text_encoder, base.tokenizer)
@@ -319,7 +333,7 @@ def run_sd15(runs: int = 3, groups: tuple[tuple[str, ...], ...] = SD15_GROUPS, s
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(model_path))
         del model
         gc.collect()
-        files, packed = _write_files(None, d, make)
+        files, packed = _write_files(None, d, make, _specs_of(tuple(v for g in groups for v in g)))
         res["files"] = files
         log(f"SD1.5-sized UNet: {res['params'] / 1e6:.0f} M params; files {files}")
         for group in groups:
