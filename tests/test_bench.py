@@ -287,3 +287,18 @@ def test_sd15_measurement_runs_in_process_as_a_unit_and_is_read_back(tmp_path, m
     assert d["tiny_rel_error"]["w8a8"] < d["tiny_rel_error"]["w4a8"] < d["tiny_rel_error"]["w4a4"]
     again = size_speed._sd15(BenchSettings.quick(), UnitStore(tmp_path, _Quiet()))
     assert again["data"] == d and again["reused"].endswith("result.json")
+
+
+def test_family_wise_harms_widens_per_draw_intervals():
+    from qsched.bench.default_path import family_wise_harms
+
+    def draw(fd, acc, decision="qsched"):
+        return {"decision": decision, "fd": {"diff": fd[0], "ci_low": fd[1], "ci_high": fd[2]},
+                "accuracy": {"diff": acc[0], "ci_low": acc[1], "ci_high": acc[2]}}
+
+    borderline = draw((-1.0, -1.2, -0.8), (-0.010, -0.017, -0.002))  # accuracy worse at 95%, not after widening
+    clear = draw((+2.0, +1.8, +2.2), (0.0, -0.005, 0.005))  # FD worse by 20 standard errors
+    kept = draw((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), decision="identity")
+    assert family_wise_harms([borderline] * 5 + [kept]) == (0, 10)
+    assert family_wise_harms([borderline] * 5 + [clear, kept]) == (1, 12)
+    assert family_wise_harms([kept]) == (0, 0)
