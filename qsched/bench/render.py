@@ -172,7 +172,8 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
 
 
 def _findings(R: dict[str, Any]) -> list[str]:
-    """Plain statements, with numbers, of where Q-Sched helps and where it does not."""
+    """Plain statements, with numbers, of where Q-Sched helps and where it does not. No "beats fp32" claims: these
+    rows are single evaluations without intervals (the default-path section has the paired CIs)."""
     s = R["settings"]
     out = []
     for steps in s["steps"]:
@@ -205,13 +206,6 @@ def _findings(R: dict[str, Any]) -> list[str]:
                                f"{'; '.join(worse)}.")
                 else:
                     out.append(f"{name} helps: " + "; ".join(better) + ".")
-            q = _row_metrics(R, steps, prec, "qsched-best")
-            if q is not None and fo is not None and q.get("fd") is not None and fo.get("fd") is not None \
-                    and q["fd"] < fo["fd"]:
-                out.append(f"{steps}-step {prec} Q-Sched (FD {q['fd']:.4g}) beats fp32 with the original schedule "
-                           f"(FD {fo['fd']:.4g})" + (
-                               f", but fp32 tuned gets FD {ft['fd']:.4g}: part of the gain is plain schedule tuning."
-                               if ft is not None and ft.get("fd") is not None and ft["fd"] < q["fd"] else "."))
         if fo is not None and ft is not None and fo.get("fd") is not None and ft.get("fd") is not None:
             out.append(f"{steps}-step fp32: a tuned schedule alone moves FD {fo['fd']:.4g} -> {ft['fd']:.4g} "
                        f"({'better' if ft['fd'] < fo['fd'] else 'worse or equal'}).")
