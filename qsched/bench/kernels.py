@@ -41,6 +41,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from qsched.bench.units import write_result
+
 VARIANTS: tuple[str, ...] = ("fp32", "bf16", "torchao-w8a8", "quanto-w8a8", "qsched-sim-w4a8", "qsched-int8-w8a8",
                              "qsched-int8-w4a8")
 # Not in the default run: W4A8 with a single int8 weight plane (W8A8's speed and size, not faithful to the group
@@ -549,13 +551,6 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    from qsched._util import write_atomic
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, text)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("benchmarks/kernels.json"), help="JSON result (a .md beside it)")
@@ -583,23 +578,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         old = json.loads(args.out.read_text()) if args.out.is_file() else {}
         res = {**res, **old, "faithfulness": run_faithfulness(smoke=args.smoke),
                "faithfulness_command": res["command"], "faithfulness_date": res["date"]}
-        _atomic_write(args.out, json.dumps(res, indent=2) + "\n")
-        md = markdown(res)
-        _atomic_write(args.out.with_suffix(".md"), md)
-        print(md)
+        print(write_result(args.out, res, markdown))
         return res
     chosen = None if args.variants is None else ("fp32", "bf16", *[v for v in args.variants
                                                                     if v not in ("fp32", "bf16")])
     if not args.skip_testbed:
         res["testbed"] = run_testbed(runs=args.runs, batch=args.batch, smoke=args.smoke,
                                      **({"variants": chosen} if chosen else {}))
-        _atomic_write(args.out, json.dumps(res, indent=2) + "\n")
+        write_result(args.out, res)
     if not args.skip_sd15:
         res["sd15"] = run_sd15(runs=args.runs, smoke=args.smoke, **({"groups": (chosen,)} if chosen else {}))
-    _atomic_write(args.out, json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    _atomic_write(args.out.with_suffix(".md"), md)
-    print(md)
+    print(write_result(args.out, res, markdown))
     return res
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -97,18 +96,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-images", type=int, default=2000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = ap.parse_args(argv)
-    from qsched._util import write_atomic
+    from qsched.bench.units import write_result
     from qsched.pipelines import load_pipeline
 
     res: dict[str, Any] = {"command": "python -m qsched.bench.scale_grid " + shlex.join(
         argv if argv is not None else sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     res["weight_error"] = weight_errors(load_pipeline("testbed").unet, tuple(args.specs))
     res["quality"] = quality(tuple(args.specs), args.n_images, tuple(args.seeds))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out, json.dumps(res, indent=2) + "\n")
-    md = markdown(res)
-    write_atomic(args.out.with_suffix(".md"), md)
-    print(md)
+    print(write_result(args.out, res, markdown))
     return res
 
 

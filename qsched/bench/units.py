@@ -27,7 +27,7 @@ from filelock import FileLock, Timeout
 
 from qsched._util import json_default, write_atomic
 
-__all__ = ["Job", "UnitStore", "config_hash", "write_json", "finite", "now", "MARKER", "RESULT_FILE", "LOCK_FILE"]
+__all__ = ["Job", "UnitStore", "config_hash", "write_json", "write_result", "finite", "now", "MARKER", "RESULT_FILE", "LOCK_FILE"]
 
 MARKER = "qsched-bench.json"
 RESULT_FILE = "result.json"
@@ -49,6 +49,19 @@ def write_json(path: Path, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(data, indent=1, default=json_default, allow_nan=False))
+
+
+def write_result(path: Path, res: dict[str, Any], markdown: Callable[[dict[str, Any]], str] | None = None) -> str:
+    """A standalone measurement's result: JSON at ``path`` and, with ``markdown``, its rendering beside it (``.md``),
+    each written atomically; returns the Markdown ("" without ``markdown``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(res, indent=2) + "\n")
+    if markdown is None:
+        return ""
+    md = markdown(res)
+    write_atomic(path.with_suffix(".md"), md)
+    return md
 
 
 def finite(x: Any) -> Any:
