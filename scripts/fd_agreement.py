@@ -12,7 +12,6 @@ indices for both rows). Images and Inception features are cached in ``--out`` so
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,12 +21,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from qsched.testbed.card import generate, quantized
+from qsched.testbed.card import generate, measure_parser, quantized
 from qsched.testbed.data import heldout_prompts
 from qsched.testbed.features2 import features2_reference, load_features2
 from qsched.frechet import feature_stats, frechet_distance
 from qsched.testbed.metrics import ClassifierFD, InceptionFID
-from qsched.testbed.pipeline import DEFAULT_GUIDANCE, load_testbed_pipeline
+from qsched.testbed.pipeline import load_testbed_pipeline
 
 
 def cached(path: Path, make) -> torch.Tensor:
@@ -59,16 +58,13 @@ def fd_and_ci(feats: dict[str, np.ndarray], ref: tuple[np.ndarray, np.ndarray], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000, help="images per row (FD, FD2, accuracy)")
+    p = measure_parser(__doc__, Path("runs/agreement"), n_help="images per row (FD, FD2, accuracy)")
     p.add_argument("--fid-n", type=int, default=1000, help="first K images of each row for Inception FID (0: none)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--specs", nargs="+", default=["w4a8", "w4a4"])
     p.add_argument("--weights", type=Path, default=None, help="student .safetensors (default: the shipped one)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--boot", type=int, default=200, help="bootstrap resamples (FD, FD2)")
     p.add_argument("--boot-fid", type=int, default=50, help="bootstrap resamples (Inception FID, 2048-d: slower)")
-    p.add_argument("--out", type=Path, default=Path("runs/agreement"))
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

@@ -125,14 +125,20 @@ def remeasure_student(a: argparse.Namespace, argv: list[str] | None) -> dict:
     return card
 
 
+def measure_parser(doc: str | None, out: Path, n_help: str = "images per configuration") -> argparse.ArgumentParser:
+    """The options every testbed measurement script shares: held-out images per row, guidance, output folder."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help=n_help)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--out", type=Path, default=out)
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2000, help="images per configuration")
+    p = measure_parser(__doc__, HERE)
     p.add_argument("--n-full", type=int, default=10000, help="images for the student's 4-step FD")
     p.add_argument("--teacher-steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--quick", action="store_true", help="skip the teacher and the 10k-image FD")
-    p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--render-only", action="store_true", help="rewrite MODEL_CARD.md from an existing card.json")
     p.add_argument("--speed-only", action="store_true",
                    help="re-measure only the student's images/s (on an otherwise idle machine) into card.json")
