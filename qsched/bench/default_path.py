@@ -12,6 +12,7 @@ worse beyond noise (a CI entirely on the bad side).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -212,8 +213,11 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                     keys = ("fd", "fd2", "accuracy", "jaq") if ref2 is not None else ("fd", "accuracy", "jaq")
                     cis = {k: {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0} for k in keys}
                 else:
+                    t0 = time.perf_counter()
                     q = _load(evals[(st, sp, config_hash(c["schedule"]))]["file"])
                     cis = paired_image_cis(orig, q, ref, seed=dr, ref2=ref2)
+                    con.print(f"  paired bootstrap {st} steps {sp} draw {dr} ({_N_BOOT} resamples of "
+                              f"{len(q['jaq']):,} images) in {time.perf_counter() - t0:.1f} s")
                 draws.append({"draw": dr, "decision": c["decision"], "chosen": c["chosen"],
                               "validation_gain": c["validation_gain"], "wall_time_s": c["wall_time_s"], **cis})
             fa = orig["finite"].astype(bool)
@@ -273,12 +277,12 @@ def render_default(R: dict[str, Any]) -> list[str]:
     helps = sum((d["fd"]["ci_high"] < 0 or d["accuracy"]["ci_low"] > 0) and not
                 (d["fd"]["ci_low"] > 0 or d["accuracy"]["ci_high"] < 0) for d in draws)
     fw, n_tests = family_wise_harms(draws)
+    fw_text = (f" ({fw} at the family-wise 95% level: Bonferroni over the {n_tests} FD and accuracy tests of the "
+               f"kept schedules, normal approximation from the bootstrap intervals; at the per-draw level about "
+               f"{0.025 * n_tests:.1f} such flags are expected by chance alone)") if n_tests else ""
     L += ["", f"Over {len(draws)} default calibrations: {harms} made FD or accuracy worse beyond noise at the per-draw "
-          f"95% level ({fw} at the family-wise 95% level: Bonferroni over the {n_tests} FD and accuracy tests of the "
-          f"kept schedules, normal approximation from the bootstrap intervals; at the per-draw level about "
-          f"{0.025 * n_tests:.1f} such flags are expected by chance alone), {helps} made one of them better beyond "
-          f"noise without the other getting worse, {sum(r['kept_identity'] for r in D['rows'].values())} kept the "
-          "original schedule (do no harm).", ""]
+          f"95% level{fw_text}, {helps} made one of them better beyond noise without the other getting worse, "
+          f"{sum(r['kept_identity'] for r in D['rows'].values())} kept the original schedule (do no harm).", ""]
     return L
 
 
