@@ -350,6 +350,8 @@ BENCH = [
     ("eval-images-0", lambda f, t: ["--eval-images", "0"], "eval_images"),
     ("calib-trials-0", lambda f, t: ["--calib-trials", "0"], "calib_trials"),
     ("sd15-mode", lambda f, t: ["--sd15", "maybe"], "maybe"),
+    ("default-specs", lambda f, t: ["--default-specs", "w9a9"], "w9a9"),
+    ("fid-images-0", lambda f, t: ["--fid-images", "0"], "fid_images"),
     ("out-under-file", lambda f, t: ["--quick", O, str(f["a_file"] / "B.md"), "--work", str(t / "w")],
      "file.txt"),
 ]

@@ -73,6 +73,8 @@ def bench(
     default_draws: Optional[int] = typer.Option(None, "--default-draws", help="Override calibration draws per "
                                                 "(steps, spec) of the default-path section."),
     steps: Optional[str] = typer.Option(None, "--steps", help="Override the step counts, e.g. 1,2,4,8."),
+    default_specs: Optional[str] = typer.Option(None, "--default-specs", help="Comma-separated quantization specs "
+                                                "of the default-path section (default w8a8,w4a8,w4a4)."),
 ) -> dict[str, Any]:
     """Regenerate BENCHMARKS.md from scratch: Q-Sched on the testbed (quality, search cost, size and speed).
 
@@ -88,6 +90,8 @@ def bench(
         kw: dict[str, Any] = {}
         if fid_rows is not None:
             kw["fid_rows"] = parse_fid_rows(fid_rows)
+        if default_specs is not None:
+            kw["default_specs"] = tuple(x.strip() for x in default_specs.split(",") if x.strip())
         if steps is not None:
             try:
                 kw["steps"] = tuple(int(x) for x in steps.split(",") if x.strip())

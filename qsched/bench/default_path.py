@@ -26,7 +26,6 @@ from qsched.metrics import EvalMetric
 
 __all__ = ["section_default", "paired_image_cis", "render_default"]
 
-SPECS = ("w8a8", "w4a8", "w4a4")
 _N_BOOT = 300
 
 
@@ -166,7 +165,7 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
 
     con = units.console
     con.rule("[bold]Default path: the default calibrate, then held-out evaluation")
-    specs = [p for p in SPECS if p in s.precisions]
+    specs = list(s.default_specs)
     evalp = load_prompts("testbed-heldout", n=s.default_images, seed=0)
     keys = [(st, sp, dr) for st in s.steps for sp in specs for dr in range(s.default_draws)]
     base = {"env": env.name, "search": s.default_search_prompts, "val": s.default_val_prompts,

@@ -42,6 +42,7 @@ class BenchSettings:
     fid_rows: tuple[tuple[str, str], ...] | None = None  # None: DEFAULT_FID_ROWS
     default_draws: int = 3  # the default-path section: calibration draws per (steps, spec)
     default_images: int = 5000  # held-out images per default-path row
+    default_specs: tuple[str, ...] = ("w8a8", "w4a8", "w4a4")  # quantization specs of the default-path section
     default_search_prompts: int = defaults.SEARCH_PROMPTS
     default_val_prompts: int = defaults.VALIDATION_PROMPTS
     default_trials: int = defaults.TRIALS
@@ -78,6 +79,11 @@ class BenchSettings:
             raise ValueError(f"steps must be positive integers, got {self.steps}")
         if self.headline_steps not in self.steps:
             self.headline_steps = 4 if 4 in self.steps else max(self.steps)
+        from qsched.qformat import QuantSpec
+
+        if not self.default_specs:
+            raise ValueError("default_specs must name at least one quantization spec")
+        self.default_specs = tuple(QuantSpec.parse(x).name for x in self.default_specs)
         if self.sd15 not in ("run", "read", "skip"):
             raise ValueError(f"sd15 must be 'run', 'read' or 'skip', got {self.sd15!r}")
         for name in ("calib_prompts", "val_prompts", "calib_trials", "default_draws", "default_images",
