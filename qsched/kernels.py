@@ -161,8 +161,8 @@ def scale_grid_plane(layer: _QuantBase) -> tuple[torch.Tensor, torch.Tensor] | s
     instead when the scales are not on the grid (e.g. codes written without ``-i8``) or the check fails.
     """
     spec, k = layer.spec, layer._k
-    if not spec.int8_scales or not spec.symmetric or spec.weight_bits > 4:
-        return f"{spec.name} is not a symmetric <= 4-bit spec with the int8 scale grid (-i8)"
+    if not spec.int8_scales:  # QuantSpec only allows -i8 for symmetric group-wise <= 4-bit weights
+        return f"{spec.name} is not a spec with the int8 scale grid (-i8)"
     scale = layer.weight_scale.float()
     out, ng = scale.shape
     base = scale.amax(dim=1) / 16 if out else scale.new_zeros(0)

@@ -8,8 +8,9 @@ to the run's own validation gain and its held-out outcome.
 
 Reproduce: check out 128b566, run ``python -m qsched.bench --out runs/default2/BENCHMARKS.md --work
 runs/bench-default2 --no-rss --no-progress --jobs 2 --sections default --default-images 1000 --default-draws 3``
-(23 min), copy its per-draw JSON to benchmarks/default_path.json, then, on this commit,
-``PYTHONPATH=$PWD python scripts/validation_wording.py`` (about 2 min). Output: benchmarks/validation_wording.json.
+(23 min; its per-draw JSON is committed as benchmarks/default_path_training_wording.json, and the schedules it
+kept stay in runs/bench-default2), then, on this commit, ``PYTHONPATH=$PWD python scripts/validation_wording.py``
+(about 2 min). Output: benchmarks/validation_wording.json.
 """
 import glob
 import json
