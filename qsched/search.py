@@ -8,7 +8,8 @@ What this module guarantees, so that a calibration can be trusted and shared:
   with its result: the interrupted trial is failed and redone with the same seed and the same history.
 - **Several workers, no point twice.** Workers on one study get different logical indices (hence seeds); if two
   still ask the same point at the same instant, the later trial yields (it is failed as a duplicate, unscored)
-  and asks again. The grid is enumerated with the same guard.
+  and asks again (a two-phase claim: announce, then read; see `_claim`). The grid is enumerated with the same
+  guard.
 - **Dead workers.** A RUNNING trial whose worker process on this host is gone is failed (and so redone) on the
   next start; trials of workers on other hosts are failed by Optuna's heartbeat once their grace period expires.
 - **Safe first starts.** Creating a SQLite study is serialised with a file lock (two fresh starts raced on the
@@ -215,15 +216,44 @@ def _key(params: dict[str, float]) -> tuple:
     return tuple(sorted((k, round(float(v), 12)) for k, v in params.items()))
 
 
-def _claim(study: Any, trial: Any, params: dict[str, float]) -> None:
-    """Raise DuplicatePoint when a live or finished trial with a smaller number holds ``params``."""
+def _claim(study: Any, trial: Any, params: dict[str, float], wait_s: float = 30.0) -> None:
+    """Raise DuplicatePoint unless ``trial`` may score ``params`` (its params are already stored).
+
+    Two phases, so that two workers asking the same point at the same instant never both score it: the trial
+    first announces its claim (user attr ``claim``), then reads the others. Of two announced claims on one point
+    at least one sees the other (each wrote before it read). A trial yields to a finished one, to a smaller
+    announced one, and to a larger one that decided to go ahead without seeing it; when it sees a larger one that
+    has not decided yet, it waits for that decision (the larger one yields to it, or proceeds, at once).
+    """
+    import time
+
     from optuna.trial import TrialState
 
     mine = _key(params)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-        if t.number < trial.number and not t.user_attrs.get("duplicate_of") and _key(t.params) == mine:
-            trial.set_user_attr("duplicate_of", t.number)
-            raise DuplicatePoint(f"trial {trial.number} repeats trial {t.number}")
+    trial.set_user_attr("claim", True)
+
+    def rivals() -> list[Any]:
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.number != trial.number and not t.user_attrs.get("duplicate_of") and _key(t.params) == mine
+                and (t.state == TrialState.COMPLETE or t.user_attrs.get("claim"))]
+
+    def yield_to(t: Any) -> None:
+        trial.set_user_attr("duplicate_of", t.number)
+        raise DuplicatePoint(f"trial {trial.number} repeats trial {t.number}")
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        undecided = None
+        for t in rivals():
+            if t.state == TrialState.COMPLETE or t.number < trial.number or t.user_attrs.get("proceed"):
+                yield_to(t)
+            undecided = t
+        if undecided is None:
+            break
+        if time.monotonic() > deadline:  # no decision from the other worker: yielding never scores a point twice
+            yield_to(undecided)
+        time.sleep(0.05)
+    trial.set_user_attr("proceed", True)
 
 
 def trial_record(t: Any) -> dict[str, Any]:

@@ -172,3 +172,31 @@ def test_bad_storage_fails_before_any_model_loads(url, msg):
 
 def test_identity_schedule_helper_roundtrip():
     assert Schedule.identity(3).is_identity
+
+
+def test_claim_a_smaller_trial_yields_to_a_larger_one_that_went_ahead():
+    # the race that let two workers score one point: the larger trial claims first (the smaller one's params are
+    # stored but it has not claimed yet), so it goes ahead; the smaller one must then yield, not score too
+    import optuna
+
+    from qsched.search import DuplicatePoint, _claim
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    dist = optuna.distributions.FloatDistribution(0.8, 1.2)
+    a, b = study.ask({"x": dist}), study.ask({"x": dist})
+    params = {"x": 0.9}
+    for t in (a, b):
+        study._storage.set_trial_param(t._trial_id, "x", dist.to_internal_repr(0.9), dist)
+    _claim(study, b, params)  # b saw no announced rival: proceeds
+    with pytest.raises(DuplicatePoint):
+        _claim(study, a, params)
+    assert a.user_attrs["duplicate_of"] == b.number and b.user_attrs.get("proceed")
+    # a third trial on the point yields to the one that holds it; another point is free
+    c = study.ask({"x": dist})
+    study._storage.set_trial_param(c._trial_id, "x", dist.to_internal_repr(0.9), dist)
+    with pytest.raises(DuplicatePoint):
+        _claim(study, c, params)
+    d = study.ask({"x": dist})  # a random point (seeded), not 0.9
+    assert d.params["x"] != 0.9
+    _claim(study, d, dict(d.params))
+    assert d.user_attrs.get("proceed")
