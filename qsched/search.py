@@ -7,7 +7,7 @@ What this module guarantees, so that a calibration can be trusted and shared:
   stopped by a full disk) and restarted therefore asks exactly the points an uninterrupted run asks, and ends
   with its result: the interrupted trial is failed and redone with the same seed and the same history.
 - **Several workers, no point twice.** Workers on one study get different logical indices (hence seeds); if two
-  still ask the same point at the same instant, the later trial yields (it is failed as a duplicate, unscored)
+  still ask the same point at the same instant, exactly one scores it and the other yields (failed as a duplicate, unscored)
   and asks again (a two-phase claim: announce, then read; see `_claim`). The grid is enumerated with the same
   guard.
 - **Dead workers.** A RUNNING trial whose worker process on this host is gone is failed (and so redone) on the
