@@ -546,6 +546,17 @@ def _print_rows(res: Any) -> None:
     for name, r in rows.items():
         t.add_row(name, *[_fmt(r.get(key), 3) for key in keys])
     console.print(t)
+    comps = getattr(res, "comparisons", {}) or {}
+    if comps:
+        from qsched.evaluate import comparison_lines
+
+        lines = comparison_lines(comps)
+        c = Table(title="paired differences B - A (same images and seeds), bootstrap 95% CI", header_style="bold")
+        for h in lines[0].strip("|").split("|"):
+            c.add_column(h.strip())
+        for line in lines[2:]:
+            c.add_row(*[x.strip() for x in line.strip("|").split("|")])
+        console.print(c)
 
 
 @app.command()

@@ -41,12 +41,41 @@ from qsched.pipelines import ModelSpec, resolve_model
 from qsched.prompts import PromptSet, load_prompts
 from qsched.runner import denoiser_of, generate_batches, using_schedule
 
-__all__ = ["evaluate", "EvalResult", "CONFIGS", "DEFAULT_METRICS"]
+__all__ = ["evaluate", "EvalResult", "CONFIGS", "DEFAULT_METRICS", "COMPARISONS", "comparison_lines"]
 
 CONFIGS: tuple[str, ...] = ("fp-original", "quant-naive", "quant-qsched", "fp-tuned")
 DEFAULT_METRICS: tuple[str, ...] = ("fd", "fd2", "accuracy", "clipscore", "jaq")
 TESTBED_DEFAULT_N = 500
 _QUANT_CONFIGS = ("quant-naive", "quant-qsched")
+#: (B, A) pairs compared image by image when both rows exist: what Q-Sched changes, what quantization costs, and
+#: the fp32-tuned control.
+COMPARISONS: tuple[tuple[str, str], ...] = (("quant-qsched", "quant-naive"), ("quant-naive", "fp-original"),
+                                            ("quant-qsched", "fp-original"), ("fp-tuned", "fp-original"),
+                                            ("quant-qsched", "fp-tuned"))
+
+
+def comparison_lines(comparisons: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """A Markdown table of paired differences: one row per comparison, "diff [low, high]" per metric, and a
+    verdict per metric where the CI excludes 0 (FD/FID: lower is better)."""
+    from qsched.paired import LOWER_IS_BETTER
+
+    keys = [k for k in ("fd", "fd2", "fid", "accuracy", "jaq") if any(k in c for c in comparisons.values())]
+    lines = ["| B vs A | " + " | ".join(f"delta {k}" for k in keys) + " | beyond noise |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    for name, c in comparisons.items():
+        cells, verdict = [], []
+        for k in keys:
+            if k not in c:
+                cells.append("-")
+                continue
+            d = c[k]
+            nd = 3 if k == "accuracy" else 2
+            cells.append(f"{d['diff']:+.{nd}f} [{d['ci_low']:+.{nd}f}, {d['ci_high']:+.{nd}f}]")
+            if d["ci_low"] > 0 or d["ci_high"] < 0:
+                better = (d["diff"] < 0) == (k in LOWER_IS_BETTER)
+                verdict.append(f"{k} {'better' if better else 'worse'}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(verdict) or 'none'} |")
+    return lines
 
 
 # ============================================================================================ result
@@ -73,11 +102,14 @@ class EvalResult:
     sample_prompts: list[str] = field(default_factory=list)
     sample_seeds: list[int] = field(default_factory=list)
     samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # config -> (S, H, W, C) uint8
+    #: "B vs A" -> metric -> {"diff": B - A, "ci_low", "ci_high"}: paired bootstrap 95% CIs over the same images
+    comparisons: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    per_image: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)  # config -> record
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (without the sample pixels)."""
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "samples"}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("samples", "per_image")}
         return _clean(json.loads(json.dumps(d, default=_json_default)))
 
     def to_json(self, path: str | Path, save_samples: bool = True) -> Path:
@@ -116,7 +148,7 @@ class EvalResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalResult:
         """Inverse of :meth:`to_dict` (samples not included)."""
-        names = {f for f in cls.__dataclass_fields__ if f != "samples"}
+        names = {f for f in cls.__dataclass_fields__ if f not in ("samples", "per_image")}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
@@ -180,6 +212,9 @@ class EvalResult:
         out.append("")
         out.append("FD/FID: lower is better; accuracy, CLIPScore, IQ, JAQ: higher is better."
                    if any(c in lower for c in cols) or cols else "")
+        if self.comparisons:
+            out += ["", "Paired differences (B - A over the same images and seeds) with bootstrap 95% CIs:", "",
+                    *comparison_lines(self.comparisons)]
         if self.notes:
             out += ["", "Notes:", *[f"- {n}" for n in self.notes]]
         return "\n".join(out).rstrip() + "\n"
@@ -273,6 +308,7 @@ def evaluate(
     fid_ref: str | Path | None = None,
     n_samples: int = 8,
     call_kwargs: dict[str, Any] | None = None,
+    paired_resamples: int = 300,
 ) -> EvalResult:
     """Generate images for each config side by side (same prompts, seeds, noise) and score them.
 
@@ -294,6 +330,9 @@ def evaluate(
         fid_ref: reference statistics (.safetensors/.npz with mu, sigma) for "fid" (required for real models).
         n_samples: sample images kept per config for the report.
         call_kwargs: extra keyword arguments for every pipeline call (e.g. guidance_scale).
+        paired_resamples: bootstrap resamples of the paired comparisons (:data:`COMPARISONS`, each row against
+            another over the same images; :mod:`qsched.paired`); 0 skips them. The per-image records stay in
+            ``EvalResult.per_image``.
 
     Started under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1), whole batches are shared out across
     the processes and metric states gathered, so every process returns the numbers of a single-process run.
@@ -389,6 +428,7 @@ def evaluate(
     # ---------------------------------------------------------------- run: fp rows first, then quantized
     order = [c for c in run_cfgs if c.startswith("fp-")] + [c for c in run_cfgs if c in _QUANT_CONFIGS]
     rows: dict[str, dict[str, Any]] = {}
+    per_image: dict[str, dict[str, np.ndarray]] = {}
     samples: dict[str, np.ndarray] = {}
     qpipe = pipe if loaded_spec is not None else None
     quant_info: dict[str, Any] = {}
@@ -405,6 +445,7 @@ def evaluate(
                 m.reset()
             counts = {"gen_seconds": 0.0, "n_nonfinite": 0}
             kept: list[np.ndarray] = []
+            finite_all: list[bool] = []
             t0 = time.time()
             with using_schedule(run_pipe, schedules[cfg]):
                 for off, imgs in generate_batches(run_pipe, all_prompts[lo:hi], T, seed=seed, start=lo,
@@ -413,6 +454,7 @@ def evaluate(
                     a, b = lo + off, lo + off + imgs.shape[0]
                     finite = finite_mask(imgs)
                     counts["n_nonfinite"] += int((~finite).sum())
+                    finite_all += finite.cpu().tolist()
                     for m in metric_objs:
                         m.update(imgs, all_prompts[a:b], None if all_labels is None else all_labels[a:b], finite)
                     if a < n_samples:
@@ -425,6 +467,7 @@ def evaluate(
                 from accelerate.utils import gather_object
 
                 kept = [k for part in gather_object([kept]) for k in part]
+                finite_all = [f for part in gather_object([finite_all]) for f in part]
             row: dict[str, Any] = {}
             for m in metric_objs:
                 row.update(m.compute())
@@ -437,10 +480,22 @@ def evaluate(
                 notes.append(f"{cfg}: {n_nonfinite} of {n} images contain NaN/inf (excluded from FD/FID and "
                              "CLIPScore, counted wrong in accuracy, worst score in JAQ)")
             rows[cfg] = row
+            per_image[cfg] = {"finite": np.asarray(finite_all, dtype=bool)}
+            for m in metric_objs:
+                per_image[cfg].update(m.per_image())
             if kept:
                 samples[cfg] = np.concatenate(kept)[:n_samples]
 
     rows = {c: rows[c] for c in configs if c in rows}
+    comparisons: dict[str, dict[str, dict[str, float]]] = {}
+    if paired_resamples > 0 and rank == 0 and n >= 2:
+        from qsched.metrics import FrechetMetric
+        from qsched.paired import paired_cis
+
+        refs = {m.key: m.reference() for m in metric_objs if isinstance(m, FrechetMetric)}
+        for b, a in COMPARISONS:
+            if a in rows and b in rows:
+                comparisons[f"{b} vs {a}"] = paired_cis(per_image[a], per_image[b], refs, n_boot=paired_resamples)
     n_keep = min(n_samples, n)
     return EvalResult(
         rows=rows, model=mspec.alias, spec=None if spec is None else str(spec), steps=T, seeds=seeds,
@@ -454,6 +509,7 @@ def evaluate(
                         "total_seconds": time.time() - t_start}),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         sample_prompts=all_prompts[:n_keep], sample_seeds=seeds[:n_keep], samples=samples,
+        comparisons=comparisons, per_image=per_image,
     )
 
 

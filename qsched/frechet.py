@@ -68,6 +68,26 @@ class FrechetReference:
         diff = np.asarray(mu, dtype=np.float64) - self.mu
         return float(max(diff @ diff + np.trace(s) + self._tr - 2.0 * np.sqrt(np.clip(lam, 0.0, None)).sum(), 0.0))
 
+    def distance_of_features(self, feats: Any) -> float:
+        """FD between the Gaussian of an (N, D) feature matrix and the reference: ``distance(*feature_stats(f))``.
+
+        With N <= D (e.g. 1,000 Inception features of 2,048 dimensions, resampled in a bootstrap) the spectrum of
+        ``R^1/2 S R^1/2 = Y^T Y / (N-1)`` (``Y`` = centred features times ``R^1/2``) is taken from the N x N Gram
+        matrix ``Y Y^T`` instead: the same number, without a D x D product."""
+        f = np.asarray(feats, dtype=np.float64)
+        if f.ndim != 2 or f.shape[0] < 2:
+            raise ValueError(f"need an (N, D) feature matrix with N >= 2, got {f.shape}")
+        n, d = f.shape
+        if n > d:
+            return self.distance(*feature_stats(f))
+        mu = f.mean(axis=0)
+        xc = f - mu
+        y = xc @ self._root
+        lam = np.linalg.eigvalsh(y @ y.T / (n - 1))
+        diff = mu - self.mu
+        tr_s = float((xc * xc).sum() / (n - 1))
+        return float(max(diff @ diff + tr_s + self._tr - 2.0 * np.sqrt(np.clip(lam, 0.0, None)).sum(), 0.0))
+
 
 def feature_stats(feats: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) in float64 of an (N, D) feature matrix (N >= 2)."""

@@ -46,6 +46,11 @@ class EvalMetric:
     def compute(self) -> dict[str, float | None]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Per-image arrays aligned with the images seen (for paired bootstraps, :mod:`qsched.paired`); {} if the
+        metric keeps none."""
+        return {}
+
     def state(self) -> dict[str, Any]:
         """The accumulated state (picklable), gathered from every process in a distributed evaluation."""
         return {k: v for k, v in vars(self).items() if k.startswith("_s_")}
@@ -75,8 +80,10 @@ class FrechetMetric(EvalMetric):
 
     def reset(self) -> None:
         self._s_feats: list[np.ndarray] = []
+        self._s_finite: list[bool] = []
 
     def update(self, images, prompts, labels, finite) -> None:
+        self._s_finite += finite.cpu().tolist()
         if bool(finite.any()):
             f = self._features(images[finite])
             f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
@@ -88,6 +95,20 @@ class FrechetMetric(EvalMetric):
             return {self.key: None}
         mu, sigma = feature_stats(np.concatenate(self._s_feats))
         return {self.key: frechet_distance(mu, sigma, *self._reference())}
+
+    def reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """The reference (mu, sigma)."""
+        return self._reference()
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """``{key: (N, D) features}``; rows of non-finite images are 0 (masked by ``finite`` in a comparison)."""
+        ok = np.asarray(self._s_finite, dtype=bool)
+        if not self._s_feats:
+            return {}
+        f = np.concatenate(self._s_feats)
+        out = np.zeros((ok.size, f.shape[1]), dtype=np.float64)
+        out[ok] = f
+        return {self.key: out}
 
 
 class AccuracyMetric(EvalMetric):
@@ -102,6 +123,7 @@ class AccuracyMetric(EvalMetric):
     def reset(self) -> None:
         self._s_correct = 0
         self._s_total = 0
+        self._s_hits: list[bool] = []
 
     def update(self, images, prompts, labels, finite) -> None:
         if labels is None:
@@ -109,9 +131,15 @@ class AccuracyMetric(EvalMetric):
                              "(testbed-heldout / testbed-calib) or drop 'accuracy' from metrics")
         y = torch.as_tensor(list(labels), dtype=torch.long)
         self._s_total += int(y.shape[0])
+        hits = torch.zeros(y.shape[0], dtype=torch.bool)
         if bool(finite.any()):
             pred = torch.as_tensor(self._predict(images[finite])).reshape(-1).cpu().long()
-            self._s_correct += int((pred == y[finite.cpu()]).sum())
+            hits[finite.cpu()] = pred == y[finite.cpu()]
+            self._s_correct += int(hits.sum())
+        self._s_hits += hits.tolist()
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        return {"accuracy": np.asarray(self._s_hits, dtype=bool)}
 
     def compute(self) -> dict[str, float | None]:
         return {"accuracy": self._s_correct / self._s_total if self._s_total else None}
@@ -148,6 +176,10 @@ class JAQMetric(EvalMetric):
 
         nonfinite, blank = invalid_mask(images)
         self._s_valid += (~(nonfinite | blank)).tolist()
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """``{"jaq": TC + k IQ per image}`` (the per-image terms of the row's JAQ)."""
+        return {"jaq": np.asarray(self._s_tc, np.float64) + self._k * np.asarray(self._s_iq, np.float64)}
 
     def compute(self) -> dict[str, float | None]:
         if not self._s_tc:

@@ -390,6 +390,13 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
                      f"<b>{html.escape(ev.prompt_set)}</b>, identical seeds and initial noise across configs. "
                      "FD/FID lower is better; accuracy, CLIPScore, IQ and JAQ higher is better.</p>")
         parts.append(_html_table(head, rows))
+        if ev.comparisons:
+            from qsched.evaluate import comparison_lines
+
+            lines = comparison_lines(ev.comparisons)
+            parts.append("<h3>Paired differences (B - A over the same images and seeds, bootstrap 95% CI)</h3>")
+            parts.append(_html_table([h.strip() for h in lines[0].strip("|").split("|")],
+                                     [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]))
         if ev.notes:
             parts.append("<ul class=\"note\">" + "".join(f"<li>{html.escape(n)}</li>" for n in ev.notes) + "</ul>")
         md += ["## Metrics", "", ev.to_markdown(), ""]

@@ -64,6 +64,8 @@ def bench(
     eval_images: Optional[int] = typer.Option(None, "--eval-images", help="Override images per evaluation row."),
     fid_images: Optional[int] = typer.Option(None, "--fid-images", help="Override images per Inception FID row."),
     calib_trials: Optional[int] = typer.Option(None, "--calib-trials", help="Override trials per calibration."),
+    calib_draws: Optional[int] = typer.Option(None, "--calib-draws", help="Override calibration draws per Q-Sched "
+                                              "row of section 1 (default 3)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars (log lines only)."),
     jobs: int = typer.Option(1, "--jobs", help="Processes sharing the work (each gets cores/jobs torch threads)."),
     sections: str = typer.Option("quality,default,search,size", "--sections",
@@ -99,7 +101,7 @@ def bench(
                 raise ValueError(f"--steps must be comma-separated integers, got {steps!r}") from None
         for name, value in (("threads", threads), ("sd15", sd15), ("sd15_json", sd15_json), ("kernels_json", kernels_json),
                             ("eval_images", eval_images), ("fid_images", fid_images), ("calib_trials", calib_trials),
-                            ("default_images", default_images), ("default_draws", default_draws)):
+                            ("calib_draws", calib_draws), ("default_images", default_images), ("default_draws", default_draws)):
             if value is not None:
                 kw[name] = value
         if no_rss:

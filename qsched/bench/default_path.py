@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from qsched.bench.env import BenchEnv, Models
 from qsched.bench.settings import BenchSettings
+from qsched.bench.perimage import eval_record_unit, load_record, row_fd
 from qsched.bench.units import Job, UnitStore, config_hash
-from qsched.metrics import EvalMetric
+from qsched.paired import N_BOOT, paired_cis
 
-__all__ = ["section_default", "paired_image_cis", "render_default"]
-
-_N_BOOT = 300
+__all__ = ["section_default", "render_default", "family_wise_harms"]
 
 
 def _calib_unit(models: Models, env: BenchEnv, steps: int, spec: str, draw: int, s: BenchSettings) -> Callable:
@@ -48,112 +46,20 @@ def _calib_unit(models: Models, env: BenchEnv, steps: int, spec: str, draw: int,
     return compute
 
 
-class _PerImage(EvalMetric):
-    """An evaluation metric keeping per-image features, correctness and JAQ (for paired bootstraps). Non-finite
-    images count as wrong and are left out of FD (their features, of the NaN-zeroed image, are masked)."""
-
-    def __init__(self, evaluator: Any, jaq: Any, features2: Callable[[Any], Any] | None = None):
-        self.ev, self.jaq, self.f2 = evaluator, jaq, features2
-        self.reset()
-
-    def reset(self) -> None:
-        self._s_feats: list[np.ndarray] = []
-        self._s_feats2: list[np.ndarray] = []
-        self._s_correct: list[bool] = []
-        self._s_jaq: list[float] = []
-        self._s_finite: list[bool] = []
-
-    def update(self, images, prompts, labels, finite) -> None:
-        x = torch.nan_to_num(images, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
-        feats = torch.as_tensor(self.ev.features(x), dtype=torch.float64)
-        pred = torch.as_tensor(self.ev.predict(x)).reshape(-1).long()
-        ok = (pred == torch.as_tensor(list(labels))) & finite
-        sc = self.jaq.score(images, list(prompts))
-        self._s_feats.append(feats.numpy())
-        if self.f2 is not None:
-            self._s_feats2.append(np.asarray(self.f2(x), dtype=np.float64))
-        self._s_correct += ok.tolist()
-        self._s_jaq += (np.asarray(sc.tc_per_image) + sc.k * np.asarray(sc.iq_per_image)).tolist()
-        self._s_finite += finite.tolist()
-
-    def compute(self) -> dict[str, Any]:
-        return {}
-
-
 def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, spec: str, schedule: dict | None,
                s: BenchSettings) -> Callable:
-    def compute(d: Path) -> dict[str, Any]:
-        from safetensors.numpy import save_file
-
+    def run(d: Path, metrics: list) -> dict[str, Any]:
         from qsched.evaluate import evaluate
         from qsched.schedule import Schedule
 
-        f2 = env.features2() if env.features2 is not None else None
-        metric = _PerImage(env.evaluator(), env.jaq(), f2[0] if f2 else None)
         sched = Schedule.from_dict(schedule) if schedule is not None else None
         cfg = "quant-qsched" if sched is not None else "quant-naive"
         evaluate(model=env.model, spec=spec, steps=steps, qsched_schedule=sched, prompts=prompts,
-                 n_images=s.default_images, seed=s.eval_seed, batch_size=s.eval_batch, metrics=[metric],
-                 configs=[cfg], pipe_loader=lambda: models.fp, progress=s.progress, n_samples=0)
-        arrays = {"features": np.concatenate(metric._s_feats), "correct": np.asarray(metric._s_correct, np.uint8),
-                  "jaq": np.asarray(metric._s_jaq, np.float64), "finite": np.asarray(metric._s_finite, np.uint8)}
-        if metric._s_feats2:
-            arrays["features2"] = np.concatenate(metric._s_feats2)
-        tmp = d / ".per_image.safetensors.tmp"
-        save_file(arrays, str(tmp))
-        tmp.replace(d / "per_image.safetensors")
-        return {"file": str((d / "per_image.safetensors").resolve()), "n": int(arrays["jaq"].shape[0])}
+                 n_images=s.default_images, seed=s.eval_seed, batch_size=s.eval_batch, metrics=metrics,
+                 configs=[cfg], pipe_loader=lambda: models.fp, progress=s.progress, n_samples=0, paired_resamples=0)
+        return {}
 
-    return compute
-
-
-def _load(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(path)
-
-
-def _fd(feats: np.ndarray, ok: np.ndarray, ref: Any) -> float:
-    from qsched.frechet import FrechetReference, feature_stats
-
-    ref = ref if isinstance(ref, FrechetReference) else FrechetReference(*ref)
-    return ref.distance(*feature_stats(feats[ok]))
-
-
-def paired_image_cis(a: dict[str, np.ndarray], b: dict[str, np.ndarray], ref: tuple[np.ndarray, np.ndarray],
-                     n_boot: int = _N_BOOT, seed: int = 0,
-                     ref2: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
-    """``b - a`` for FD (and FD2 in the independent extractor's features when both rows have them and ``ref2`` is
-    given), accuracy and JAQ over the same images, each with a paired percentile bootstrap 95% CI (the same
-    resampled image indices for both; FD recomputed on every resample)."""
-    n = len(a["jaq"])
-    if len(b["jaq"]) != n:
-        raise ValueError(f"paired rows must have the same images, got {n} and {len(b['jaq'])}")
-    from qsched.frechet import FrechetReference
-
-    rng = np.random.default_rng(seed)
-    ref = FrechetReference(*ref)
-    ref2 = FrechetReference(*ref2) if ref2 is not None else None
-    fa, fb = a["finite"].astype(bool), b["finite"].astype(bool)
-    out: dict[str, dict[str, float]] = {}
-    point = {"fd": _fd(b["features"], fb, ref) - _fd(a["features"], fa, ref),
-             "accuracy": float(b["correct"].mean() - a["correct"].mean()),
-             "jaq": float(b["jaq"].mean() - a["jaq"].mean())}
-    two = ref2 is not None and "features2" in a and "features2" in b
-    if two:
-        point["fd2"] = _fd(b["features2"], fb, ref2) - _fd(a["features2"], fa, ref2)
-    boots = {k: [] for k in point}
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        boots["fd"].append(_fd(b["features"][idx], fb[idx], ref) - _fd(a["features"][idx], fa[idx], ref))
-        if two:
-            boots["fd2"].append(_fd(b["features2"][idx], fb[idx], ref2) - _fd(a["features2"][idx], fa[idx], ref2))
-        boots["accuracy"].append(float(b["correct"][idx].mean() - a["correct"][idx].mean()))
-        boots["jaq"].append(float(b["jaq"][idx].mean() - a["jaq"][idx].mean()))
-    for k, v in point.items():
-        lo, hi = np.percentile(boots[k], [2.5, 97.5])
-        out[k] = {"diff": float(v), "ci_low": float(lo), "ci_high": float(hi)}
-    return out
+    return eval_record_unit(env, run)
 
 
 def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: UnitStore, R: dict[str, Any],
@@ -204,7 +110,7 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     table: dict[str, Any] = {}
     for st in s.steps:
         for sp in specs:
-            orig = _load(evals[(st, sp, None)]["file"])
+            orig = load_record(evals[(st, sp, None)]["file"])
             draws = []
             for dr in range(s.default_draws):
                 c = cals[(st, sp, dr)]
@@ -213,18 +119,15 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                     cis = {k: {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0} for k in keys}
                 else:
                     t0 = time.perf_counter()
-                    q = _load(evals[(st, sp, config_hash(c["schedule"]))]["file"])
-                    cis = paired_image_cis(orig, q, ref, seed=dr, ref2=ref2)
-                    con.print(f"  paired bootstrap {st} steps {sp} draw {dr} ({_N_BOOT} resamples of "
+                    q = load_record(evals[(st, sp, config_hash(c["schedule"]))]["file"])
+                    cis = paired_cis(orig, q, {"fd": ref, **({"fd2": ref2} if ref2 is not None else {})}, seed=dr)
+                    con.print(f"  paired bootstrap {st} steps {sp} draw {dr} ({N_BOOT} resamples of "
                               f"{len(q['jaq']):,} images) in {time.perf_counter() - t0:.1f} s")
                 draws.append({"draw": dr, "decision": c["decision"], "chosen": c["chosen"],
                               "validation_gain": c["validation_gain"], "wall_time_s": c["wall_time_s"], **cis})
-            fa = orig["finite"].astype(bool)
             table[f"{st}:{sp}"] = {
-                "steps": st, "spec": sp, "original": {"fd": _fd(orig["features"], fa, ref),
-                                                       "fd2": _fd(orig["features2"], fa, ref2)
-                                                       if ref2 is not None and "features2" in orig else None,
-                                                       "accuracy": float(orig["correct"].mean()),
+                "steps": st, "spec": sp, "original": {"fd": row_fd(orig, "fd", ref), "fd2": row_fd(orig, "fd2", ref2),
+                                                       "accuracy": float(orig["accuracy"].mean()),
                                                        "jaq": float(orig["jaq"].mean())},
                 "draws": draws, "kept_identity": sum(d["decision"] != "qsched" for d in draws),
                 "harm_fd": sum(d["fd"]["ci_low"] > 0 for d in draws),

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from qsched.bench.env import BenchEnv, Models
-from qsched.bench.settings import BenchSettings
+from qsched.bench.perimage import eval_record_unit, load_record
+from qsched.bench.settings import ROW_LABELS, BenchSettings
 from qsched.bench.units import Job, UnitStore, config_hash
 
-__all__ = ["section_quality", "calibrate_unit", "calib_summary", "select_best", "fid_available", "SEED_RULE"]
+__all__ = ["section_quality", "calibrate_unit", "calib_summary", "select_best", "fid_available", "draw_prompts",
+           "SEED_RULE"]
 
 #: Enters the calibration / evaluation unit keys: units computed under an earlier seed rule are not reused.
 SEED_RULE = "qsched.runner.image_seed"
@@ -77,7 +79,7 @@ def select_best(cals: dict[str, dict[str, Any]], order: Sequence[str]) -> str | 
 
 def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, precision: str,
                schedule: dict[str, Any] | None, n_images: int, s: BenchSettings, fid: bool = False) -> Callable:
-    def compute(d: Path) -> dict[str, Any]:
+    def run(d: Path, extra: Sequence[Any]) -> dict[str, Any]:
         from qsched.evaluate import evaluate
         from qsched.schedule import Schedule
 
@@ -93,61 +95,107 @@ def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, precisio
         res = evaluate(model=env.model, spec=precision if precision != "fp32" else "w4a8", steps=steps,
                        qsched_schedule=sched if cfg == "quant-qsched" else None,
                        fp_schedule=sched if cfg == "fp-tuned" else None, prompts=prompts, n_images=n_images,
-                       seed=s.eval_seed, batch_size=s.eval_batch, metrics=metrics, configs=[cfg],
-                       pipe_loader=lambda: models.fp, progress=s.progress, n_samples=0 if fid else 8)
+                       seed=s.eval_seed, batch_size=s.eval_batch, metrics=[*metrics, *extra], configs=[cfg],
+                       pipe_loader=lambda: models.fp, progress=s.progress, n_samples=0 if fid else 8,
+                       paired_resamples=0)
         res.to_json(d / "eval.json")
         row = dict(res.rows[cfg])
         return {"row": row, "config": cfg, "notes": res.notes, "n_images": res.n_images,
                 "seeds": [res.seeds[0], res.seeds[-1]], "eval_json": str((d / "eval.json").resolve())}
 
+    if fid or env.evaluator is None:  # FID rows (and envs without a per-image evaluator) keep no record
+        return lambda d: run(d, ())
+    return eval_record_unit(env, run)
+
+
+def _paired_unit(env: BenchEnv, a: dict[str, Any], b: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
+    """A unit's compute: the paired bootstrap CIs of row ``b`` minus row ``a`` (two evaluation units' records)."""
+
+    def compute(d: Path) -> dict[str, Any]:
+        from qsched.paired import paired_cis
+
+        refs = {"fd": env.evaluator().reference}
+        if env.features2 is not None:
+            refs["fd2"] = env.features2()[1]
+        return paired_cis(load_record(a["file"]), load_record(b["file"]), refs)
+
     return compute
+
+
+_ZERO = {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+
+
+def _add(jobs: dict[str, Job], job: Job) -> str:
+    """Add ``job`` unless the same unit (kind, name, config) is already listed; its key."""
+    key = f"{job.tag}:{config_hash(job.config)}"
+    jobs.setdefault(key, job)
+    return key
+
+
+def draw_prompts(s: BenchSettings, draw: int) -> tuple[list[str], list[str]]:
+    """(search prompts, validation prompts) of calibration draw ``draw``: a shuffle of ``testbed-calib`` (seed
+    ``draw``) split into ``calib_prompts`` and ``val_prompts``."""
+    from qsched.prompts import load_prompts
+
+    both = load_prompts("testbed-calib", s.calib_prompts + s.val_prompts, seed=draw)
+    return both.prompts[:s.calib_prompts], both.prompts[s.calib_prompts:]
 
 
 def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: UnitStore, R: dict[str, Any],
                     write: Callable[[], None]) -> None:
-    """Run (or reuse) section 1's units and put them into ``R`` (``calibrations``, ``rows``, ``fid``, ``prompts``);
-    ``write()`` re-renders the report after each finished unit."""
+    """Run (or reuse) section 1's units and put them into ``R``: ``calibrations`` / ``rows`` / ``fid`` of draw 0
+    (the selection table and the samples), and for every Q-Sched row its ``calib_draws`` draws (other search and
+    validation prompts, other TPE seed) with paired bootstrap CIs against the original schedule (``row_draws``)
+    and, for "Q-Sched best", against fp32 with its original schedule; ``write()`` re-renders after each unit."""
     from qsched import defaults
     from qsched.prompts import load_prompts
 
     con = units.console
-    both = load_prompts("testbed-calib", s.calib_prompts + s.val_prompts)
-    calib, valp = both.take(s.calib_prompts), both.prompts[s.calib_prompts:]
+    draws = list(range(s.calib_draws))
+    dp = {d: draw_prompts(s, d) for d in draws}
+    calib, valp = dp[0]
     evalp = load_prompts("testbed-heldout", n=s.eval_images, seed=0)
-    overlap = (set(calib.prompts) | set(valp)) & set(evalp.prompts)
-    if overlap:
-        raise RuntimeError(f"calibration and evaluation prompts overlap: {sorted(overlap)[:3]}")
-    R["prompts"] = {"calibration": {"source": "testbed-calib", "n": len(calib), "prompts": calib.prompts},
+    for c_p, v_p in dp.values():
+        overlap = (set(c_p) | set(v_p)) & set(evalp.prompts)
+        if overlap:
+            raise RuntimeError(f"calibration and evaluation prompts overlap: {sorted(overlap)[:3]}")
+    R["prompts"] = {"calibration": {"source": "testbed-calib", "n": len(calib), "prompts": calib},
                     "validation": {"source": "testbed-calib", "n": len(valp), "prompts": valp,
                                    "seeds": list(defaults.VALIDATION_SEEDS)},
                     "evaluation": {"source": "testbed-heldout", "seed": 0, "n_images": s.eval_images,
                                    "distinct_prompts": len(set(evalp.prompts))},
-                    "disjoint": True}
-    base = {"env": env.name, "calib_prompts_sha1": config_hash(calib.prompts), "calib_seed": s.calib_seed,
-            "seed_rule": SEED_RULE, "val_prompts_sha1": config_hash(valp),
-            "val_seeds": list(defaults.VALIDATION_SEEDS)}
+                    "draws": len(draws), "disjoint": True}
 
-    # ---- calibrations
+    # ---- calibrations (draw 0 keeps the first prompts and TPE seed 0: the units of earlier runs are reused)
     con.rule("[bold]1. Quality: calibrations")
-    cals: dict[str, dict[str, dict[str, dict[str, Any]]]] = R.setdefault("calibrations", {})
-    keys = [(steps, prec, p) for steps in s.steps for prec in s.precisions for p in s.parametrizations]
-    jobs = [Job("calib", f"{steps}s-{prec}-{p}",
-                {**base, "kind": "calibration", "steps": steps, "precision": prec, "parametrization": p,
-                 "n_trials": s.calib_trials, "sampler": "tpe", "sampler_seed": 0, "grid_range": list(s.grid_range)},
-                calibrate_unit(models, env, calib.prompts, steps, prec, p, strategy="optuna",
-                               n_trials=s.calib_trials, s=s, validation_prompts=valp),
-                f"calibrate {steps} steps {prec} {p} ({s.calib_trials} trials)") for steps, prec, p in keys]
-    for (steps, prec, p), r in zip(keys, units.run_all(jobs)):
-        cals.setdefault(str(steps), {}).setdefault(prec, {})[p] = r
+    keys = [(steps, prec, p, d) for d in draws for steps in s.steps for prec in s.precisions
+            for p in s.parametrizations]
+    jobs = []
+    for steps, prec, p, d in keys:
+        c_p, v_p = dp[d]
+        conf = {"env": env.name, "calib_prompts_sha1": config_hash(c_p), "calib_seed": s.calib_seed,
+                "seed_rule": SEED_RULE, "val_prompts_sha1": config_hash(v_p),
+                "val_seeds": list(defaults.VALIDATION_SEEDS), "kind": "calibration", "steps": steps,
+                "precision": prec, "parametrization": p, "n_trials": s.calib_trials, "sampler": "tpe",
+                "sampler_seed": d, "grid_range": list(s.grid_range)}
+        jobs.append(Job("calib", f"{steps}s-{prec}-{p}" + (f"-d{d}" if d else ""), conf,
+                        calibrate_unit(models, env, c_p, steps, prec, p, strategy="optuna", n_trials=s.calib_trials,
+                                       s=s, sampler_seed=d, validation_prompts=v_p),
+                        f"calibrate {steps} steps {prec} {p} draw {d} ({s.calib_trials} trials)"))
+    cd: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for (steps, prec, p, d), r in zip(keys, units.run_all(jobs)):
+        lst = cd.setdefault(str(steps), {}).setdefault(prec, [{} for _ in draws])
+        lst[d][p] = r
     for steps in s.steps:
         for prec in s.precisions:
-            c = cals[str(steps)][prec]
-            c["_chosen"] = select_best(c, s.parametrizations)  # type: ignore[assignment]
+            for c in cd[str(steps)][prec]:
+                c["_chosen"] = select_best(c, s.parametrizations)
+    R["calibration_draws"] = cd
+    R["calibrations"] = {st: {prec: lst[0] for prec, lst in v.items()} for st, v in cd.items()}
     write()
 
-    # ---- evaluation rows (deduplicated by (steps, precision, schedule))
+    # ---- evaluation rows (deduplicated by (steps, precision, schedule)), then Inception FID rows
     con.rule("[bold]1. Quality: evaluation rows, then Inception FID rows")
-    rows: dict[str, dict[str, dict[str, Any]]] = R.setdefault("rows", {})
     n_batches = math.ceil(s.eval_images / s.eval_batch)
 
     def row_job(steps: int, prec: str, schedule: dict | None, fid: bool = False) -> Job:
@@ -155,15 +203,16 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
         conf = {"env": env.name, "kind": "fid" if fid else "evaluation", "steps": steps, "precision": prec,
                 "schedule": schedule, "n_images": n, "eval_seed": s.eval_seed, "seed_rule": SEED_RULE,
                 "batch": s.eval_batch, "prompts_sha1": config_hash(evalp.prompts[:n]),
-                **({"fid_reference": env.fid_reference} if fid else {})}
+                **({"fid_reference": env.fid_reference} if fid else
+                   {"per_image": env.evaluator is not None, "fd2": env.features2 is not None})}
         sname = "original" if schedule is None else f"{schedule['kind']}-{config_hash(schedule)[:6]}"
         return Job("fid" if fid else "eval", f"{steps}s-{prec}-{sname}", conf,
                    _eval_unit(models, env, evalp, steps, prec, schedule, n, s, fid=fid),
                    f"{'FID' if fid else 'evaluate'} {steps} steps {prec} {sname} ({n} images)")
 
-    def schedules_of(steps: int, prec: str) -> dict[str, tuple[str, dict | None]]:
-        c = cals[str(steps)][prec]
-        fp = cals[str(steps)]["fp32"]
+    def schedules_of(steps: int, prec: str, d: int) -> dict[str, tuple[str, dict | None]]:
+        c = cd[str(steps)][prec][d]
+        fp = cd[str(steps)]["fp32"][d]
         out = {"original": (prec, None), "qsched-linear": (prec, c["linear"]["schedule"]),
                "qsched-best": (prec, c[c["_chosen"]]["schedule"] if c["_chosen"] else None),
                "fp32-tuned": ("fp32", fp[fp["_chosen"]]["schedule"] if fp["_chosen"] else None)}
@@ -171,22 +220,71 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                 for k, (pp, sch) in out.items()}
 
     fid_ok, why = fid_available(env)
-    R["fid"] = {"rows": {}, "available": fid_ok, "why": why, "images": s.fid_images, "steps": s.headline_steps}
+    R["fid"] = {"rows": {}, "draws": {}, "available": fid_ok, "why": why, "images": s.fid_images,
+                "steps": s.headline_steps}
     if not fid_ok:
         con.print(f"  [yellow]FID skipped[/]: {why}")
-    keys = [(steps, prec, label, pp, sch) for steps in s.steps for prec in s.precisions
-            for label, (pp, sch) in schedules_of(steps, prec).items()]
     wanted = [(prec, label) for prec, label in s.fid_rows if prec in s.precisions] if fid_ok else []
+    cells = [(steps, prec, label, d) for steps in s.steps for prec in s.precisions for label in ROW_LABELS
+             for d in (draws if label != "original" else [0])]
+    fid_cells = [(prec, label, d) for prec, label in wanted for d in (draws if label != "original" else [0])]
     # one job list, so a worker with nothing left among the evaluation rows starts on the FID rows
-    jobs = [row_job(st, pp, sch) for st, _, _, pp, sch in keys]
-    jobs += [row_job(s.headline_steps, *schedules_of(s.headline_steps, prec)[label], fid=True)
-             for prec, label in wanted]
+    uniq: dict[str, Job] = {}
+    cell_job: dict[tuple, str] = {}
+    for steps, prec, label, d in cells:
+        j = row_job(steps, *schedules_of(steps, prec, d)[label])
+        cell_job[(steps, prec, label, d)] = _add(uniq, j)
+    for prec, label, d in fid_cells:
+        j = row_job(s.headline_steps, *schedules_of(s.headline_steps, prec, d)[label], fid=True)
+        cell_job[("fid", prec, label, d)] = _add(uniq, j)
     with models.text_cache(n_batches + 8):
-        results = units.run_all(jobs, after=write)
-    for (steps, prec, label, _, _), r in zip(keys, results):
-        rows.setdefault(str(steps), {}).setdefault(prec, {})[label] = r
-    for (prec, label), r in zip(wanted, results[len(keys):]):
-        R["fid"]["rows"][f"{prec}:{label}"] = r
+        res = dict(zip(uniq, units.run_all(list(uniq.values()), after=write)))
+    rows: dict[str, dict[str, dict[str, Any]]] = {}
+    row_draws: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    for (steps, prec, label, d) in cells:
+        r = res[cell_job[(steps, prec, label, d)]]
+        if d == 0:
+            rows.setdefault(str(steps), {}).setdefault(prec, {})[label] = r
+        if label != "original":
+            sch = schedules_of(steps, prec, d)[label][1]
+            chosen = "linear" if label == "qsched-linear" else \
+                cd[str(steps)]["fp32" if label == "fp32-tuned" else prec][d]["_chosen"]
+            row_draws.setdefault(str(steps), {}).setdefault(prec, {}).setdefault(label, []).append(
+                {"draw": d, "schedule": sch, "chosen": chosen, **r})
+    for prec, label, d in fid_cells:
+        r = res[cell_job[("fid", prec, label, d)]]
+        if d == 0:
+            R["fid"]["rows"][f"{prec}:{label}"] = r
+        R["fid"]["draws"].setdefault(f"{prec}:{label}", []).append(r)
+    R["rows"], R["row_draws"] = rows, row_draws
+    write()
+
+    # ---- paired bootstrap CIs: each Q-Sched row against its original schedule; "best" also against fp32
+    if env.evaluator is None:
+        return
+    pjobs: dict[str, Job] = {}
+    wants: list[tuple[dict[str, Any], str, str]] = []
+    for st, by_prec in row_draws.items():
+        for prec, by_label in by_prec.items():
+            for label, lst in by_label.items():
+                for e in lst:
+                    targets = {"vs_original": rows[st][prec if label != "fp32-tuned" else "fp32"]["original"]}
+                    if label == "qsched-best" and prec != "fp32":
+                        targets["vs_fp32"] = rows[st]["fp32"]["original"]
+                    for what, a in targets.items():
+                        if e["schedule"] is None and what == "vs_original":
+                            e[what] = {k: dict(_ZERO) for k in ("fd", "fd2", "accuracy", "jaq")
+                                       if k != "fd2" or env.features2 is not None}
+                            continue
+                        if "file" not in a or "file" not in e:
+                            continue
+                        conf = {"a": a["file"], "b": e["file"], "boot": "qsched.paired/1"}
+                        j = Job("paired", f"{st}s-{config_hash(conf)[:10]}", conf, _paired_unit(env, a, e),
+                                f"paired bootstrap {st} steps {prec} {label} draw {e['draw']} {what}")
+                        wants.append((e, what, _add(pjobs, j)))
+    done = dict(zip(pjobs, units.run_all(list(pjobs.values()))))
+    for e, what, tag in wants:
+        e[what] = done[tag]
     write()
 
 

@@ -28,6 +28,41 @@ def _row_metrics(R: dict[str, Any], steps: int, prec: str, label: str) -> dict[s
     return None if r is None else r["row"]
 
 
+def _draws(R: dict[str, Any], steps: int, prec: str, label: str) -> list[dict[str, Any]]:
+    """Section 1's per-draw entries of one Q-Sched / fp32-tuned row (each with ``row`` and its paired CIs)."""
+    return R.get("row_draws", {}).get(str(steps), {}).get(prec, {}).get(label) or []
+
+
+def _calib_draw(R: dict[str, Any], steps: int, prec: str, draw: int) -> dict[str, Any]:
+    lst = R.get("calibration_draws", {}).get(str(steps), {}).get(prec) or []
+    return lst[draw] if draw < len(lst) else {}
+
+
+def _ms(vals: list[Any], nd: int = 3) -> str:
+    """"mean ± sd" of the defined values ("mean" for one, "-" for none)."""
+    import numpy as np
+
+    v = [float(x) for x in vals if x is not None]
+    if not v:
+        return "-"
+    m = float(np.mean(v))
+    return f"{m:.{nd}f}" if len(v) < 2 else f"{m:.{nd}f} ± {float(np.std(v, ddof=1)):.{nd}f}"
+
+
+def _delta(ds: list[dict[str, Any]], what: str, key: str, nd: int = 2) -> str:
+    """Mean paired change over draws with "(better / worse)": draws whose CI excludes 0 on either side."""
+    from qsched.paired import LOWER_IS_BETTER
+
+    cis = [e[what][key] for e in ds if isinstance(e.get(what), dict) and key in e[what]]
+    if not cis:
+        return "-"
+    mean = sum(c["diff"] for c in cis) / len(cis)
+    lo_good = key in LOWER_IS_BETTER
+    better = sum((c["ci_high"] < 0) if lo_good else (c["ci_low"] > 0) for c in cis)
+    worse = sum((c["ci_low"] > 0) if lo_good else (c["ci_high"] < 0) for c in cis)
+    return f"{mean:+.{nd}f} ({better} / {worse})"
+
+
 def _chosen(R: dict[str, Any], steps: int, prec: str) -> str | None:
     return R.get("calibrations", {}).get(str(steps), {}).get(prec, {}).get("_chosen")
 
@@ -43,14 +78,24 @@ def headline_table(R: dict[str, Any], steps: int | None = None) -> str:
     for prec in s.get("precisions", PRECISIONS):
         cells = []
         for label in ROW_LABELS:
-            m = _row_metrics(R, steps, prec, label)
-            cell = "pending" if m is None else f"{_f(m.get('fd'), 2)} / {_f(m.get('accuracy'), 3)} / {_f(m.get('jaq'), 2)}"
-            if label == "qsched-best" and m is not None and _chosen(R, steps, prec):
-                cell += f" ({_chosen(R, steps, prec)})"
+            ds = _draws(R, steps, prec, label) if label != "original" else []
+            rows = [e["row"] for e in ds] or ([m] if (m := _row_metrics(R, steps, prec, label)) else [])
+            if not rows:
+                cells.append("pending")
+                continue
+            mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("fd", "accuracy", "jaq")
+                    if all(r.get(k) is not None for r in rows)}
+            cell = f"{_f(mean.get('fd'), 2)} / {_f(mean.get('accuracy'), 3)} / {_f(mean.get('jaq'), 2)}"
+            if label == "qsched-best" and ds:
+                cell += " (" + ", ".join(e.get("chosen") or "none" for e in ds) + ")"
             cells.append(cell)
         lines.append(f"| {prec} | " + " | ".join(cells) + " |")
-    lines += ["", "In the fp32 row the Q-Sched columns are the fp32 model with schedules calibrated on itself; "
-              "\"fp32 tuned\" is the fp32 model with the schedule calibrated on fp32 (best parametrization).", "",
+    n = int(s.get("calib_draws", 1))
+    lines += ["", f"Q-Sched and fp32-tuned cells: mean over {n} calibration draw{'s' if n > 1 else ''} (Q-Sched best: "
+              "each draw's choice; none = no parametrization validated, the original schedule kept). In the fp32 row "
+              "the Q-Sched columns are the fp32 model with schedules calibrated on itself; \"fp32 tuned\" is the "
+              "fp32 model with the schedule calibrated on fp32 (best parametrization). Spread and paired CIs: "
+              "BENCHMARKS.md section 1.", "",
               f"Produced by `{R.get('command', 'python -m qsched.bench')}`"
               + (" (QUICK MODE: reduced settings, not the published numbers)." if s.get("mode") == "quick" else ".")]
     return "\n".join(lines) + "\n"
@@ -79,39 +124,53 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
           "with the testbed's tiny CLIP on the held-out prompts; calib JAQ: the best JAQ on the calibration "
           "prompts (naive = identity schedule).", ""]
     cals = R.get("calibrations", {})
+    n_draws = int(s.get("calib_draws", 1))
+    L += [f"Q-Sched and fp32-tuned rows: mean ± sd over {n_draws} calibration draws (draw d: `testbed-calib` "
+          f"shuffled with seed d, split into {s['calib_prompts']} search and {s['val_prompts']} validation prompts, "
+          "TPE seed d); 'chosen' lists each draw's parametrization. Δ columns: change against the same precision "
+          "with its original schedule (fp32 tuned: against fp32 original), mean over draws, and in brackets how "
+          "many draws' paired bootstrap 95% CI over the same images excludes 0 on the good / bad side. FD2: the "
+          "independently trained extractor's FD (`qsched.testbed.features2`). 'vs fp32': Q-Sched best against "
+          "fp32 with its original schedule, the same way.", ""]
     for steps in s["steps"]:
         L += [f"### {steps} step{'s' if steps > 1 else ''}", "",
-              "| precision | schedule | calib JAQ | FD | accuracy | JAQ | CLIPScore | IQ | non-finite |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| precision | schedule | chosen | calib JAQ | FD | accuracy | JAQ | IQ | ΔFD | ΔFD2 | Δacc | "
+              "ΔFD vs fp32 | non-finite |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for prec in s["precisions"]:
             c = cals.get(str(steps), {}).get(prec, {})
-            fp = cals.get(str(steps), {}).get("fp32", {})
             for label in ROW_LABELS:
                 if prec == "fp32" and label == "fp32-tuned":
                     continue  # the same row as fp32 self-tuned best
-                m = _row_metrics(R, steps, prec, label)
+                name = _LABEL_TEXT[label].replace("Q-Sched", "fp32 self-tuned") if prec == "fp32" else \
+                    _LABEL_TEXT[label]
                 if label == "original":
-                    cj = (c.get("linear") or {}).get("naive", {}) or {}
-                    cj = cj.get("jaq")
-                    name = "original"
-                elif label == "qsched-linear":
-                    cj, name = (c.get("linear") or {}).get("best", {}).get("jaq"), "Q-Sched linear"
-                elif label == "qsched-best":
-                    ch = c.get("_chosen")
-                    cj = (c.get(ch) or {}).get("best", {}).get("jaq") if ch else None
-                    name = f"Q-Sched best ({ch or 'none validated: original'})"
-                else:
-                    ch = fp.get("_chosen")
-                    cj = (fp.get(ch) or {}).get("best", {}).get("jaq") if ch else None
-                    name = f"fp32 tuned ({ch or 'none validated: original'})"
-                if prec == "fp32" and label != "original":
-                    name = name.replace("Q-Sched", "fp32 self-tuned")
-                if m is None:
-                    L.append(f"| {prec} | {name} | {_f(cj)} | pending | | | | | |")
+                    m = _row_metrics(R, steps, prec, label)
+                    cj = ((c.get("linear") or {}).get("naive") or {}).get("jaq")
+                    if m is None:
+                        L.append(f"| {prec} | {name} | - | {_f(cj)} | pending | | | | | | | | |")
+                        continue
+                    L.append(f"| {prec} | {name} | - | {_f(cj)} | {_f(m.get('fd'))} | {_f(m.get('accuracy'))} | "
+                             f"{_f(m.get('jaq'))} | {_f(m.get('iq'))} | | | | | {_f(m.get('n_nonfinite'))} |")
                     continue
-                L.append(f"| {prec} | {name} | {_f(cj)} | {_f(m.get('fd'))} | {_f(m.get('accuracy'))} | "
-                         f"{_f(m.get('jaq'))} | {_f(m.get('clipscore'), 2)} | {_f(m.get('iq'))} | "
-                         f"{_f(m.get('n_nonfinite'))} |")
+                ds = _draws(R, steps, prec, label)
+                if not ds:
+                    L.append(f"| {prec} | {name} | | | pending | | | | | | | | |")
+                    continue
+                rows = [e["row"] for e in ds]
+                cal_prec = "fp32" if label == "fp32-tuned" else prec
+                cj = []
+                for e in ds:
+                    cdraw = _calib_draw(R, steps, cal_prec, e["draw"])
+                    ch = e.get("chosen")
+                    if ch and cdraw.get(ch):
+                        cj.append(cdraw[ch]["best"]["jaq"])
+                chosen = ", ".join(e.get("chosen") or "none" for e in ds)
+                L.append(f"| {prec} | {name} | {chosen} | {_ms(cj)} | {_ms([r.get('fd') for r in rows])} | "
+                         f"{_ms([r.get('accuracy') for r in rows], 3)} | {_ms([r.get('jaq') for r in rows], 2)} | "
+                         f"{_ms([r.get('iq') for r in rows])} | {_delta(ds, 'vs_original', 'fd')} | "
+                         f"{_delta(ds, 'vs_original', 'fd2')} | {_delta(ds, 'vs_original', 'accuracy', 3)} | "
+                         f"{_delta(ds, 'vs_fp32', 'fd') if label == 'qsched-best' and prec != 'fp32' else ''} | "
+                         f"{_ms([r.get('n_nonfinite') for r in rows], 0)} |")
         L.append("")
     # parametrization selection table
     L += ["### Calibration JAQ by parametrization, and the validation gain that chooses (selection data)", "",
@@ -172,43 +231,48 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
 
 
 def _findings(R: dict[str, Any]) -> list[str]:
-    """Plain statements, with numbers, of where Q-Sched helps and where it does not. No "beats fp32" claims: these
-    rows are single evaluations without intervals (the default-path section has the paired CIs)."""
+    """Plain statements, with numbers and paired CIs over draws, of where Q-Sched helps and where it does not."""
     s = R["settings"]
     out = []
+
+    def count(ds: list[dict[str, Any]], what: str, key: str) -> tuple[float, int, int, int]:
+        from qsched.paired import LOWER_IS_BETTER
+
+        cis = [e[what][key] for e in ds if isinstance(e.get(what), dict) and key in e[what]]
+        lo = key in LOWER_IS_BETTER
+        good = sum((c["ci_high"] < 0) if lo else (c["ci_low"] > 0) for c in cis)
+        bad = sum((c["ci_low"] > 0) if lo else (c["ci_high"] < 0) for c in cis)
+        return (sum(c["diff"] for c in cis) / len(cis) if cis else 0.0), good, bad, len(cis)
+
     for steps in s["steps"]:
-        fo = _row_metrics(R, steps, "fp32", "original")
-        ft = _row_metrics(R, steps, "fp32", "fp32-tuned")
         for prec in [p for p in s["precisions"] if p != "fp32"]:
-            o = _row_metrics(R, steps, prec, "original")
             for label in ("qsched-linear", "qsched-best"):
-                q = _row_metrics(R, steps, prec, label)
-                if o is None or q is None or o.get("fd") is None or q.get("fd") is None:
+                ds = _draws(R, steps, prec, label)
+                if not ds or not any("vs_original" in e for e in ds):
                     continue
-                name = f"{steps}-step {prec} {_LABEL_TEXT[label]}" + (
-                    f" ({_chosen(R, steps, prec)})" if label == "qsched-best" else "")
-                worse, better = [], []
-                for key, what, lower in (("fd", "FD", True), ("accuracy", "accuracy", False),
-                                         ("jaq", "held-out JAQ", False)):
-                    a, b = o.get(key), q.get(key)
-                    if a is None or b is None or a == b:
-                        continue
-                    nd = next((k for k in range(4, 9) if f"{a:.{k}g}" != f"{b:.{k}g}"), 9)
-                    txt = f"{what} {a:.{nd}g} -> {b:.{nd}g}"
-                    ((better if (b < a) == lower else worse)).append(txt)
-                if not worse and not better:
-                    out.append(f"{name}: no change (calibration kept the identity schedule or an equivalent one).")
-                elif q["fd"] > o["fd"]:
-                    out.append(f"**Does not help**: {name} vs the original schedule: worse {'; '.join(worse)}"
-                               + (f"; better {'; '.join(better)}" if better else "") + ".")
-                elif worse:
-                    out.append(f"**Mixed**: {name} vs the original schedule: better {'; '.join(better)}; worse "
-                               f"{'; '.join(worse)}.")
+                name = f"{steps}-step {prec} {_LABEL_TEXT[label]}"
+                fd, fd_g, fd_b, n = count(ds, "vs_original", "fd")
+                ac, ac_g, ac_b, _ = count(ds, "vs_original", "accuracy")
+                txt = (f"FD {fd:+.2f} (better beyond noise in {fd_g} of {n} draws, worse in {fd_b}), accuracy "
+                       f"{ac:+.3f} (better in {ac_g}, worse in {ac_b})")
+                if fd_b or ac_b:
+                    out.append(f"**Hurts in some draws**: {name} vs the original schedule: {txt}.")
+                elif fd_g or ac_g:
+                    out.append(f"{name} helps: {txt}.")
                 else:
-                    out.append(f"{name} helps: " + "; ".join(better) + ".")
-        if fo is not None and ft is not None and fo.get("fd") is not None and ft.get("fd") is not None:
-            out.append(f"{steps}-step fp32: a tuned schedule alone moves FD {fo['fd']:.4g} -> {ft['fd']:.4g} "
-                       f"({'better' if ft['fd'] < fo['fd'] else 'worse or equal'}).")
+                    out.append(f"{name}: no change beyond noise ({txt}).")
+                if label == "qsched-best":
+                    fd, g, b, n = count(ds, "vs_fp32", "fd")
+                    ac, ag, ab, _ = count(ds, "vs_fp32", "accuracy")
+                    if n:
+                        out.append(f"{name} vs **fp32** with its original schedule: FD {fd:+.2f} (better beyond noise "
+                                   f"in {g} of {n} draws, worse in {b}), accuracy {ac:+.3f} (better in {ag}, worse "
+                                   f"in {ab}).")
+        ds = _draws(R, steps, "fp32", "fp32-tuned")
+        if ds and any("vs_original" in e for e in ds):
+            fd, g, b, n = count(ds, "vs_original", "fd")
+            out.append(f"{steps}-step fp32: a tuned schedule alone moves FD by {fd:+.2f} (better beyond noise in {g} "
+                       f"of {n} draws, worse in {b}).")
     return out
 
 
@@ -379,7 +443,7 @@ def render_markdown(R: dict[str, Any]) -> str:
           f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'] or [])}; {m['os']}",
           "- Versions: " + ", ".join(f"{k} {v}" for k, v in R["versions"].items()),
           f"- Model: `{R['env']}`; seeds: calibration images {s['calib_seed']}*100003+i, evaluation "
-          f"{_eval_seed_text(R)}; Optuna sampler seed 0 (section 1) and {list(s['search_seeds'])} (section 2)",
+          f"{_eval_seed_text(R)}; Optuna sampler seed d in calibration draw d (section 1) and {list(s['search_seeds'])} (section 2)",
           f"- Units computed this run: {len(R.get('computed', []))}, reused: {len(R.get('skipped', []))}", ""]
     L += ["## Headline", "", headline_table(R).rstrip(), ""]
     L += _quality_section(R)

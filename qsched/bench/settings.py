@@ -35,6 +35,7 @@ class BenchSettings:
     val_prompts: int = defaults.VALIDATION_PROMPTS  # testbed-calib, disjoint from the search prompts
     calib_trials: int = 50
     calib_seed: int = 0
+    calib_draws: int = 3  # section 1: calibration draws per Q-Sched row (other prompts and TPE seed per draw)
     eval_images: int = 5000
     eval_seed: int = 10_000
     eval_batch: int = 50
@@ -86,7 +87,7 @@ class BenchSettings:
         self.default_specs = tuple(QuantSpec.parse(x).name for x in self.default_specs)
         if self.sd15 not in ("run", "read", "skip"):
             raise ValueError(f"sd15 must be 'run', 'read' or 'skip', got {self.sd15!r}")
-        for name in ("calib_prompts", "val_prompts", "calib_trials", "default_draws", "default_images",
+        for name in ("calib_prompts", "val_prompts", "calib_trials", "calib_draws", "default_draws", "default_images",
                      "default_search_prompts", "default_val_prompts", "default_trials", "eval_images", "fid_images",
                      "eval_batch", "grid_points", "search_trials", "speed_batch", "speed_steps", "speed_repeats"):
             if int(getattr(self, name)) < 1:
@@ -105,7 +106,7 @@ class BenchSettings:
         network at 299x299 and the 2048-d statistics are slow on a CPU; ask with ``fid_rows``); SD1.5
         numbers read from an earlier run if present (never run)."""
         base: dict[str, Any] = dict(
-            mode="quick", steps=(4,), calib_prompts=10, val_prompts=6, calib_trials=6, default_draws=2,
+            mode="quick", steps=(4,), calib_prompts=10, val_prompts=6, calib_trials=6, calib_draws=2, default_draws=2,
             default_images=48, default_search_prompts=6, default_val_prompts=6, default_trials=6, eval_images=96, eval_batch=48,
             fid_images=48, fid_rows=(), grid_points=5, search_trials=8, search_seeds=(0, 1, 2), speed_batch=8,
             speed_repeats=5, overhead_calls=800, sd15="read")
