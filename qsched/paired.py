@@ -102,4 +102,5 @@ def load_per_image(path: str | Path) -> PerImage:
     d = {_LEGACY.get(k, k): v for k, v in d.items()}
     if "finite" not in d:
         raise CorruptFileError(f"{path} is not a per-image record (no 'finite' array)")
-    return {k: (v.astype(np.float64) if v.ndim == 2 else v) for k, v in d.items()}
+    return {k: (v.astype(np.float64) if v.ndim == 2 else v.astype(bool) if k in ("finite", "accuracy") else v)
+            for k, v in d.items()}
