@@ -209,3 +209,38 @@ def test_model_card_rerenders_and_remeasures_speed(tmp_path):
     assert {k: v for k, v in after.items() if k not in speed_keys} == \
         {k: v for k, v in before.items() if k not in speed_keys}
     assert "re-measured alone" in (tmp_path / "MODEL_CARD.md").read_text()
+
+
+def test_steps_trend_paired_and_resumable(tmp_path, capsys):
+    """qsched.testbed.trend: every row on the same images, paired CIs around their differences, rows reused on a
+    rerun; the card's step targets read those CIs."""
+    from qsched.testbed.card import trend_targets
+    from qsched.testbed.trend import main as trend
+
+    argv = ["--n", "6", "--teacher-n", "4", "--teacher-steps", "2", "--fid-n", "0", "--boot", "10",
+            "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+    t = trend(argv)
+    assert set(t["rows"]) == {"student-1", "student-2", "student-4", "student-8", "teacher"}
+    assert t["rows"]["teacher"]["n"] == 4 and t["rows"]["student-8"]["n"] == 6
+    for name, p in t["pairs"].items():
+        b, a = name.split(" vs ")
+        if a != "teacher":
+            assert p["fd"]["diff"] == pytest.approx(t["rows"][b]["fd"] - t["rows"][a]["fd"], rel=1e-6)
+            assert p["accuracy"]["diff"] == pytest.approx(t["rows"][b]["accuracy"] - t["rows"][a]["accuracy"])
+        for k in ("fd", "fd2", "accuracy", "jaq"):
+            assert p[k]["ci_low"] <= p[k]["diff"] + 1e-9 <= p[k]["ci_high"] + 2e-9, (name, k)
+    assert set(t["pairs"]["student-4 vs teacher"]["ratio"]) == {"fd", "fd2"}
+    assert json.loads((tmp_path / "trend.json").read_text())["rows"] == t["rows"]
+    capsys.readouterr()
+    again = trend(argv)
+    assert "images in" not in capsys.readouterr().out and again["rows"] == t["rows"]  # rows reused, not redrawn
+    # the card's targets: an 8-step CI entirely above 0 is "worse beyond noise"; one that straddles 0 is not
+    fake = {"settings": {"teacher_n": 4, "fid_n": 0}, "pairs": {
+        "student-2 vs student-1": {"fd": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5}},
+        "student-4 vs student-2": {"fd": {"diff": -0.3, "ci_low": -0.6, "ci_high": -0.1}},
+        "student-8 vs student-4": {"fd": {"diff": 0.3, "ci_low": 0.1, "ci_high": 0.5}},
+        "student-4 vs teacher": {"ratio": {"fd": 0.9}}}}
+    got = {name: ok for name, _, ok in trend_targets(fake)}
+    assert got == {"FD improves 1 -> 2 -> 4 steps (both CIs below 0)": True,
+                   "FD: 8 steps no worse than 4 beyond noise (CI not above 0)": False,
+                   "student 4-step FD <= 1.2 x teacher (4 images, trend)": True}
