@@ -83,7 +83,8 @@ def paired_gain(candidate: Sequence[float], baseline: Sequence[float], confidenc
 def validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], prompts: list[str],
               seeds: list[int], steps: int, confidence: float) -> dict[str, Any]:
     """Score the identity and every candidate on the validation prompts/seeds; paired gains with intervals
-    widened (Bonferroni) for the number of candidates."""
+    widened (Bonferroni) for the number of candidates. Per-prompt TC and IQ (means over seeds) are kept in the
+    record, so the decision can be re-examined offline (e.g. under another weighting of TC and IQ)."""
     def per_prompt(s: JAQScore) -> dict[str, np.ndarray]:
         tc, iq = np.asarray(s.tc_per_image), np.asarray(s.iq_per_image)
         return {"jaq": per_prompt_means(tc + s.k * iq, len(prompts)), "tc": per_prompt_means(tc, len(prompts)),
@@ -101,10 +102,11 @@ def validate(run_schedule: Callable[..., JAQScore], cands: dict[str, Schedule], 
         worse = [k for k, g in parts.items() if g.ci_high < 0]
         rows.append({"name": name, "schedule": sched.to_dict(), "jaq": sc.jaq, "tc": sc.tc, "iq": sc.iq,
                      "gain": gain.to_dict(), "tc_gain": parts["tc"].to_dict(), "iq_gain": parts["iq"].to_dict(),
-                     "worse": worse})
+                     "worse": worse, "per_prompt": {k: pp[k].tolist() for k in ("tc", "iq")}})
     best = max(rows, key=lambda r: r["gain"]["mean"])["name"] if rows else None
     return {"prompts": prompts, "seeds": seeds, "confidence": confidence, "interval_level": level,
-            "identity": {"jaq": ident.jaq, "tc": ident.tc, "iq": ident.iq}, "candidates": rows,
+            "identity": {"jaq": ident.jaq, "tc": ident.tc, "iq": ident.iq,
+                         "per_prompt": {k: base[k].tolist() for k in ("tc", "iq")}}, "candidates": rows,
             "best_candidate": best}
 
 

@@ -110,6 +110,11 @@ def test_a_gain_bought_with_worse_alignment_is_reported(qpipe):
     assert r.decision == "qsched" and best["gain"]["ci_low"] > 0
     assert best["worse"] == ["tc"] and best["tc_gain"]["ci_high"] < 0 < best["iq_gain"]["ci_low"]
     assert "although text-image alignment (TC) fell by" in r.verdict
+    # the record keeps per-prompt TC and IQ: the gain can be recomputed offline (here, and under another k)
+    ident = r.validation["identity"]["per_prompt"]
+    d = [ct + 300.0 * ci - it - 300.0 * ii for ct, ci, it, ii in
+         zip(best["per_prompt"]["tc"], best["per_prompt"]["iq"], ident["tc"], ident["iq"])]
+    assert len(d) == len(VALID) and sum(d) / len(d) == pytest.approx(best["gain"]["mean"], rel=1e-6)
     # alignment that does not fall: nothing to report
     flat_tc = lambda images, prompts: torch.zeros(len(images))  # noqa: E731
     r2 = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(flat_tc, BrightIQ(), k=300.0),
