@@ -102,6 +102,21 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
         for label in ("original", "qsched-linear", "qsched-best", "fp32-tuned"):
             row = R["rows"]["2"][prec][label]["row"]
             assert 0.0 <= row["accuracy"] <= 1.0 and row["fd"] >= 0 and row["n_images"] == 6
+    # every Q-Sched row: one entry per calibration draw, each with its paired CIs against the original schedule
+    # (exactly 0 where the draw kept the original), "best" also against fp32's original
+    for label in ("qsched-linear", "qsched-best", "fp32-tuned"):
+        ds = R["row_draws"]["2"]["w4a8"][label]
+        assert [e["draw"] for e in ds] == [0, 1]
+        for e in ds:
+            v = e["vs_original"]
+            assert v["fd"]["ci_low"] <= v["fd"]["diff"] + 1e-9 and v["fd"]["diff"] <= v["fd"]["ci_high"] + 1e-9
+            if e["schedule"] is None:
+                assert v["fd"]["diff"] == v["accuracy"]["diff"] == 0.0
+            assert ("vs_fp32" in e) == (label == "qsched-best")
+    orig = R["rows"]["2"]["w4a8"]["original"]["row"]
+    for e in R["row_draws"]["2"]["w4a8"]["qsched-linear"]:
+        assert e["vs_original"]["fd"]["diff"] == pytest.approx(e["row"]["fd"] - orig["fd"], rel=1e-5, abs=1e-9)
+    assert "mean ± sd over 2 calibration draws" in md and "Do the classifier's FD and Inception FID agree" in md
     assert R["prompts"]["disjoint"] and not set(R["prompts"]["calibration"]["prompts"]) & set(
         __import__("qsched.prompts", fromlist=["x"]).load_prompts("testbed-heldout", n=6).prompts)
     assert set(R["fid"]["rows"]) == {"fp32:original", "w4a8:qsched-best"}

@@ -125,6 +125,13 @@ def _paired_unit(env: BenchEnv, a: dict[str, Any], b: dict[str, Any]) -> Callabl
 _ZERO = {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
 
 
+def _sha1(path: str) -> str:
+    """Content hash of a per-image record (a paired unit is keyed by what it compares, not by where it lies)."""
+    import hashlib
+
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
 def _add(jobs: dict[str, Job], job: Job) -> str:
     """Add ``job`` unless the same unit (kind, name, config) is already listed; its key."""
     key = f"{job.tag}:{config_hash(job.config)}"
@@ -278,7 +285,7 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                             continue
                         if "file" not in a or "file" not in e:
                             continue
-                        conf = {"a": a["file"], "b": e["file"], "boot": "qsched.paired/1"}
+                        conf = {"a": _sha1(a["file"]), "b": _sha1(e["file"]), "boot": "qsched.paired/1"}
                         j = Job("paired", f"{st}s-{config_hash(conf)[:10]}", conf, _paired_unit(env, a, e),
                                 f"paired bootstrap {st} steps {prec} {label} draw {e['draw']} {what}")
                         wants.append((e, what, _add(pjobs, j)))

@@ -63,6 +63,36 @@ def _delta(ds: list[dict[str, Any]], what: str, key: str, nd: int = 2) -> str:
     return f"{mean:+.{nd}f} ({better} / {worse})"
 
 
+def _agreement(R: dict[str, Any], fid_of: Any) -> list[str]:
+    """One line per comparison with FID on both sides: the change in FD and in FID, and whether they agree."""
+    s = R["settings"]
+    st = s["headline_steps"]
+
+    def fd_of(prec: str, label: str) -> float | None:
+        ds = _draws(R, st, prec, label) if label != "original" else []
+        vals = [e["row"].get("fd") for e in ds] or [(_row_metrics(R, st, prec, label) or {}).get("fd")]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    out = []
+    quant = [p for p in s["precisions"] if p != "fp32"]
+    pairs = [((p, "original"), ("fp32", "original")) for p in quant] + \
+            [((p, "qsched-best"), (p, "original")) for p in quant]
+    for (pb, lb), (pa, la) in pairs:
+        fb, fa = fid_of(f"{pb}:{lb}"), fid_of(f"{pa}:{la}")
+        db, da = fd_of(pb, lb), fd_of(pa, la)
+        if None in (fb, fa, db, da):
+            continue
+        d_fid, d_fd = fb - fa, db - da
+        if abs(d_fid) < 1e-9 and abs(d_fd) < 1e-9:
+            verdict = "identical rows (the original schedule was kept)"
+        else:
+            verdict = "**agree**" if (d_fid > 0) == (d_fd > 0) else "**disagree**: trust Inception FID"
+        out.append(f"- {pb} {_LABEL_TEXT[lb]} vs {pa} {_LABEL_TEXT[la]}: FD {d_fd:+.2f}, Inception FID {d_fid:+.2f}: "
+                   f"{verdict}")
+    return out
+
+
 def _chosen(R: dict[str, Any], steps: int, prec: str) -> str | None:
     return R.get("calibrations", {}).get(str(steps), {}).get(prec, {}).get("_chosen")
 
@@ -219,10 +249,19 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
               "| precision | " + " | ".join(_LABEL_TEXT[lab] for lab in ROW_LABELS) + " |",
               "|---|" + "---|" * len(ROW_LABELS)]
         rows = fid.get("rows", {})
+        draws = fid.get("draws", {})
+
+        def fid_of(key: str) -> float | None:
+            vals = [r["row"].get("fid") for r in draws.get(key) or ([rows[key]] if key in rows else [])]
+            vals = [v for v in vals if v is not None]
+            return sum(vals) / len(vals) if vals else None
+
         for prec in s["precisions"]:
-            cells = [_f(rows[f"{prec}:{lab}"]["row"].get("fid"), 2) if f"{prec}:{lab}" in rows else "-"
-                     for lab in ROW_LABELS]
+            cells = [_f(fid_of(f"{prec}:{lab}"), 2) for lab in ROW_LABELS]
             L.append(f"| {prec} | " + " | ".join(cells) + " |")
+        L += ["", "Q-Sched cells: mean over the calibration draws. Do the classifier's FD and Inception FID agree in "
+              "direction on these comparisons (FD: the 2,000-image rows above, mean over draws)?", ""]
+        L += _agreement(R, fid_of) or ["- no comparison has both FID rows"]
         L.append("")
     if R.get("samples_png"):
         L += ["### Samples", "", f"Rows: {', '.join(R.get('samples_rows', []))}; columns: the first evaluation "
