@@ -79,6 +79,7 @@ from qsched.quantization import (
     _QuantBase,
     _set_submodule,
     _unpack,
+    fake_quant_per_token,
     quantized_layers,
 )
 from qsched.runner import denoiser_of
@@ -98,17 +99,18 @@ class KernelError(ValueError):
 # ------------------------------------------------------------------------------------------ numerics
 
 
-def quantize_activations(x32: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int codes (int8) and float32 scales over the last dim of float32 ``x32``.
+def quantize_activations(x32: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int codes (int8) and float32 scales over dim ``dim`` of float32 ``x32``.
 
     The same arithmetic as :func:`qsched.quantization.fake_quant_per_token`, so ``codes * scale`` equals its
-    output bit for bit. ``bits`` must be 2..8.
+    output bit for bit. ``bits`` must be 2..8. The codes keep ``x32``'s layout (a conv input is reduced over its
+    channel dim in place, which is faster than over a permuted view's last dim for few channels).
     """
     if not 2 <= bits <= 8:
         raise KernelError(f"int8 activation codes need 2..8 bits, got {bits}")
     qmax = 2 ** (bits - 1) - 1
-    scale = x32.abs().amax(dim=-1, keepdim=True).div(qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = x32.abs().amax(dim=dim, keepdim=True).div_(qmax)
+    scale = torch.where(scale > 0, scale, 1.0)
     codes = torch.div(x32, scale).round_().clamp_(-qmax, qmax).to(torch.int8)
     return codes, scale
 
@@ -220,7 +222,9 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
 def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(M, P*N) float32 activation-scaled accumulators -> (M, N): apply the P plane scales, add the bias."""
     p, n = scales.shape
-    y = acc[:, :n].mul(scales[0]) if p > 1 else acc.mul_(scales[0])
+    if p == 1:  # one fused op: bias + acc * scale
+        return acc.mul_(scales[0]) if bias is None else torch.addcmul(bias.float(), acc, scales[0])
+    y = acc[:, :n].mul(scales[0])
     for i in range(1, p):
         y.addcmul_(acc[:, i * n:(i + 1) * n], scales[i])
     if bias is not None:
@@ -232,40 +236,67 @@ def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) 
 
 
 class _Int8Base(nn.Module):
-    weight_int8: torch.Tensor
-    weight_scales: torch.Tensor
+    weight_int8: torch.Tensor | None
+    weight_scales: torch.Tensor | None
+    weight_float: torch.Tensor | None
 
-    def _init_from(self, layer: _QuantBase, codes: torch.Tensor, scales: torch.Tensor, exact: bool) -> None:
+    def _init_from(self, layer: _QuantBase, codes: torch.Tensor, scales: torch.Tensor, exact: bool,
+                   min_tokens: float) -> None:
         self.spec = layer.spec
         self.act_bits = layer.spec.act_bits
         self.planes = codes.shape[0]
         self.exact = exact
         self.register_buffer("weight_scales", scales.contiguous().to(layer.qweight.device))
         self.bias = layer.bias
+        # Small-call fallback: calls with fewer than ``min_tokens`` GEMM rows run the simulated computation
+        # (fake-quantized activations, float op) on the dequantized weight, cached once in the layer's dtype:
+        # the very arithmetic of the simulated layer, faster than int8 where per-call overhead dominates.
+        self.min_tokens = min_tokens
+        self.register_buffer("weight_float", layer.dequantize() if min_tokens > 0 else None, persistent=False)
+        if min_tokens == float("inf"):  # never int8: keep only the float weight
+            self.weight_int8 = None
+            self.weight_scales = None
+
+    @property
+    def int8_path(self) -> str:
+        """Which computation the layer runs: "int8", "simulated" (small layer) or "int8 from N tokens"."""
+        if self.min_tokens == 0:
+            return "int8"
+        if self.min_tokens == float("inf"):
+            return "simulated"
+        return f"int8 from {int(self.min_tokens)} tokens, simulated below"
 
     def _extra(self) -> str:
-        return f"spec={self.spec.name}, planes={self.planes}, exact={self.exact}"
+        if self.min_tokens == float("inf"):
+            return (f"spec={self.spec.name}, path=simulated (too small for int8 to gain; dequantized weight cached "
+                    f"in {str(self.weight_float.dtype).replace('torch.', '')})")
+        path = "" if self.min_tokens == 0 else f", path=int8 from {int(self.min_tokens)} tokens, simulated below " \
+                                               f"(dequantized weight cached)"
+        return f"spec={self.spec.name}, planes={self.planes}, exact={self.exact}{path}"
 
 
 class Int8Linear(_Int8Base):
     """``nn.Linear`` on int8 kernels: per-token int8 activation codes x int8 weight planes -> int32 -> float."""
 
-    def __init__(self, layer: QuantLinear, planes: int = 2) -> None:
+    def __init__(self, layer: QuantLinear, planes: int = 2, min_tokens: float = 0) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         codes, scales, exact = weight_planes(layer, planes)
         # (P*N, K) row-major; the GEMM reads its transpose (measured as fast as a (K, N) copy).
         self.register_buffer("weight_int8", codes.reshape(-1, self.in_features).contiguous().to(layer.qweight.device))
-        self._init_from(layer, codes, scales, exact)
+        self._init_from(layer, codes, scales, exact, min_tokens)
 
     @classmethod
-    def from_quant(cls, layer: QuantLinear, planes: int = 2) -> "Int8Linear":
-        """Build from a simulated :class:`QuantLinear` (its codes, scales and bias)."""
-        return cls(layer, planes)
+    def from_quant(cls, layer: QuantLinear, planes: int = 2, min_tokens: float = 0) -> "Int8Linear":
+        """Build from a simulated :class:`QuantLinear` (its codes, scales and bias); ``min_tokens``: calls with
+        fewer rows run the simulated computation (0: always int8; inf: never)."""
+        return cls(layer, planes, min_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] < self.min_tokens:
+            return F.linear(fake_quant_per_token(x, self.act_bits, dim=-1), self.weight_float, self.bias)
         if x2.shape[0] == 0:
             return x.new_zeros(*lead, self.out_features)
         codes, sx = quantize_activations(x2.float(), self.act_bits)
@@ -280,7 +311,7 @@ class Int8Linear(_Int8Base):
 class Int8Conv2d(_Int8Base):
     """``nn.Conv2d`` (groups=1) on int8 kernels: a shifted int8 GEMM per kernel offset, per-token scales."""
 
-    def __init__(self, layer: QuantConv2d, planes: int = 2) -> None:
+    def __init__(self, layer: QuantConv2d, planes: int = 2, min_tokens: float = 0) -> None:
         super().__init__()
         if layer.groups != 1:
             raise KernelError(f"Int8Conv2d supports groups=1 only, got groups={layer.groups}")
@@ -296,12 +327,22 @@ class Int8Conv2d(_Int8Base):
         w = codes.reshape(p, self.out_channels, self.in_channels, kh * kw).permute(3, 0, 1, 2)
         self.register_buffer("weight_int8", w.reshape(kh * kw, p * self.out_channels, self.in_channels)
                              .contiguous().to(layer.qweight.device))
-        self._init_from(layer, codes, scales, exact)
+        self._init_from(layer, codes, scales, exact, min_tokens)
 
     @classmethod
-    def from_quant(cls, layer: QuantConv2d, planes: int = 2) -> "Int8Conv2d":
-        """Build from a simulated :class:`QuantConv2d` (its codes, scales and bias)."""
-        return cls(layer, planes)
+    def from_quant(cls, layer: QuantConv2d, planes: int = 2, min_tokens: float = 0) -> "Int8Conv2d":
+        """Build from a simulated :class:`QuantConv2d` (its codes, scales and bias); ``min_tokens``: calls with
+        fewer output positions run the simulated computation (0: always int8; inf: never)."""
+        return cls(layer, planes, min_tokens)
+
+    def _simulated(self, x: torch.Tensor) -> torch.Tensor:
+        """The simulated layer's computation (QuantConv2d.forward) on the cached dequantized weight."""
+        x = fake_quant_per_token(x, self.act_bits, dim=1 if x.dim() == 4 else 0)
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), self.weight_float, self.bias, self.stride, 0,
+                            self.dilation)
+        return F.conv2d(x, self.weight_float, self.bias, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == 3
@@ -310,19 +351,28 @@ class Int8Conv2d(_Int8Base):
         dtype = x.dtype
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         ph, pw = self.padding
+        b, c, h, w = x.shape
+        hp, wp = h + 2 * ph, w + 2 * pw
+        ho = (hp - dh * (kh - 1) - 1) // sh + 1
+        wo = (wp - dw * (kw - 1) - 1) // sw + 1
+        m = b * ho * wo
+        if m < self.min_tokens:
+            y = self._simulated(x)
+            return y.squeeze(0) if unbatched else y
         if self.padding_mode != "zeros":  # pad the float input (same values as padding the quantized one)
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             ph = pw = 0
-        b, c, h, w = x.shape
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         n_all = self.weight_int8.shape[1]
-        m = b * ho * wo
-        codes, sx = quantize_activations(x.permute(0, 2, 3, 1).float(), self.act_bits)  # NHWC, scale per (n,h,w)
-        codes = codes.contiguous()
+        # Quantize in the input's own layout (reduction over channels), then one int8 copy to NHWC, padded.
+        codes, sx = quantize_activations(x.float(), self.act_bits, dim=1)
         if ph or pw:
-            codes = F.pad(codes, (0, 0, pw, pw, ph, ph))
-            sx = F.pad(sx, (0, 0, pw, pw, ph, ph), value=1.0)
+            cp = codes.new_zeros(b, hp, wp, c)
+            cp[:, ph:ph + h, pw:pw + w].copy_(codes.permute(0, 2, 3, 1))
+            sp = sx.new_ones(b, hp, wp, 1)
+            sp[:, ph:ph + h, pw:pw + w].copy_(sx.permute(0, 2, 3, 1))
+            codes, sx = cp, sp
+        else:
+            codes, sx = codes.permute(0, 2, 3, 1).contiguous(), sx.permute(0, 2, 3, 1)
         acc: torch.Tensor | None = None
         for i in range(kh):
             for j in range(kw):
