@@ -220,13 +220,13 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
 
 
 def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(M, P*N) float32 activation-scaled accumulators -> (M, N): apply the P plane scales, add the bias."""
+    """(..., P*N) float32 activation-scaled accumulators -> (..., N): apply the P plane scales, add the bias."""
     p, n = scales.shape
     if p == 1:  # one fused op: bias + acc * scale
         return acc.mul_(scales[0]) if bias is None else torch.addcmul(bias.float(), acc, scales[0])
-    y = acc[:, :n].mul(scales[0])
+    y = acc[..., :n].mul(scales[0])
     for i in range(1, p):
-        y.addcmul_(acc[:, i * n:(i + 1) * n], scales[i])
+        y.addcmul_(acc[..., i * n:(i + 1) * n], scales[i])
     if bias is not None:
         y.add_(bias.float())
     return y
@@ -365,14 +365,58 @@ class Int8Conv2d(_Int8Base):
         n_all = self.weight_int8.shape[1]
         # Quantize in the input's own layout (reduction over channels), then one int8 copy to NHWC, padded.
         codes, sx = quantize_activations(x.float(), self.act_bits, dim=1)
+        if sh == sw == 1:
+            acc = self._flat_offsets(codes, sx, ph, pw)[:, :ho, :wo]
+        else:
+            acc = self._gathered_offsets(codes, sx, ph, pw, ho, wo).view(b, ho, wo, n_all)
+        y = _finish(acc, self.weight_scales, self.bias)
+        y = y.permute(0, 3, 1, 2).to(dtype).contiguous()
+        return y.squeeze(0) if unbatched else y
+
+    def _flat_offsets(self, codes: torch.Tensor, sx: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+        """Stride-1 accumulation without per-offset gathers: (B, Hp, Wp, P*N) float, valid at [:, :Ho, :Wo].
+
+        The codes are laid out once as the flattened zero-padded NHWC image ``(B*Hp*Wp + tail, C)``; output
+        position ``(b, r, c)`` at flat row ``f`` reads kernel offset ``(i, j)`` at row ``f + i*dh*Wp + j*dw``, so
+        each offset's GEMM input and activation scales are contiguous slices (rows past the valid output, which
+        wrap into the next row or image, are computed and cropped)."""
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        b, c, h, w = codes.shape
+        hp, wp = h + 2 * ph, w + 2 * pw
+        mp = b * hp * wp
+        tail = (kh - 1) * dh * wp + (kw - 1) * dw
+        flat = codes.new_zeros(mp + tail, c)
+        flat[:mp].view(b, hp, wp, c)[:, ph:ph + h, pw:pw + w].copy_(codes.permute(0, 2, 3, 1))
+        sflat = sx.new_zeros(mp + tail, 1)  # padding rows: codes 0, any scale
+        sflat[:mp].view(b, hp, wp, 1)[:, ph:ph + h, pw:pw + w].copy_(sx.permute(0, 2, 3, 1))
+        n_all = self.weight_int8.shape[1]
+        acc: torch.Tensor | None = None
+        for i in range(kh):
+            for j in range(kw):
+                o = i * dh * wp + j * dw
+                part = _int_mm(flat[o:o + mp], self.weight_int8[i * kw + j].t(),
+                               out=_int32_buffer(mp, n_all, flat.device) if not flat.is_cuda else None)
+                if acc is None:
+                    acc = part.float().mul_(sflat[o:o + mp])
+                else:
+                    acc.addcmul_(part, sflat[o:o + mp])
+        assert acc is not None
+        return acc.view(b, hp, wp, n_all)
+
+    def _gathered_offsets(self, codes: torch.Tensor, sx: torch.Tensor, ph: int, pw: int, ho: int,
+                          wo: int) -> torch.Tensor:
+        """Any stride: per kernel offset, gather the (M, C) input rows it reads and their scales; (M, P*N)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        b, c, h, w = codes.shape
         if ph or pw:
-            cp = codes.new_zeros(b, hp, wp, c)
+            cp = codes.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
             cp[:, ph:ph + h, pw:pw + w].copy_(codes.permute(0, 2, 3, 1))
-            sp = sx.new_ones(b, hp, wp, 1)
+            sp = sx.new_ones(b, h + 2 * ph, w + 2 * pw, 1)
             sp[:, ph:ph + h, pw:pw + w].copy_(sx.permute(0, 2, 3, 1))
             codes, sx = cp, sp
         else:
             codes, sx = codes.permute(0, 2, 3, 1).contiguous(), sx.permute(0, 2, 3, 1)
+        m, n_all = b * ho * wo, self.weight_int8.shape[1]
         acc: torch.Tensor | None = None
         for i in range(kh):
             for j in range(kw):
@@ -386,9 +430,7 @@ class Int8Conv2d(_Int8Base):
                 else:
                     acc.addcmul_(part, srow)
         assert acc is not None
-        y = _finish(acc, self.weight_scales, self.bias).reshape(b, ho, wo, self.out_channels)
-        y = y.permute(0, 3, 1, 2).to(dtype).contiguous()
-        return y.squeeze(0) if unbatched else y
+        return acc
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
