@@ -85,11 +85,21 @@ from qsched.quantization import (
 from qsched.runner import denoiser_of
 
 __all__ = ["BACKENDS", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized", "quantize_activations",
-           "weight_planes", "scale_grid_plane", "kernel_layers"]
+           "weight_planes", "scale_grid_plane", "kernel_layers", "small_layer_tokens"]
 
 BACKENDS = ("auto", "int8", "torchao")
+SMALL_LAYERS = ("int8", "auto")
 KERNELS_ATTR = "qsched_kernels"
 _MAX_PLANES = 4
+# small_layers="auto" (measured on the testbed's layers, AVX-512 CPU, 1 thread, torch 2.13: see
+# benchmarks/kernels_testbed_profile.md). A layer with at most SMALL_WEIGHT weights runs the simulated computation
+# for calls with fewer GEMM rows (tokens, output positions) than: SMALL_TOKENS if its GEMM depth (Linear
+# in_features, Conv2d in_channels) is at least SMALL_K, else SHALLOW_TOKENS; int8 from there on. Below those sizes
+# the int8 path's own passes (quantize, int32 -> float, per-offset rescale) cost more than the float op it replaces.
+SMALL_WEIGHT = 65536
+SMALL_K = {"Linear": 64, "Conv2d": 96}
+SMALL_TOKENS = 64
+SHALLOW_TOKENS = 32768
 
 
 class KernelError(ValueError):
@@ -253,9 +263,10 @@ class _Int8Base(nn.Module):
         # the very arithmetic of the simulated layer, faster than int8 where per-call overhead dominates.
         self.min_tokens = min_tokens
         self.register_buffer("weight_float", layer.dequantize() if min_tokens > 0 else None, persistent=False)
-        if min_tokens == float("inf"):  # never int8: keep only the float weight
+        if min_tokens == float("inf"):  # never int8: keep only the float weight (the simulated layer, exactly)
             self.weight_int8 = None
             self.weight_scales = None
+            self.planes, self.exact = 0, True
 
     @property
     def int8_path(self) -> str:
@@ -492,12 +503,14 @@ class KernelSummary:
     bytes_after: int = 0
     planes: int = 2
     grid_fallback: dict[str, str] = field(default_factory=dict)
+    small: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
         return {"backend": self.backend, "compiled": len(self.compiled), "kept": dict(self.kept),
                 "inexact_layers": len(self.inexact), "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "planes": self.planes, "grid_fallback": dict(self.grid_fallback)}
+                "bytes_after": self.bytes_after, "planes": self.planes, "grid_fallback": dict(self.grid_fallback),
+                "small": dict(self.small)}
 
     def __str__(self) -> str:
         mib = 2**20
@@ -508,6 +521,10 @@ class KernelSummary:
                          f"(approximate to <= 1/(2*127^{self.planes}) of each row's max weight)")
         lines += [f"  -i8 layer on weight planes, not one exact int8 plane: {n}: {why}"
                   for n, why in self.grid_fallback.items()]
+        if self.small:
+            lines.append(f"  {len(self.small)} small layers run (some or all calls) the simulated computation on a "
+                         "cached dequantized weight (faithful by construction; faster than int8 at their size):")
+            lines += [f"    {n}: {why}" for n, why in self.small.items()]
         lines += [f"  kept simulated: {n}: {why}" for n, why in self.kept.items()]
         return "\n".join(lines)
 
@@ -538,16 +555,22 @@ def _int8_reason(layer: _QuantBase) -> str | None:
     return None
 
 
-def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 2) -> KernelSummary:
+def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 2,
+                      small_layers: str = "int8") -> KernelSummary:
     """Swap every qsched simulated layer of a quantized denoiser (pipeline or module) for a real-kernel layer.
 
     ``backend``: ``"int8"`` (``torch._int_mm``; CPU or CUDA, no optional package), ``"torchao"`` (CUDA Linear
     layers through torchao), ``"auto"`` (torchao on CUDA when importable, else int8). ``planes``: int8 weight
-    planes for group-wise scales (see the module docstring). In place; returns a :class:`KernelSummary`.
-    Layers the backend cannot run stay simulated and are listed with the reason.
+    planes for group-wise scales (see the module docstring). ``small_layers`` (int8 backend): ``"int8"`` runs
+    every layer on int8 kernels; ``"auto"`` lets small layers (at most ``SMALL_WEIGHT`` weights) run the
+    simulated computation, on the dequantized weight cached once in the layer's dtype, for calls too small for
+    int8 to gain (:func:`small_layer_tokens`; listed in ``KernelSummary.small`` and each layer's repr). In place; returns a :class:`KernelSummary`. Layers the
+    backend cannot run stay simulated and are listed with the reason.
     """
     if backend not in BACKENDS:
         raise KernelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if small_layers not in SMALL_LAYERS:
+        raise KernelError(f"small_layers must be one of {', '.join(SMALL_LAYERS)}, got {small_layers!r}")
     if isinstance(planes, bool) or not isinstance(planes, int) or not 1 <= planes <= _MAX_PLANES:
         raise KernelError(f"planes must be an int in 1..{_MAX_PLANES}, got {planes!r}")
     _, denoiser = denoiser_of(pipe_or_module)
@@ -573,13 +596,15 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     memo: dict[int, nn.Module | str] = {}
     for name, layer in layers.items():
         if id(layer) not in memo:
-            memo[id(layer)] = _compile_layer(layer, chosen, planes, tq)
+            memo[id(layer)] = _compile_layer(layer, chosen, planes, tq, small_layers == "auto")
         new = memo[id(layer)]
         if isinstance(new, str):
             summary.kept[name] = new
             continue
         _set_submodule(denoiser, name, new)
         summary.compiled[name] = type(new).__name__
+        if isinstance(new, _KERNEL_TYPES) and new.min_tokens > 0:
+            summary.small[name] = new.int8_path
         if isinstance(new, _KERNEL_TYPES) and not new.exact:
             summary.inexact.append(name)
         if isinstance(new, _KERNEL_TYPES) and layer.spec.int8_scales and (new.planes > 1 or not new.exact):
@@ -593,7 +618,18 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     return summary
 
 
-def _compile_layer(layer: _QuantBase, backend: str, planes: int, tq: Any) -> nn.Module | str:
+def small_layer_tokens(layer: _QuantBase) -> float:
+    """``min_tokens`` of ``layer`` under ``small_layers="auto"``: 0 (always int8: more than
+    :data:`SMALL_WEIGHT` weights), else :data:`SMALL_TOKENS` or, below :data:`SMALL_K` depth,
+    :data:`SHALLOW_TOKENS` (calls with fewer GEMM rows run the simulated computation)."""
+    if layer.weight_scale.shape[0] * layer._k > SMALL_WEIGHT:
+        return 0
+    linear = isinstance(layer, QuantLinear)
+    depth = layer.in_features if linear else layer.in_channels
+    return SMALL_TOKENS if depth >= SMALL_K["Linear" if linear else "Conv2d"] else SHALLOW_TOKENS
+
+
+def _compile_layer(layer: _QuantBase, backend: str, planes: int, tq: Any, small: bool = False) -> nn.Module | str:
     """The real-kernel twin of ``layer``, or the reason it stays simulated."""
     if backend == "torchao":
         if not isinstance(layer, QuantLinear):
@@ -609,4 +645,4 @@ def _compile_layer(layer: _QuantBase, backend: str, planes: int, tq: Any) -> nn.
     if reason is not None:
         return reason
     cls = Int8Conv2d if isinstance(layer, QuantConv2d) else Int8Linear
-    return cls.from_quant(layer, planes)
+    return cls.from_quant(layer, planes, small_layer_tokens(layer) if small else 0)
