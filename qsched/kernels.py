@@ -19,7 +19,10 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   cannot be folded into a single int8 convolution (``torch.ops.quantized.conv2d`` takes one activation scale
   per tensor). The convolution is computed as a sum over the ``kh*kw`` kernel offsets of shifted int8 GEMMs
   (``(positions, C_in) x (C_in, C_out)``), each int32 result scaled by the activation scales of the positions it
-  read: exact integer products, per-token scales honoured.
+  read: exact integer products, per-token scales honoured. The input is quantized once in its own NCHW layout
+  and copied (int8) into a zero-padded NHWC image; for stride 1 that image is flattened so that every kernel
+  offset's GEMM input and scales are contiguous row slices of it (outputs are computed on the padded grid and
+  cropped), strided convolutions gather each offset's rows.
 * **Weights**: one scale per output channel (``w8a8`` and any ``-pc`` spec) maps directly: the stored codes
   become int8 (minus their offset or zero point) with the fp16 scales: integer arithmetic identical to the
   simulated layer, only the float rounding of the final scaling differs (~1e-7 relative).
@@ -42,6 +45,13 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   coarser scales (measured in ``python -m qsched.bench.scale_grid``).
   Asymmetric 8-bit codes minus zero point span [-255, 255] and take the plane path as well.
 * The 4-bit checkpoint on disk is unchanged; the int8 planes are built once, at compile time.
+* **Small layers** (``compile_quantized(..., small_layers="auto")``, opt-in): on layers of a few thousand weights
+  the int8 path's own passes over the activations (quantize, int32 -> float, a rescale per kernel offset) cost
+  more than the float op they replace (profiled in ``python -m qsched.bench.kernels_profile``). Such a layer also
+  keeps the dequantized weight (once, in the layer's dtype) and runs calls below a size threshold as the
+  simulated layer does (fake-quantized activations, float op): the simulated arithmetic itself, so faithful by
+  construction, at the cost of that float weight's memory. The layer repr and ``KernelSummary.small`` say which
+  layers do this and from how many tokens they switch to int8.
 
 Faithfulness. Each real-kernel layer fed the same input as its simulated twin agrees to float rounding (measured
 <= 4e-7 relative for per-channel and -i8 specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py).
