@@ -129,8 +129,11 @@ def kernels_at(ref: str) -> Any:
 
     if ref not in _KERNELS_AT:
         root = Path(__file__).resolve().parents[2]
-        r = subprocess.run(["git", "-C", str(root), "show", f"{ref}:qsched/kernels.py"], capture_output=True,
-                           text=True)
+        try:
+            r = subprocess.run(["git", "-C", str(root), "show", f"{ref}:qsched/kernels.py"], capture_output=True,
+                               text=True)
+        except FileNotFoundError:
+            raise ValueError(f"--baseline-ref {ref!r}: git cannot show qsched/kernels.py there (no git)") from None
         if r.returncode != 0:
             raise ValueError(f"--baseline-ref {ref!r}: git cannot show qsched/kernels.py there "
                              f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no git'})")
