@@ -239,6 +239,14 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     return torch._int_mm(a, b, out=out)
 
 
+def _as_float_(part: torch.Tensor) -> torch.Tensor:
+    """A contiguous int32 CPU tensor converted to float32 in place (same memory, viewed as float32): saves the
+    allocation of the converted copy (exact for |values| < 2^24, as the int32 -> float cast everywhere here)."""
+    f = part.view(torch.float32)
+    f.copy_(part)  # element i read and written at the same address: an in-place elementwise cast
+    return f
+
+
 def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(..., P*N) float32 activation-scaled accumulators -> (..., N): apply the P plane scales, add the bias."""
     p, n = scales.shape
@@ -321,7 +329,12 @@ class Int8Linear(_Int8Base):
         if x2.shape[0] == 0:
             return x.new_zeros(*lead, self.out_features)
         codes, sx = quantize_activations(x2.float(), self.act_bits)
-        acc = _int_mm(codes, self.weight_int8.t()).float().mul_(sx)
+        if codes.is_cuda:
+            acc = _int_mm(codes, self.weight_int8.t()).float().mul_(sx)
+        else:  # the int32 GEMM result lands in the shared scratch, converted there; acc is a new tensor
+            part = _int_mm(codes, self.weight_int8.t(), out=_int32_buffer(codes.shape[0], self.weight_int8.shape[0],
+                                                                        codes.device))
+            acc = torch.mul(_as_float_(part), sx)
         return _finish(acc, self.weight_scales, self.bias).to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -417,8 +430,9 @@ class Int8Conv2d(_Int8Base):
                 o = i * dh * wp + j * dw
                 part = _int_mm(flat[o:o + mp], self.weight_int8[i * kw + j].t(),
                                out=_int32_buffer(mp, n_all, flat.device) if not flat.is_cuda else None)
+                part = part.float() if flat.is_cuda else _as_float_(part)
                 if acc is None:
-                    acc = part.float().mul_(sflat[o:o + mp])
+                    acc = torch.mul(part, sflat[o:o + mp])
                 else:
                     acc.addcmul_(part, sflat[o:o + mp])
         assert acc is not None
@@ -446,8 +460,9 @@ class Int8Conv2d(_Int8Base):
                 srow = sx[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :].reshape(m, 1)
                 part = _int_mm(rows, self.weight_int8[i * kw + j].t(), out=_int32_buffer(m, n_all, rows.device)
                                if not rows.is_cuda else None)
+                part = part.float() if rows.is_cuda else _as_float_(part)
                 if acc is None:
-                    acc = part.float().mul_(srow)
+                    acc = torch.mul(part, srow)
                 else:
                     acc.addcmul_(part, srow)
         assert acc is not None
