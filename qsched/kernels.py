@@ -589,8 +589,8 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     planes for group-wise scales (see the module docstring). ``small_layers`` (int8 backend): ``"int8"`` runs
     every layer on int8 kernels; ``"auto"`` lets small layers (at most ``SMALL_WEIGHT`` weights) run the
     simulated computation, on the dequantized weight cached once in the layer's dtype, for calls too small for
-    int8 to gain (:func:`small_layer_tokens`; listed in ``KernelSummary.small`` and each layer's repr). In place; returns a :class:`KernelSummary`. Layers the
-    backend cannot run stay simulated and are listed with the reason.
+    int8 to gain (:func:`small_layer_tokens`; listed in ``KernelSummary.small`` and each layer's repr). In place;
+    returns a :class:`KernelSummary`. Layers the backend cannot run stay simulated and are listed with the reason.
     """
     if backend not in BACKENDS:
         raise KernelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
