@@ -1,6 +1,8 @@
 """Benchmark qsched's real int8 kernels against float and other quantization libraries (CPU, one run).
 
     nice -n 10 python -m qsched.bench.kernels --out benchmarks/kernels.json [--runs 3] [--smoke]
+    nice -n 10 python -m qsched.bench.kernels --testbed-only --variants qsched-int8-w8a8 qsched-int8-w8a8-small \
+        --baseline-ref GIT_REF --out benchmarks/kernels_testbed_speed.json   # before / after in one process
 
 Variants: fp32, bf16, torchao W8A8 (int8 dynamic activations, Linear only, as torchao ships on CPU),
 optimum-quanto W8A8 (qint8 weights and activations, calibrated on one forward), qsched simulated W4A8, qsched
