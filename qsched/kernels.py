@@ -19,7 +19,10 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   cannot be folded into a single int8 convolution (``torch.ops.quantized.conv2d`` takes one activation scale
   per tensor). The convolution is computed as a sum over the ``kh*kw`` kernel offsets of shifted int8 GEMMs
   (``(positions, C_in) x (C_in, C_out)``), each int32 result scaled by the activation scales of the positions it
-  read: exact integer products, per-token scales honoured.
+  read: exact integer products, per-token scales honoured. The input is quantized once in its own NCHW layout
+  and copied (int8) into a zero-padded NHWC image; for stride 1 that image is flattened so that every kernel
+  offset's GEMM input and scales are contiguous row slices of it (outputs are computed on the padded grid and
+  cropped), strided convolutions gather each offset's rows.
 * **Weights**: one scale per output channel (``w8a8`` and any ``-pc`` spec) maps directly: the stored codes
   become int8 (minus their offset or zero point) with the fp16 scales: integer arithmetic identical to the
   simulated layer, only the float rounding of the final scaling differs (~1e-7 relative).
@@ -42,6 +45,13 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   coarser scales (measured in ``python -m qsched.bench.scale_grid``).
   Asymmetric 8-bit codes minus zero point span [-255, 255] and take the plane path as well.
 * The 4-bit checkpoint on disk is unchanged; the int8 planes are built once, at compile time.
+* **Small layers** (``compile_quantized(..., small_layers="auto")``, opt-in): on layers of a few thousand weights
+  the int8 path's own passes over the activations (quantize, int32 -> float, a rescale per kernel offset) cost
+  more than the float op they replace (profiled in ``python -m qsched.bench.kernels_profile``). Such a layer also
+  keeps the dequantized weight (once, in the layer's dtype) and runs calls below a size threshold as the
+  simulated layer does (fake-quantized activations, float op): the simulated arithmetic itself, so faithful by
+  construction, at the cost of that float weight's memory. The layer repr and ``KernelSummary.small`` say which
+  layers do this and from how many tokens they switch to int8.
 
 Faithfulness. Each real-kernel layer fed the same input as its simulated twin agrees to float rounding (measured
 <= 4e-7 relative for per-channel and -i8 specs, <= 2.4e-5 for w4a8 with two planes; tests/test_kernels.py).
@@ -79,16 +89,27 @@ from qsched.quantization import (
     _QuantBase,
     _set_submodule,
     _unpack,
+    fake_quant_per_token,
     quantized_layers,
 )
 from qsched.runner import denoiser_of
 
 __all__ = ["BACKENDS", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized", "quantize_activations",
-           "weight_planes", "scale_grid_plane", "kernel_layers"]
+           "weight_planes", "scale_grid_plane", "kernel_layers", "small_layer_tokens"]
 
 BACKENDS = ("auto", "int8", "torchao")
+SMALL_LAYERS = ("int8", "auto")
 KERNELS_ATTR = "qsched_kernels"
 _MAX_PLANES = 4
+# small_layers="auto" (measured on the testbed's layers, AVX-512 CPU, 1 thread, torch 2.13: see
+# benchmarks/kernels_testbed_profile.md). A layer with at most SMALL_WEIGHT weights runs the simulated computation
+# for calls with fewer GEMM rows (tokens, output positions) than: SMALL_TOKENS if its GEMM depth (Linear
+# in_features, Conv2d in_channels) is at least SMALL_K, else SHALLOW_TOKENS; int8 from there on. Below those sizes
+# the int8 path's own passes (quantize, int32 -> float, per-offset rescale) cost more than the float op it replaces.
+SMALL_WEIGHT = 65536
+SMALL_K = {"Linear": 64, "Conv2d": 96}
+SMALL_TOKENS = 64
+SHALLOW_TOKENS = 32768
 
 
 class KernelError(ValueError):
@@ -98,17 +119,18 @@ class KernelError(ValueError):
 # ------------------------------------------------------------------------------------------ numerics
 
 
-def quantize_activations(x32: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int codes (int8) and float32 scales over the last dim of float32 ``x32``.
+def quantize_activations(x32: torch.Tensor, bits: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric int codes (int8) and float32 scales over dim ``dim`` of float32 ``x32``.
 
     The same arithmetic as :func:`qsched.quantization.fake_quant_per_token`, so ``codes * scale`` equals its
-    output bit for bit. ``bits`` must be 2..8.
+    output bit for bit. ``bits`` must be 2..8. The codes keep ``x32``'s layout (a conv input is reduced over its
+    channel dim in place, which is faster than over a permuted view's last dim for few channels).
     """
     if not 2 <= bits <= 8:
         raise KernelError(f"int8 activation codes need 2..8 bits, got {bits}")
     qmax = 2 ** (bits - 1) - 1
-    scale = x32.abs().amax(dim=-1, keepdim=True).div(qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = x32.abs().amax(dim=dim, keepdim=True).div_(qmax)
+    scale = torch.where(scale > 0, scale, 1.0)
     codes = torch.div(x32, scale).round_().clamp_(-qmax, qmax).to(torch.int8)
     return codes, scale
 
@@ -217,12 +239,22 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     return torch._int_mm(a, b, out=out)
 
 
+def _as_float_(part: torch.Tensor) -> torch.Tensor:
+    """A contiguous int32 CPU tensor converted to float32 in place (same memory, viewed as float32): saves the
+    allocation of the converted copy (exact for |values| < 2^24, as the int32 -> float cast everywhere here)."""
+    f = part.view(torch.float32)
+    f.copy_(part)  # element i read and written at the same address: an in-place elementwise cast
+    return f
+
+
 def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(M, P*N) float32 activation-scaled accumulators -> (M, N): apply the P plane scales, add the bias."""
+    """(..., P*N) float32 activation-scaled accumulators -> (..., N): apply the P plane scales, add the bias."""
     p, n = scales.shape
-    y = acc[:, :n].mul(scales[0]) if p > 1 else acc.mul_(scales[0])
+    if p == 1:  # one fused op: bias + acc * scale
+        return acc.mul_(scales[0]) if bias is None else torch.addcmul(bias.float(), acc, scales[0])
+    y = acc[..., :n].mul(scales[0])
     for i in range(1, p):
-        y.addcmul_(acc[:, i * n:(i + 1) * n], scales[i])
+        y.addcmul_(acc[..., i * n:(i + 1) * n], scales[i])
     if bias is not None:
         y.add_(bias.float())
     return y
@@ -232,44 +264,77 @@ def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) 
 
 
 class _Int8Base(nn.Module):
-    weight_int8: torch.Tensor
-    weight_scales: torch.Tensor
+    weight_int8: torch.Tensor | None
+    weight_scales: torch.Tensor | None
+    weight_float: torch.Tensor | None
 
-    def _init_from(self, layer: _QuantBase, codes: torch.Tensor, scales: torch.Tensor, exact: bool) -> None:
+    def _init_from(self, layer: _QuantBase, codes: torch.Tensor, scales: torch.Tensor, exact: bool,
+                   min_tokens: float) -> None:
         self.spec = layer.spec
         self.act_bits = layer.spec.act_bits
         self.planes = codes.shape[0]
         self.exact = exact
         self.register_buffer("weight_scales", scales.contiguous().to(layer.qweight.device))
         self.bias = layer.bias
+        # Small-call fallback: calls with fewer than ``min_tokens`` GEMM rows run the simulated computation
+        # (fake-quantized activations, float op) on the dequantized weight, cached once in the layer's dtype:
+        # the very arithmetic of the simulated layer, faster than int8 where per-call overhead dominates.
+        self.min_tokens = min_tokens
+        self.register_buffer("weight_float", layer.dequantize() if min_tokens > 0 else None, persistent=False)
+        if min_tokens == float("inf"):  # never int8: keep only the float weight (the simulated layer, exactly)
+            self.weight_int8 = None
+            self.weight_scales = None
+            self.planes, self.exact = 0, True
+
+    @property
+    def int8_path(self) -> str:
+        """Which computation the layer runs: "int8", "simulated" (small layer) or "int8 from N tokens"."""
+        if self.min_tokens == 0:
+            return "int8"
+        if self.min_tokens == float("inf"):
+            return "simulated"
+        return f"int8 from {int(self.min_tokens)} tokens, simulated below"
 
     def _extra(self) -> str:
-        return f"spec={self.spec.name}, planes={self.planes}, exact={self.exact}"
+        if self.min_tokens == float("inf"):
+            return (f"spec={self.spec.name}, path=simulated (too small for int8 to gain; dequantized weight cached "
+                    f"in {str(self.weight_float.dtype).replace('torch.', '')})")
+        path = "" if self.min_tokens == 0 else f", path=int8 from {int(self.min_tokens)} tokens, simulated below " \
+                                               f"(dequantized weight cached)"
+        return f"spec={self.spec.name}, planes={self.planes}, exact={self.exact}{path}"
 
 
 class Int8Linear(_Int8Base):
     """``nn.Linear`` on int8 kernels: per-token int8 activation codes x int8 weight planes -> int32 -> float."""
 
-    def __init__(self, layer: QuantLinear, planes: int = 2) -> None:
+    def __init__(self, layer: QuantLinear, planes: int = 2, min_tokens: float = 0) -> None:
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         codes, scales, exact = weight_planes(layer, planes)
         # (P*N, K) row-major; the GEMM reads its transpose (measured as fast as a (K, N) copy).
         self.register_buffer("weight_int8", codes.reshape(-1, self.in_features).contiguous().to(layer.qweight.device))
-        self._init_from(layer, codes, scales, exact)
+        self._init_from(layer, codes, scales, exact, min_tokens)
 
     @classmethod
-    def from_quant(cls, layer: QuantLinear, planes: int = 2) -> "Int8Linear":
-        """Build from a simulated :class:`QuantLinear` (its codes, scales and bias)."""
-        return cls(layer, planes)
+    def from_quant(cls, layer: QuantLinear, planes: int = 2, min_tokens: float = 0) -> "Int8Linear":
+        """Build from a simulated :class:`QuantLinear` (its codes, scales and bias); ``min_tokens``: calls with
+        fewer rows run the simulated computation (0: always int8; inf: never)."""
+        return cls(layer, planes, min_tokens)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] < self.min_tokens:
+            return F.linear(fake_quant_per_token(x, self.act_bits, dim=-1), self.weight_float, self.bias)
         if x2.shape[0] == 0:
             return x.new_zeros(*lead, self.out_features)
         codes, sx = quantize_activations(x2.float(), self.act_bits)
-        acc = _int_mm(codes, self.weight_int8.t()).float().mul_(sx)
+        if codes.is_cuda:
+            acc = _int_mm(codes, self.weight_int8.t()).float().mul_(sx)
+        else:  # the int32 GEMM result lands in the shared scratch, converted there; acc is a new tensor
+            part = _int_mm(codes, self.weight_int8.t(), out=_int32_buffer(codes.shape[0], self.weight_int8.shape[0],
+                                                                        codes.device))
+            acc = torch.mul(_as_float_(part), sx)
         return _finish(acc, self.weight_scales, self.bias).to(x.dtype).reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -280,7 +345,7 @@ class Int8Linear(_Int8Base):
 class Int8Conv2d(_Int8Base):
     """``nn.Conv2d`` (groups=1) on int8 kernels: a shifted int8 GEMM per kernel offset, per-token scales."""
 
-    def __init__(self, layer: QuantConv2d, planes: int = 2) -> None:
+    def __init__(self, layer: QuantConv2d, planes: int = 2, min_tokens: float = 0) -> None:
         super().__init__()
         if layer.groups != 1:
             raise KernelError(f"Int8Conv2d supports groups=1 only, got groups={layer.groups}")
@@ -296,12 +361,22 @@ class Int8Conv2d(_Int8Base):
         w = codes.reshape(p, self.out_channels, self.in_channels, kh * kw).permute(3, 0, 1, 2)
         self.register_buffer("weight_int8", w.reshape(kh * kw, p * self.out_channels, self.in_channels)
                              .contiguous().to(layer.qweight.device))
-        self._init_from(layer, codes, scales, exact)
+        self._init_from(layer, codes, scales, exact, min_tokens)
 
     @classmethod
-    def from_quant(cls, layer: QuantConv2d, planes: int = 2) -> "Int8Conv2d":
-        """Build from a simulated :class:`QuantConv2d` (its codes, scales and bias)."""
-        return cls(layer, planes)
+    def from_quant(cls, layer: QuantConv2d, planes: int = 2, min_tokens: float = 0) -> "Int8Conv2d":
+        """Build from a simulated :class:`QuantConv2d` (its codes, scales and bias); ``min_tokens``: calls with
+        fewer output positions run the simulated computation (0: always int8; inf: never)."""
+        return cls(layer, planes, min_tokens)
+
+    def _simulated(self, x: torch.Tensor) -> torch.Tensor:
+        """The simulated layer's computation (QuantConv2d.forward) on the cached dequantized weight."""
+        x = fake_quant_per_token(x, self.act_bits, dim=1 if x.dim() == 4 else 0)
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]
+            return F.conv2d(F.pad(x, pad, mode=self.padding_mode), self.weight_float, self.bias, self.stride, 0,
+                            self.dilation)
+        return F.conv2d(x, self.weight_float, self.bias, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == 3
@@ -310,19 +385,73 @@ class Int8Conv2d(_Int8Base):
         dtype = x.dtype
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         ph, pw = self.padding
+        b, c, h, w = x.shape
+        hp, wp = h + 2 * ph, w + 2 * pw
+        ho = (hp - dh * (kh - 1) - 1) // sh + 1
+        wo = (wp - dw * (kw - 1) - 1) // sw + 1
+        m = b * ho * wo
+        if m < self.min_tokens:
+            y = self._simulated(x)
+            return y.squeeze(0) if unbatched else y
         if self.padding_mode != "zeros":  # pad the float input (same values as padding the quantized one)
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             ph = pw = 0
-        b, c, h, w = x.shape
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         n_all = self.weight_int8.shape[1]
-        m = b * ho * wo
-        codes, sx = quantize_activations(x.permute(0, 2, 3, 1).float(), self.act_bits)  # NHWC, scale per (n,h,w)
-        codes = codes.contiguous()
+        # Quantize in the input's own layout (reduction over channels), then one int8 copy to NHWC, padded.
+        codes, sx = quantize_activations(x.float(), self.act_bits, dim=1)
+        if sh == sw == 1:
+            acc = self._flat_offsets(codes, sx, ph, pw)[:, :ho, :wo]
+        else:
+            acc = self._gathered_offsets(codes, sx, ph, pw, ho, wo).view(b, ho, wo, n_all)
+        y = _finish(acc, self.weight_scales, self.bias)
+        y = y.permute(0, 3, 1, 2).to(dtype).contiguous()
+        return y.squeeze(0) if unbatched else y
+
+    def _flat_offsets(self, codes: torch.Tensor, sx: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+        """Stride-1 accumulation without per-offset gathers: (B, Hp, Wp, P*N) float, valid at [:, :Ho, :Wo].
+
+        The codes are laid out once as the flattened zero-padded NHWC image ``(B*Hp*Wp + tail, C)``; output
+        position ``(b, r, c)`` at flat row ``f`` reads kernel offset ``(i, j)`` at row ``f + i*dh*Wp + j*dw``, so
+        each offset's GEMM input and activation scales are contiguous slices (rows past the valid output, which
+        wrap into the next row or image, are computed and cropped)."""
+        (kh, kw), (dh, dw) = self.kernel_size, self.dilation
+        b, c, h, w = codes.shape
+        hp, wp = h + 2 * ph, w + 2 * pw
+        mp = b * hp * wp
+        tail = (kh - 1) * dh * wp + (kw - 1) * dw
+        flat = codes.new_zeros(mp + tail, c)
+        flat[:mp].view(b, hp, wp, c)[:, ph:ph + h, pw:pw + w].copy_(codes.permute(0, 2, 3, 1))
+        sflat = sx.new_zeros(mp + tail, 1)  # padding rows: codes 0, any scale
+        sflat[:mp].view(b, hp, wp, 1)[:, ph:ph + h, pw:pw + w].copy_(sx.permute(0, 2, 3, 1))
+        n_all = self.weight_int8.shape[1]
+        acc: torch.Tensor | None = None
+        for i in range(kh):
+            for j in range(kw):
+                o = i * dh * wp + j * dw
+                part = _int_mm(flat[o:o + mp], self.weight_int8[i * kw + j].t(),
+                               out=_int32_buffer(mp, n_all, flat.device) if not flat.is_cuda else None)
+                part = part.float() if flat.is_cuda else _as_float_(part)
+                if acc is None:
+                    acc = torch.mul(part, sflat[o:o + mp])
+                else:
+                    acc.addcmul_(part, sflat[o:o + mp])
+        assert acc is not None
+        return acc.view(b, hp, wp, n_all)
+
+    def _gathered_offsets(self, codes: torch.Tensor, sx: torch.Tensor, ph: int, pw: int, ho: int,
+                          wo: int) -> torch.Tensor:
+        """Any stride: per kernel offset, gather the (M, C) input rows it reads and their scales; (M, P*N)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        b, c, h, w = codes.shape
         if ph or pw:
-            codes = F.pad(codes, (0, 0, pw, pw, ph, ph))
-            sx = F.pad(sx, (0, 0, pw, pw, ph, ph), value=1.0)
+            cp = codes.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+            cp[:, ph:ph + h, pw:pw + w].copy_(codes.permute(0, 2, 3, 1))
+            sp = sx.new_ones(b, h + 2 * ph, w + 2 * pw, 1)
+            sp[:, ph:ph + h, pw:pw + w].copy_(sx.permute(0, 2, 3, 1))
+            codes, sx = cp, sp
+        else:
+            codes, sx = codes.permute(0, 2, 3, 1).contiguous(), sx.permute(0, 2, 3, 1)
+        m, n_all = b * ho * wo, self.weight_int8.shape[1]
         acc: torch.Tensor | None = None
         for i in range(kh):
             for j in range(kw):
@@ -331,14 +460,13 @@ class Int8Conv2d(_Int8Base):
                 srow = sx[:, r0:r0 + (ho - 1) * sh + 1:sh, c0:c0 + (wo - 1) * sw + 1:sw, :].reshape(m, 1)
                 part = _int_mm(rows, self.weight_int8[i * kw + j].t(), out=_int32_buffer(m, n_all, rows.device)
                                if not rows.is_cuda else None)
+                part = part.float() if rows.is_cuda else _as_float_(part)
                 if acc is None:
-                    acc = part.float().mul_(srow)
+                    acc = torch.mul(part, srow)
                 else:
                     acc.addcmul_(part, srow)
         assert acc is not None
-        y = _finish(acc, self.weight_scales, self.bias).reshape(b, ho, wo, self.out_channels)
-        y = y.permute(0, 3, 1, 2).to(dtype).contiguous()
-        return y.squeeze(0) if unbatched else y
+        return acc
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
@@ -400,12 +528,14 @@ class KernelSummary:
     bytes_after: int = 0
     planes: int = 2
     grid_fallback: dict[str, str] = field(default_factory=dict)
+    small: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
         return {"backend": self.backend, "compiled": len(self.compiled), "kept": dict(self.kept),
                 "inexact_layers": len(self.inexact), "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "planes": self.planes, "grid_fallback": dict(self.grid_fallback)}
+                "bytes_after": self.bytes_after, "planes": self.planes, "grid_fallback": dict(self.grid_fallback),
+                "small": dict(self.small)}
 
     def __str__(self) -> str:
         mib = 2**20
@@ -416,6 +546,10 @@ class KernelSummary:
                          f"(approximate to <= 1/(2*127^{self.planes}) of each row's max weight)")
         lines += [f"  -i8 layer on weight planes, not one exact int8 plane: {n}: {why}"
                   for n, why in self.grid_fallback.items()]
+        if self.small:
+            lines.append(f"  {len(self.small)} small layers run (some or all calls) the simulated computation on a "
+                         "cached dequantized weight (faithful by construction; faster than int8 at their size):")
+            lines += [f"    {n}: {why}" for n, why in self.small.items()]
         lines += [f"  kept simulated: {n}: {why}" for n, why in self.kept.items()]
         return "\n".join(lines)
 
@@ -446,16 +580,22 @@ def _int8_reason(layer: _QuantBase) -> str | None:
     return None
 
 
-def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 2) -> KernelSummary:
+def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 2,
+                      small_layers: str = "int8") -> KernelSummary:
     """Swap every qsched simulated layer of a quantized denoiser (pipeline or module) for a real-kernel layer.
 
     ``backend``: ``"int8"`` (``torch._int_mm``; CPU or CUDA, no optional package), ``"torchao"`` (CUDA Linear
     layers through torchao), ``"auto"`` (torchao on CUDA when importable, else int8). ``planes``: int8 weight
-    planes for group-wise scales (see the module docstring). In place; returns a :class:`KernelSummary`.
-    Layers the backend cannot run stay simulated and are listed with the reason.
+    planes for group-wise scales (see the module docstring). ``small_layers`` (int8 backend): ``"int8"`` runs
+    every layer on int8 kernels; ``"auto"`` lets small layers (at most ``SMALL_WEIGHT`` weights) run the
+    simulated computation, on the dequantized weight cached once in the layer's dtype, for calls too small for
+    int8 to gain (:func:`small_layer_tokens`; listed in ``KernelSummary.small`` and each layer's repr). In place;
+    returns a :class:`KernelSummary`. Layers the backend cannot run stay simulated and are listed with the reason.
     """
     if backend not in BACKENDS:
         raise KernelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if small_layers not in SMALL_LAYERS:
+        raise KernelError(f"small_layers must be one of {', '.join(SMALL_LAYERS)}, got {small_layers!r}")
     if isinstance(planes, bool) or not isinstance(planes, int) or not 1 <= planes <= _MAX_PLANES:
         raise KernelError(f"planes must be an int in 1..{_MAX_PLANES}, got {planes!r}")
     _, denoiser = denoiser_of(pipe_or_module)
@@ -481,13 +621,15 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     memo: dict[int, nn.Module | str] = {}
     for name, layer in layers.items():
         if id(layer) not in memo:
-            memo[id(layer)] = _compile_layer(layer, chosen, planes, tq)
+            memo[id(layer)] = _compile_layer(layer, chosen, planes, tq, small_layers == "auto")
         new = memo[id(layer)]
         if isinstance(new, str):
             summary.kept[name] = new
             continue
         _set_submodule(denoiser, name, new)
         summary.compiled[name] = type(new).__name__
+        if isinstance(new, _KERNEL_TYPES) and new.min_tokens > 0:
+            summary.small[name] = new.int8_path
         if isinstance(new, _KERNEL_TYPES) and not new.exact:
             summary.inexact.append(name)
         if isinstance(new, _KERNEL_TYPES) and layer.spec.int8_scales and (new.planes > 1 or not new.exact):
@@ -501,7 +643,18 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     return summary
 
 
-def _compile_layer(layer: _QuantBase, backend: str, planes: int, tq: Any) -> nn.Module | str:
+def small_layer_tokens(layer: _QuantBase) -> float:
+    """``min_tokens`` of ``layer`` under ``small_layers="auto"``: 0 (always int8: more than
+    :data:`SMALL_WEIGHT` weights), else :data:`SMALL_TOKENS` or, below :data:`SMALL_K` depth,
+    :data:`SHALLOW_TOKENS` (calls with fewer GEMM rows run the simulated computation)."""
+    if layer.weight_scale.shape[0] * layer._k > SMALL_WEIGHT:
+        return 0
+    linear = isinstance(layer, QuantLinear)
+    depth = layer.in_features if linear else layer.in_channels
+    return SMALL_TOKENS if depth >= SMALL_K["Linear" if linear else "Conv2d"] else SHALLOW_TOKENS
+
+
+def _compile_layer(layer: _QuantBase, backend: str, planes: int, tq: Any, small: bool = False) -> nn.Module | str:
     """The real-kernel twin of ``layer``, or the reason it stays simulated."""
     if backend == "torchao":
         if not isinstance(layer, QuantLinear):
@@ -517,4 +670,4 @@ def _compile_layer(layer: _QuantBase, backend: str, planes: int, tq: Any) -> nn.
     if reason is not None:
         return reason
     cls = Int8Conv2d if isinstance(layer, QuantConv2d) else Int8Linear
-    return cls.from_quant(layer, planes)
+    return cls.from_quant(layer, planes, small_layer_tokens(layer) if small else 0)

@@ -359,3 +359,87 @@ def test_bench_i8_variant_and_scale_grid_helpers():
     md = grid_markdown({"command": "c", "date": "d", "weight_error": we,
                         "quality": {"n_images": 4, "seeds": [0], "rows": {"fp32": row, "w4a8-i8": row}}})
     assert "| w4a8-i8 | 1.000 | 0.5000 | 1.000 / 0.5000 |" in md and "mean ratio vs w4a8" in md
+
+
+# ---------------------------------------------------------------------------------- small-layer fallback
+
+
+def _counting_int_mm(monkeypatch) -> list[int]:
+    import qsched.kernels as kernels
+
+    calls: list[int] = []
+    real = kernels._int_mm
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "_int_mm", counted)
+    return calls
+
+
+@pytest.mark.parametrize("spec", ["w8a8", "w4a8"])
+def test_small_call_fallback_is_the_simulated_layer_bit_for_bit(spec, monkeypatch):
+    calls = _counting_int_mm(monkeypatch)
+    q = QuantLinear.from_float(nn.Linear(64, 40), spec)
+    k = Int8Linear.from_quant(q, min_tokens=16)
+    small, big = torch.randn(3, 5, 64), torch.randn(4, 8, 64)  # 15 rows: simulated; 32 rows: int8
+    with torch.no_grad():
+        assert torch.equal(k(small), q(small)) and not calls
+        assert rel(k(big), q(big)) <= (1e-6 if spec == "w8a8" else 1e-4) and calls
+    c = QuantConv2d.from_float(nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"), spec)
+    kc = Int8Conv2d.from_quant(c, min_tokens=float("inf"))  # never int8: no int8 weight kept at all
+    assert kc.weight_int8 is None and kc.exact and "path=simulated" in repr(kc)
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        assert torch.equal(kc(x), c(x)) and torch.equal(kc(x[0]), c(x[0]))
+    assert "simulated below" in repr(Int8Conv2d.from_quant(c, min_tokens=64))
+
+
+def test_small_layers_auto_rule_summary_and_faithful_denoiser():
+    from qsched.kernels import SHALLOW_TOKENS, SMALL_TOKENS, small_layer_tokens
+
+    assert small_layer_tokens(QuantLinear.from_float(nn.Linear(320, 1280), "w8a8")) == 0  # large: always int8
+    assert small_layer_tokens(QuantLinear.from_float(nn.Linear(64, 64), "w8a8")) == SMALL_TOKENS
+    assert small_layer_tokens(QuantConv2d.from_float(nn.Conv2d(32, 32, 3), "w8a8")) == SHALLOW_TOKENS
+    sim = _testbed_unet()
+    quantize(sim, "w8a8")
+    real = copy.deepcopy(sim)
+    s = compile_quantized(real, backend="int8", small_layers="auto")
+    assert s.small and set(s.small) <= set(s.compiled) and not s.kept
+    assert "small layers run" in str(s) and s.to_dict()["small"] == s.small
+    assert all(k.weight_float is not None for n, k in kernel_layers(real).items() if n in s.small)
+    args, kw = _inputs(sim, batch=1)
+    errs = _local_errors(sim, dict(kernel_layers(real)), args, kw)
+    assert max(errs.values()) <= 1e-6
+    # at batch 1 the small testbed calls take the simulated path: exactly the simulated layer's output
+    assert any(errs[n] == 0.0 for n in s.small)
+    with pytest.raises(ValueError, match="small_layers must be one of"):
+        compile_quantized(_quantized_linear_model(), small_layers="yes")
+
+
+def _quantized_linear_model() -> nn.Module:
+    m = nn.Sequential(nn.Linear(64, 64))
+    quantize(m, "w8a8")
+    return m
+
+
+def test_bench_small_and_baseline_variants():
+    from qsched.bench.kernels import _specs_of, kernels_at, variant_spec
+
+    assert variant_spec("qsched-int8-w4a8-i8-small") == "w4a8-i8" and variant_spec("qsched-int8-w8a8@abc") == "w8a8"
+    assert _specs_of(("qsched-int8-w4a8-i8-small@HEAD",)) == ("w8a8", "w4a8", "w4a8-i8")
+    with pytest.raises(ValueError, match="git cannot show"):
+        kernels_at("no-such-ref-xyz")
+
+
+def test_kernels_profile_smoke(tmp_path):
+    from qsched.bench import kernels_profile
+
+    res = kernels_profile.main(["--smoke", "--batches", "1", "--repeats", "1", "--out", str(tmp_path / "p.json")])
+    rows = res["batches"]["1"]
+    assert set(rows) == set(kernels_profile.VARIANTS)
+    cats = rows["qsched-int8-w8a8"]["self_ms_by_category"]
+    assert cats["int8 GEMM (_int_mm)"] > 0 and rows["fp32"]["self_ms_by_category"]["int8 GEMM (_int_mm)"] == 0
+    md = (tmp_path / "p.md").read_text()
+    assert "| int8 GEMM (_int_mm) |" in md and "**Batch 1**" in md

@@ -1,6 +1,8 @@
 """Benchmark qsched's real int8 kernels against float and other quantization libraries (CPU, one run).
 
     nice -n 10 python -m qsched.bench.kernels --out benchmarks/kernels.json [--runs 3] [--smoke]
+    nice -n 10 python -m qsched.bench.kernels --testbed-only --variants qsched-int8-w8a8 qsched-int8-w8a8-small \
+        --baseline-ref GIT_REF --out benchmarks/kernels_testbed_speed.json   # before / after in one process
 
 Variants: fp32, bf16, torchao W8A8 (int8 dynamic activations, Linear only, as torchao ships on CPU),
 optimum-quanto W8A8 (qint8 weights and activations, calibrated on one forward), qsched simulated W4A8, qsched
@@ -47,8 +49,11 @@ VARIANTS: tuple[str, ...] = ("fp32", "bf16", "torchao-w8a8", "quanto-w8a8", "qsc
                              "qsched-int8-w4a8")
 # Not in the default run: W4A8 with a single int8 weight plane (W8A8's speed and size, not faithful to the group
 # scales: ~5e-3 per-layer error). ``--variants`` selects it.
-EXTRA_VARIANTS: tuple[str, ...] = ("qsched-int8-w4a8-1plane", "qsched-int8-w4a8-i8")
+EXTRA_VARIANTS: tuple[str, ...] = ("qsched-int8-w4a8-1plane", "qsched-int8-w4a8-i8", "qsched-int8-w8a8-small",
+                                    "qsched-int8-w4a8-small", "qsched-int8-w4a8-i8-small")
 # qsched-int8-w4a8-i8: the w4a8-i8 checkpoint (group scales on an int8 grid): one exact int8 plane.
+# *-small: compile_quantized(small_layers="auto"): small layers run the simulated computation where it is faster.
+# ``--baseline-ref REF`` adds "<variant>@REF" rows: the same variant built by qsched/kernels.py as of git REF.
 SD15_GROUPS: tuple[tuple[str, ...], ...] = (("fp32", "bf16", "qsched-int8-w8a8", "qsched-int8-w4a8"),
                                             ("fp32", "bf16", "qsched-sim-w4a8"),
                                             ("fp32", "bf16", "torchao-w8a8", "quanto-w8a8"))
@@ -96,17 +101,55 @@ def make_variant(variant: str, fp32: Callable[[], nn.Module], packed: dict[str, 
         return m
     if variant == "qsched-sim-w4a8":
         return load_quantized(packed["w4a8"])
-    if variant in ("qsched-int8-w8a8", "qsched-int8-w4a8", "qsched-int8-w4a8-1plane", "qsched-int8-w4a8-i8"):
+    name, _, ref = variant.partition("@")
+    if name.startswith("qsched-int8-") and variant_spec(variant):
         m = load_quantized(packed[variant_spec(variant)], keep_packed=True)  # no float cache: only int8 planes stay
-        compile_quantized(m, backend="int8", planes=1 if variant.endswith("1plane") else 2)
+        kw: dict[str, Any] = {"backend": "int8", "planes": 1 if name.endswith("1plane") else 2}
+        if name.endswith("-small"):
+            kw["small_layers"] = "auto"
+        (kernels_at(ref).compile_quantized if ref else compile_quantized)(m, **kw)
         return m
-    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS + EXTRA_VARIANTS)}")
 
 
 def variant_spec(variant: str) -> str | None:
     """The qsched checkpoint spec a variant loads (None: not a qsched variant)."""
+    name = variant.partition("@")[0]
+    name = name[: -len("-small")] if name.endswith("-small") else name
     return {"qsched-sim-w4a8": "w4a8", "qsched-int8-w8a8": "w8a8", "qsched-int8-w4a8": "w4a8",
-            "qsched-int8-w4a8-1plane": "w4a8", "qsched-int8-w4a8-i8": "w4a8-i8"}.get(variant)
+            "qsched-int8-w4a8-1plane": "w4a8", "qsched-int8-w4a8-i8": "w4a8-i8"}.get(name)
+
+
+_KERNELS_AT: dict[str, Any] = {}
+
+
+def kernels_at(ref: str) -> Any:
+    """``qsched/kernels.py`` as of git ``ref`` (this checkout's history), imported as its own module: a before /
+    after comparison in one process. Raises ``ValueError`` when git cannot show that file."""
+    import importlib.util
+    import subprocess
+
+    if ref not in _KERNELS_AT:
+        root = Path(__file__).resolve().parents[2]
+        try:
+            r = subprocess.run(["git", "-C", str(root), "show", f"{ref}:qsched/kernels.py"], capture_output=True,
+                               text=True)
+        except FileNotFoundError:
+            raise ValueError(f"--baseline-ref {ref!r}: git cannot show qsched/kernels.py there (no git)") from None
+        if r.returncode != 0:
+            raise ValueError(f"--baseline-ref {ref!r}: git cannot show qsched/kernels.py there "
+                             f"({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else 'no git'})")
+        d = Path(tempfile.mkdtemp(prefix="qsched-kernels-at-"))
+        path = d / "kernels.py"
+        path.write_text(r.stdout)
+        name = f"qsched_kernels_at_{len(_KERNELS_AT)}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # dataclasses look their module up
+        spec.loader.exec_module(mod)
+        _KERNELS_AT[ref] = mod
+    return _KERNELS_AT[ref]
 
 
 def file_bytes(variant: str, files: dict[str, int]) -> int | None:
@@ -558,6 +601,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=8, help="testbed prompts per pipeline call")
     ap.add_argument("--skip-testbed", action="store_true")
     ap.add_argument("--skip-sd15", action="store_true")
+    ap.add_argument("--testbed-only", action="store_true", help="only the testbed pipeline (same as --skip-sd15)")
+    ap.add_argument("--baseline-ref", default=None, metavar="GIT_REF",
+                    help="also run each selected qsched-int8 variant built by qsched/kernels.py as of GIT_REF "
+                         "(rows '<variant>@GIT_REF'; testbed only)")
     ap.add_argument("--variants", nargs="+", default=None, choices=VARIANTS + EXTRA_VARIANTS,
                     help="run only these (fp32 and bf16 are always added; SD1.5: one group)")
     ap.add_argument("--faithfulness", action="store_true",
@@ -582,6 +629,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
     chosen = None if args.variants is None else ("fp32", "bf16", *[v for v in args.variants
                                                                     if v not in ("fp32", "bf16")])
+    if args.testbed_only:
+        args.skip_sd15 = True
+    if args.baseline_ref:
+        kernels_at(args.baseline_ref)  # a bad ref fails here, before any measuring
+        base = chosen or VARIANTS
+        chosen = (*base, *[f"{v}@{args.baseline_ref}" for v in base
+                           if v.startswith("qsched-int8-") and not v.endswith("-small")])
+        if not args.skip_sd15:
+            raise ValueError("--baseline-ref measures the testbed only: add --testbed-only")
     if not args.skip_testbed:
         res["testbed"] = run_testbed(runs=args.runs, batch=args.batch, smoke=args.smoke,
                                      **({"variants": chosen} if chosen else {}))
