@@ -548,7 +548,7 @@ def _print_rows(res: Any) -> None:
     console.print(t)
     comps = getattr(res, "comparisons", {}) or {}
     if comps:
-        from qsched.evaluate import comparison_lines
+        from qsched.paired import comparison_lines
 
         lines = comparison_lines(comps)
         c = Table(title="paired differences B - A (same images and seeds), bootstrap 95% CI", header_style="bold")

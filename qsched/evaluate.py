@@ -41,7 +41,7 @@ from qsched.pipelines import ModelSpec, resolve_model
 from qsched.prompts import PromptSet, load_prompts
 from qsched.runner import denoiser_of, generate_batches, using_schedule
 
-__all__ = ["evaluate", "EvalResult", "CONFIGS", "DEFAULT_METRICS", "COMPARISONS", "comparison_lines"]
+__all__ = ["evaluate", "EvalResult", "CONFIGS", "DEFAULT_METRICS", "COMPARISONS"]
 
 CONFIGS: tuple[str, ...] = ("fp-original", "quant-naive", "quant-qsched", "fp-tuned")
 DEFAULT_METRICS: tuple[str, ...] = ("fd", "fd2", "accuracy", "clipscore", "jaq")
@@ -52,30 +52,6 @@ _QUANT_CONFIGS = ("quant-naive", "quant-qsched")
 COMPARISONS: tuple[tuple[str, str], ...] = (("quant-qsched", "quant-naive"), ("quant-naive", "fp-original"),
                                             ("quant-qsched", "fp-original"), ("fp-tuned", "fp-original"),
                                             ("quant-qsched", "fp-tuned"))
-
-
-def comparison_lines(comparisons: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    """A Markdown table of paired differences: one row per comparison, "diff [low, high]" per metric, and a
-    verdict per metric where the CI excludes 0 (FD/FID: lower is better)."""
-    from qsched.paired import LOWER_IS_BETTER
-
-    keys = [k for k in ("fd", "fd2", "fid", "accuracy", "jaq") if any(k in c for c in comparisons.values())]
-    lines = ["| B vs A | " + " | ".join(f"delta {k}" for k in keys) + " | beyond noise |",
-             "|---|" + "---|" * (len(keys) + 1)]
-    for name, c in comparisons.items():
-        cells, verdict = [], []
-        for k in keys:
-            if k not in c:
-                cells.append("-")
-                continue
-            d = c[k]
-            nd = 3 if k == "accuracy" else 2
-            cells.append(f"{d['diff']:+.{nd}f} [{d['ci_low']:+.{nd}f}, {d['ci_high']:+.{nd}f}]")
-            if d["ci_low"] > 0 or d["ci_high"] < 0:
-                better = (d["diff"] < 0) == (k in LOWER_IS_BETTER)
-                verdict.append(f"{k} {'better' if better else 'worse'}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(verdict) or 'none'} |")
-    return lines
 
 
 # ============================================================================================ result
@@ -213,6 +189,8 @@ class EvalResult:
         out.append("FD/FID: lower is better; accuracy, CLIPScore, IQ, JAQ: higher is better."
                    if any(c in lower for c in cols) or cols else "")
         if self.comparisons:
+            from qsched.paired import comparison_lines
+
             out += ["", "Paired differences (B - A over the same images and seeds) with bootstrap 95% CIs:", "",
                     *comparison_lines(self.comparisons)]
         if self.notes:

@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["PerImage", "paired_cis", "save_per_image", "load_per_image", "N_BOOT", "LOWER_IS_BETTER"]
+__all__ = ["PerImage", "paired_cis", "comparison_lines", "save_per_image", "load_per_image", "N_BOOT",
+           "LOWER_IS_BETTER"]
 
 PerImage = dict[str, np.ndarray]
 N_BOOT = 300
@@ -69,6 +70,28 @@ def paired_cis(a: PerImage, b: PerImage, refs: Mapping[str, tuple[np.ndarray, np
         lo, hi = np.percentile(np.asarray(boots[k])[ok], [2.5, 97.5]) if ok.any() else (float("nan"),) * 2
         res[k] = {"diff": float(v), "ci_low": float(lo), "ci_high": float(hi)}
     return res
+
+
+def comparison_lines(comparisons: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """A Markdown table of paired differences: one row per comparison, "diff [low, high]" per metric, and a
+    verdict per metric where the CI excludes 0 (FD/FID: lower is better)."""
+    keys = [k for k in ("fd", "fd2", "fid", "accuracy", "jaq") if any(k in c for c in comparisons.values())]
+    lines = ["| B vs A | " + " | ".join(f"delta {k}" for k in keys) + " | beyond noise |",
+             "|---|" + "---|" * (len(keys) + 1)]
+    for name, c in comparisons.items():
+        cells, verdict = [], []
+        for k in keys:
+            if k not in c:
+                cells.append("-")
+                continue
+            d = c[k]
+            nd = 3 if k == "accuracy" else 2
+            cells.append(f"{d['diff']:+.{nd}f} [{d['ci_low']:+.{nd}f}, {d['ci_high']:+.{nd}f}]")
+            if d["ci_low"] > 0 or d["ci_high"] < 0:
+                better = (d["diff"] < 0) == (k in LOWER_IS_BETTER)
+                verdict.append(f"{k} {'better' if better else 'worse'}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(verdict) or 'none'} |")
+    return lines
 
 
 def save_per_image(path: str | Path, rec: PerImage) -> Path:

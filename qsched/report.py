@@ -391,7 +391,7 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
                      "FD/FID lower is better; accuracy, CLIPScore, IQ and JAQ higher is better.</p>")
         parts.append(_html_table(head, rows))
         if ev.comparisons:
-            from qsched.evaluate import comparison_lines
+            from qsched.paired import comparison_lines
 
             lines = comparison_lines(ev.comparisons)
             parts.append("<h3>Paired differences (B - A over the same images and seeds, bootstrap 95% CI)</h3>")
