@@ -279,7 +279,8 @@ def render(c: dict, argv: list[str] | None) -> str:
           "in about 7 + 2.5 min on an H200, shared with other runs (see `train_student`'s docstring; the first run "
           "was cut at step 4,000 of 5,000 by the GPU lease and exported from that checkpoint), then 500 steps of 64 "
           "on this CPU (about 65 min): LCD plus a denoising loss on timesteps < 500, which made the student improve "
-          "with steps instead of getting worse ([experiments.md](experiments.md)).",
+          "from 1 to 4 steps instead of getting worse (8 steps: the trend section below; "
+          "[experiments.md](experiments.md)).",
           "- why v prediction: an epsilon student's 1-step image divides its error by sqrt(abar_999) = 0.068; the "
           "earlier epsilon student reached 0.35 class accuracy at 1 step ([experiments.md](experiments.md)).",
           "- the teacher is ~1.2M parameters, trained for 2,000 steps of 64 images (about 2 epochs): it is a small "
