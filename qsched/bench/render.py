@@ -204,7 +204,7 @@ def _quality_section(R: dict[str, Any]) -> list[str]:
         L.append("")
     # parametrization selection table
     L += ["### Calibration JAQ by parametrization, and the validation gain that chooses (selection data)", "",
-          "Each cell: best calibration JAQ on the search prompts / JAQ gain over the original schedule on the "
+          "Calibration draw 0 (the other draws' choices are in the 'chosen' columns above). Each cell: best calibration JAQ on the search prompts / JAQ gain over the original schedule on the "
           "disjoint validation prompts with its interval (Bonferroni-widened 95% bootstrap CI). The chosen "
           "parametrization has the largest validation gain whose interval is above zero; none: the original "
           "schedule is kept (do no harm).", "",
