@@ -2,7 +2,6 @@
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -211,12 +210,9 @@ def _sd15_like_unet() -> nn.Module:
 
 
 def _inputs(unet: nn.Module, batch: int = 2) -> tuple[tuple, dict]:
-    cfg = unet.config
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
-    kw = {"encoder_hidden_states": torch.randn(batch, 16, cfg.cross_attention_dim, generator=g)}
-    if cfg.get("time_cond_proj_dim"):
-        kw["timestep_cond"] = torch.randn(batch, cfg.time_cond_proj_dim, generator=g)
+    from qsched.bench.kernels_profile import unet_inputs
+
+    x, kw = unet_inputs(unet, batch, seed=1)
     return (x, torch.tensor([999, 259][:batch])), kw  # (a tensor of one timestep broadcasts)
 
 

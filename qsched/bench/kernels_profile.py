@@ -71,14 +71,16 @@ def _build(variant: str, unet0: nn.Module) -> nn.Module:
     return m
 
 
-def _inputs(unet: nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def unet_inputs(unet: nn.Module, batch: int, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Random (sample, keyword arguments) for one forward of a UNet2DConditionModel: 16 text tokens, and a
+    guidance embedding where the config has one."""
     cfg = unet.config
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g)
     kw = {"encoder_hidden_states": torch.randn(batch, 16, cfg.cross_attention_dim, generator=g)}
     if cfg.get("time_cond_proj_dim"):
         kw["timestep_cond"] = torch.randn(batch, cfg.time_cond_proj_dim, generator=g)
-    return x, torch.full((batch,), 500), kw
+    return x, kw
 
 
 def _runner(m: nn.Module, bf16: bool, x: torch.Tensor, t: torch.Tensor,
@@ -125,7 +127,8 @@ def run_profile(batches: tuple[int, ...] = (8, 64), repeats: int = 7, variants: 
     res: dict[str, Any] = {"threads": torch.get_num_threads(), "repeats": repeats, "batches": {},
                            "resident_bytes": {v: _resident_bytes(m) for v, m in models.items()}}
     for batch in batches:
-        x, t, kw = _inputs(unet0, batch)
+        x, kw = unet_inputs(unet0, batch)
+        t = torch.full((batch,), 500)
         runs = {v: _runner(m, v == "bf16", x, t, kw) for v, m in models.items()}
         if torch_compile:
             for v in ("fp32", "bf16", "qsched-int8-w8a8"):
