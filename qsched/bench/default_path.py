@@ -20,7 +20,7 @@ import numpy as np
 
 from qsched.bench.env import BenchEnv, Models
 from qsched.bench.settings import BenchSettings
-from qsched.bench.perimage import eval_record_unit, load_record, row_fd
+from qsched.bench.perimage import eval_record_unit, load_record, record_metrics, row_fd
 from qsched.bench.units import Job, UnitStore, config_hash
 from qsched.paired import N_BOOT, paired_cis
 
@@ -48,18 +48,19 @@ def _calib_unit(models: Models, env: BenchEnv, steps: int, spec: str, draw: int,
 
 def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, spec: str, schedule: dict | None,
                s: BenchSettings) -> Callable:
-    def run(d: Path, metrics: list) -> dict[str, Any]:
+    def run(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         from qsched.evaluate import evaluate
         from qsched.schedule import Schedule
 
         sched = Schedule.from_dict(schedule) if schedule is not None else None
         cfg = "quant-qsched" if sched is not None else "quant-naive"
-        evaluate(model=env.model, spec=spec, steps=steps, qsched_schedule=sched, prompts=prompts,
-                 n_images=s.default_images, seed=s.eval_seed, batch_size=s.eval_batch, metrics=metrics,
-                 configs=[cfg], pipe_loader=lambda: models.fp, progress=s.progress, n_samples=0, paired_resamples=0)
-        return {}
+        res = evaluate(model=env.model, spec=spec, steps=steps, qsched_schedule=sched, prompts=prompts,
+                       n_images=s.default_images, seed=s.eval_seed, batch_size=s.eval_batch,
+                       metrics=record_metrics(env), configs=[cfg], pipe_loader=lambda: models.fp,
+                       progress=s.progress, n_samples=0, paired_resamples=0)
+        return {}, res.per_image[cfg]
 
-    return eval_record_unit(env, run)
+    return eval_record_unit(run)
 
 
 def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: UnitStore, R: dict[str, Any],

@@ -4,13 +4,14 @@ prompts and per-image seeds (``qsched.runner``'s seed rule, applied inside ``cal
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from qsched.bench.env import BenchEnv, Models
-from qsched.bench.perimage import eval_record_unit, load_record
+from qsched.bench.perimage import eval_record_unit, load_record, record_metrics
 from qsched.bench.settings import ROW_LABELS, BenchSettings
 from qsched.bench.units import Job, UnitStore, config_hash
 
@@ -79,7 +80,7 @@ def select_best(cals: dict[str, dict[str, Any]], order: Sequence[str]) -> str | 
 
 def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, precision: str,
                schedule: dict[str, Any] | None, n_images: int, s: BenchSettings, fid: bool = False) -> Callable:
-    def run(d: Path, extra: Sequence[Any]) -> dict[str, Any]:
+    def run(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         from qsched.evaluate import evaluate
         from qsched.schedule import Schedule
 
@@ -90,22 +91,25 @@ def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, precisio
             cfg = "quant-qsched" if sched is not None else "quant-naive"
         if fid:
             metrics = env.fid_metrics() if env.fid_metrics is not None else ["fid"]
+        elif record:  # the record's metrics give the row's FD, accuracy and JAQ too
+            metrics = env.eval_metrics() if env.eval_metrics is not None else []
+            metrics = [*metrics, *record_metrics(env, have=metrics)]
         else:
             metrics = env.eval_metrics() if env.eval_metrics is not None else ["fd", "accuracy", "jaq"]
         res = evaluate(model=env.model, spec=precision if precision != "fp32" else "w4a8", steps=steps,
                        qsched_schedule=sched if cfg == "quant-qsched" else None,
                        fp_schedule=sched if cfg == "fp-tuned" else None, prompts=prompts, n_images=n_images,
-                       seed=s.eval_seed, batch_size=s.eval_batch, metrics=[*metrics, *extra], configs=[cfg],
+                       seed=s.eval_seed, batch_size=s.eval_batch, metrics=metrics, configs=[cfg],
                        pipe_loader=lambda: models.fp, progress=s.progress, n_samples=0 if fid else 8,
                        paired_resamples=0)
         res.to_json(d / "eval.json")
         row = dict(res.rows[cfg])
-        return {"row": row, "config": cfg, "notes": res.notes, "n_images": res.n_images,
-                "seeds": [res.seeds[0], res.seeds[-1]], "eval_json": str((d / "eval.json").resolve())}
+        return ({"row": row, "config": cfg, "notes": res.notes, "n_images": res.n_images,
+                 "seeds": [res.seeds[0], res.seeds[-1]], "eval_json": str((d / "eval.json").resolve())},
+                res.per_image[cfg])
 
-    if fid or env.evaluator is None:  # FID rows (and envs without a per-image evaluator) keep no record
-        return lambda d: run(d, ())
-    return eval_record_unit(env, run)
+    record = not fid and env.evaluator is not None  # FID rows (and envs without an evaluator) keep no record
+    return eval_record_unit(run) if record else (lambda d: run(d)[0])
 
 
 def _paired_unit(env: BenchEnv, a: dict[str, Any], b: dict[str, Any]) -> Callable[[Path], dict[str, Any]]:
@@ -270,6 +274,7 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     if env.evaluator is None:
         return
     pjobs: dict[str, Job] = {}
+    sha1 = functools.lru_cache(maxsize=None)(_sha1)  # an original row is compared with many: read it once
     wants: list[tuple[dict[str, Any], str, str]] = []
     for st, by_prec in row_draws.items():
         for prec, by_label in by_prec.items():
@@ -285,7 +290,7 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                             continue
                         if "file" not in a or "file" not in e:
                             continue
-                        conf = {"a": _sha1(a["file"]), "b": _sha1(e["file"]), "boot": "qsched.paired/1"}
+                        conf = {"a": sha1(a["file"]), "b": sha1(e["file"]), "boot": "qsched.paired/1"}
                         j = Job("paired", f"{st}s-{config_hash(conf)[:10]}", conf, _paired_unit(env, a, e),
                                 f"paired bootstrap {st} steps {prec} {label} draw {e['draw']} {what}")
                         wants.append((e, what, _add(pjobs, j)))

@@ -94,14 +94,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "rows": {}, "pairs": {}}
     from qsched.frechet import FrechetReference
 
+    fr = {k: FrechetReference(*v) for k, v in refs.items()}  # each reference's square root, once
+
+    def fd(rec: dict[str, np.ndarray], k: str, m: int | None = None) -> float:
+        """FD of the finite images among the first ``m`` (all) in feature space ``k``."""
+        m = len(rec[k]) if m is None else m
+        return fr[k].distance_of_features(rec[k][:m][rec["finite"][:m].astype(bool)])
+
     for name, rec in rows.items():
         ok = rec["finite"].astype(bool)
         r = {"n": int(len(ok)), "non_finite": int((~ok).sum()), "accuracy": float(rec["accuracy"].mean()),
              "jaq": float(rec["jaq"].mean())}
-        for k in ("fd", "fd2"):
-            r[k] = FrechetReference(*refs[k]).distance_of_features(rec[k][ok])
-        if "fid" in rec:
-            r["fid"] = FrechetReference(*refs["fid"]).distance_of_features(rec["fid"][ok[:len(rec["fid"])]])
+        for k in ("fd", "fd2", "fid"):
+            if k in rec:
+                r[k] = fd(rec, k)
         out["rows"][name] = r
     for b, a_ in PAIRS:
         n = min(len(rows[b]["finite"]), len(rows[a_]["finite"]))
@@ -114,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   {"fid": refs["fid"]}, n_boot=a.boot))
         res["n"] = n
         if a_ == "teacher":  # the issue's ratio target, at equal sample counts
-            res["ratio"] = {k: FrechetReference(*refs[k]).distance_of_features(rows[b][k][:m][rows[b]["finite"][:m]])
-                            / FrechetReference(*refs[k]).distance_of_features(rows[a_][k][:m][rows[a_]["finite"][:m]])
-                            for k, m in (("fd", n), ("fd2", n), ("fid", a.fid_n)) if k in rows[b] and m}
+            res["ratio"] = {k: fd(rows[b], k, m) / fd(rows[a_], k, m) for k, m in (("fd", n), ("fd2", n), ("fid", a.fid_n)) if k in rows[b] and m}
         out["pairs"][f"{b} vs {a_}"] = res
         print(f"{b} vs {a_}: " + ", ".join(f"{k} {v['diff']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
                                            for k, v in res.items() if isinstance(v, dict) and "diff" in v) +
