@@ -234,6 +234,9 @@ def test_steps_trend_paired_and_resumable(tmp_path, capsys):
     capsys.readouterr()
     again = trend(argv)
     assert "images in" not in capsys.readouterr().out and again["rows"] == t["rows"]  # rows reused, not redrawn
+    from qsched.testbed.trend import _weights_id  # a row is tied to the weights that drew it (retrained: redrawn)
+    names = sorted(p.name for p in (tmp_path / "w").iterdir())
+    assert len(names) == 5 and all(_weights_id("teacher" if n.startswith("teacher") else "student") in n for n in names)
     # the card's targets: an 8-step CI entirely above 0 is "worse beyond noise"; one that straddles 0 is not
     fake = {"settings": {"teacher_n": 4, "fid_n": 0}, "pairs": {
         "student-2 vs student-1": {"fd": {"diff": -1.0, "ci_low": -1.5, "ci_high": -0.5}},

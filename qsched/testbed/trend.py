@@ -55,6 +55,15 @@ def _refs() -> dict[str, Any]:
     return {"fd": ClassifierFD().reference, "fd2": features2_reference(), "fid": InceptionFID().reference}
 
 
+def _weights_id(variant: str) -> str:
+    """First 10 hex digits of the sha1 of the shipped ``variant``'s weights file."""
+    import hashlib
+
+    from .weights_io import WEIGHTS_DIR
+
+    return hashlib.sha1((WEIGHTS_DIR / f"{variant}.safetensors").read_bytes()).hexdigest()[:10]
+
+
 def _subset(rec: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
     return {k: v[:n] for k, v in rec.items()}
 
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, np.ndarray]] = {}
     todo = [(f"student-{s}", "student", s, a.n) for s in STEPS] + [("teacher", "teacher", a.teacher_steps, a.teacher_n)]
     for name, model, steps, n in todo:
-        path = a.work / f"{name}-{tag}.safetensors"
+        # the weights' fingerprint is part of the row's name: retrained weights never reuse another model's rows
+        path = a.work / f"{name}-{tag}-{_weights_id(model)}.safetensors"
         if not path.exists():
             t1 = time.time()
             images = generate(load_testbed_pipeline(model), prompts[:n], steps, a.guidance)
