@@ -143,4 +143,21 @@ def verdict(res: Any, out: Path | None = None) -> str:
     g = best["gain"]
     kept = "kept the original schedule" if res.decision == "identity" else f"kept {res.chosen} anyway (do_no_harm off)"
     return (f"no reliable gain on {n} validation prompts (best: {v['best_candidate']} {g['mean']:+.2f}, "
-            f"CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}): {kept}{where}")
+            f"CI {g['ci_low']:+.2f} to {g['ci_high']:+.2f}): {kept}{_traded(v)}{where}")
+
+
+def _traded(v: dict[str, Any]) -> str:
+    """", although <cand> raised IQ by x (CI) while TC fell by y (CI)" for the candidate with the largest reliable
+    IQ gain whose JAQ gain was not reliable because alignment fell: the user sees what was traded and can judge it
+    (on the testbed such schedules improved held-out FD while TC's change depended on the prompts' wording:
+    BENCHMARKS.md, "What validation cannot see")."""
+    rows = [c for c in v["candidates"] if c.get("iq_gain") and c.get("tc_gain") and c["iq_gain"]["ci_low"] > 0
+            and c["tc_gain"]["mean"] < 0 and c["gain"]["ci_low"] <= 0]
+    if not rows:
+        return ""
+    c = max(rows, key=lambda r: r["iq_gain"]["mean"])
+    q, t = c["iq_gain"], c["tc_gain"]
+    return (f", although {c['name']} raised image quality (IQ) reliably by {q['mean']:+.3f} (CI {q['ci_low']:+.3f} "
+            f"to {q['ci_high']:+.3f}) while text-image alignment (TC) changed by {t['mean']:+.2f} (CI "
+            f"{t['ci_low']:+.2f} to {t['ci_high']:+.2f}); --no-do-no-harm would keep the best-JAQ candidate "
+            f"({v['best_candidate']}) anyway")

@@ -122,6 +122,32 @@ def test_a_gain_bought_with_worse_alignment_is_reported(qpipe):
     assert r2.decision == "qsched" and "although" not in r2.verdict, r2.verdict
 
 
+def test_a_quality_gain_not_confirmed_by_jaq_is_reported():
+    """Identity kept, but a candidate raised IQ reliably while TC fell: the verdict names the trade (and only then)."""
+    from types import SimpleNamespace
+
+    from qsched.validation import verdict
+
+    def gain(m, lo, hi):
+        return {"mean": m, "ci_low": lo, "ci_high": hi, "n": 96, "confidence": 0.98}
+
+    def cand(name, jaq, tc, iq):
+        return {"name": name, "gain": gain(*jaq), "tc_gain": gain(*tc), "iq_gain": gain(*iq)}
+
+    v = {"prompts": ["p"] * 96, "confidence": 0.95, "best_candidate": "per-step-shrunk", "candidates": [
+        cand("linear", (-0.08, -0.29, 0.16), (-0.32, -0.55, -0.09), (0.119, 0.085, 0.15)),
+        cand("per-step-shrunk", (0.03, -0.20, 0.32), (-0.22, -0.45, 0.02), (0.125, 0.087, 0.16)),
+        cand("per-step", (-0.11, -0.47, 0.34), (-0.41, -0.8, -0.01), (0.10, -0.01, 0.2))]}
+    res = SimpleNamespace(validation=v, decision="identity", chosen=None)
+    text = verdict(res)
+    assert text.startswith("no reliable gain on 96 validation prompts") and "kept the original schedule" in text
+    assert "although per-step-shrunk raised image quality (IQ) reliably by +0.125 (CI +0.087 to +0.160)" in text
+    assert "(TC) changed by -0.22" in text
+    for c in v["candidates"]:  # no reliable IQ rise anywhere: nothing to report
+        c["iq_gain"] = gain(0.01, -0.02, 0.04)
+    assert "raised image quality" not in verdict(res)
+
+
 def test_validation_prompts_must_be_disjoint(qpipe):
     with pytest.raises(ValueError, match="disjoint"):
         calibrate(qpipe, SEARCH, 2, validation_prompts=SEARCH[:2], jaq=JAQ(Blind(), ContrastIQ()), progress=False,
