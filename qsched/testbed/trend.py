@@ -14,6 +14,7 @@ run continues where it stopped. Writes ``trend.json`` (read by the model card) a
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{name}: {n} images in {time.time() - t1:.0f} s", flush=True)
         rows[name] = load_per_image(path)
     refs = _refs()
-    out: dict[str, Any] = {"argv": argv, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+    out: dict[str, Any] = {"argv": argv if argv is not None else sys.argv[1:],  # the command that reproduces it
+                           "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
                            "rows": {}, "pairs": {}}
     from qsched.frechet import FrechetReference
 
