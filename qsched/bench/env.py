@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import platform
 from dataclasses import dataclass
@@ -46,14 +45,15 @@ class BenchEnv:
         from qsched.scoring import make_jaq
         from qsched.testbed.metrics import FID_REF_FILE
         from qsched.testbed.pipeline import WEIGHTS_DIR, load_testbed_pipeline
+        from qsched.testbed.weights_io import file_digest
 
         w = WEIGHTS_DIR / f"{variant}.safetensors"
         if not w.exists():
             raise FileNotFoundError(f"testbed weights missing: {w} (train them with "
                                     f"`python -m qsched.testbed.train_{variant}`)")
-        digest = hashlib.sha1(w.read_bytes()).hexdigest()[:8]  # units are keyed by the weights they measured
+        digest = file_digest(w, 8)  # units are keyed by the weights they measured
         ref = WEIGHTS_DIR / FID_REF_FILE
-        ref_id = hashlib.sha1(ref.read_bytes()).hexdigest()[:8] if ref.exists() else ""
+        ref_id = file_digest(ref, 8) if ref.exists() else ""
         from qsched.testbed.metrics import ClassifierFD
 
         return cls(load_pipe=functools.partial(load_testbed_pipeline, variant),

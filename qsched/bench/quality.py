@@ -80,6 +80,8 @@ def select_best(cals: dict[str, dict[str, Any]], order: Sequence[str]) -> str | 
 
 def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, precision: str,
                schedule: dict[str, Any] | None, n_images: int, s: BenchSettings, fid: bool = False) -> Callable:
+    record = not fid and env.evaluator is not None  # FID rows (and envs without an evaluator) keep no record
+
     def run(d: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         from qsched.evaluate import evaluate
         from qsched.schedule import Schedule
@@ -108,7 +110,6 @@ def _eval_unit(models: Models, env: BenchEnv, prompts: Any, steps: int, precisio
                  "seeds": [res.seeds[0], res.seeds[-1]], "eval_json": str((d / "eval.json").resolve())},
                 res.per_image[cfg])
 
-    record = not fid and env.evaluator is not None  # FID rows (and envs without an evaluator) keep no record
     return eval_record_unit(run) if record else (lambda d: run(d)[0])
 
 

@@ -58,11 +58,9 @@ def _refs() -> dict[str, Any]:
 
 def _weights_id(variant: str) -> str:
     """First 10 hex digits of the sha1 of the shipped ``variant``'s weights file."""
-    import hashlib
+    from .weights_io import WEIGHTS_DIR, file_digest
 
-    from .weights_io import WEIGHTS_DIR
-
-    return hashlib.sha1((WEIGHTS_DIR / f"{variant}.safetensors").read_bytes()).hexdigest()[:10]
+    return file_digest(WEIGHTS_DIR / f"{variant}.safetensors")
 
 
 def _subset(rec: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
@@ -91,9 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tag = f"n{a.n}-t{a.teacher_n}x{a.teacher_steps}-f{a.fid_n}-g{a.guidance}"
     rows: dict[str, dict[str, np.ndarray]] = {}
     todo = [(f"student-{s}", "student", s, a.n) for s in STEPS] + [("teacher", "teacher", a.teacher_steps, a.teacher_n)]
+    # the weights' fingerprint is part of each row's name: retrained weights never reuse another model's rows
+    wid = {m: _weights_id(m) for m in ("student", "teacher")}
     for name, model, steps, n in todo:
-        # the weights' fingerprint is part of the row's name: retrained weights never reuse another model's rows
-        path = a.work / f"{name}-{tag}-{_weights_id(model)}.safetensors"
+        path = a.work / f"{name}-{tag}-{wid[model]}.safetensors"
         if not path.exists():
             t1 = time.time()
             images = generate(load_testbed_pipeline(model), prompts[:n], steps, a.guidance)

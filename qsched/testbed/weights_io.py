@@ -3,6 +3,7 @@ config plus training facts). Used by the classifier and the tiny CLIP; never pic
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, TypeVar
@@ -10,6 +11,11 @@ from typing import Any, TypeVar
 import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def file_digest(path: str | Path, n: int = 10) -> str:
+    """First ``n`` hex digits of the sha1 of a file's bytes: what keys cached results to the weights behind them."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:n]
 M = TypeVar("M", bound=torch.nn.Module)
 
 
