@@ -62,22 +62,42 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
     "a catalogue shot of a {}", "my favourite {}", "a low resolution picture of a {}", "a close-up of the {}",
 )
 
+# Extra sentence frames for the tiny CLIP (the JAQ scorer) only, never for the denoisers: a scorer trained on the
+# ten training frames alone scored the same images differently under new frames (its TC change for one schedule
+# ranged -1.6 .. +0.6 across templates; BENCHMARKS.md, "What validation cannot see"). Disjoint from the calib and
+# heldout frames (tests/test_testbed_scorers.py checks it); used with the training synonyms only.
+SCORER_TEMPLATES: tuple[str, ...] = (
+    "a photograph of a {}", "a clean photo of a {}", "a cropped photo of a {}", "a centered photo of a {}",
+    "a plain {}", "one {}", "the {}", "a single {}", "an example of a {}", "a typical {}", "a simple {}",
+    "a women's {}", "a men's {}", "a kid's {}", "a new {}", "a used {}", "a dark {}", "a light {}", "a {} item",
+    "a {} on white", "a {} in grayscale", "a monochrome photo of a {}", "a tiny picture of a {}",
+    "a low contrast photo of a {}", "a {} shown alone", "a photo showing a {}", "this is a {}", "here is a {}",
+    "look at this {}", "I bought a {}", "a store photo of a {}", "an advert for a {}", "a sketch of a {}",
+    "a rendering of a {}", "a {} against a black background", "a {} in the middle of the frame", "a nice {}",
+    "a stylish {}", "a casual {}", "a classic {}", "a vintage {}", "a {} made of fabric", "a {} for everyday wear",
+    "a {} in a wardrobe", "a picture with a {}", "product: {}", "a {}, side view", "a photo of my {}",
+    "a photo of the {}", "a picture of one {}", "an image showing the {}", "a gray {}", "a black {}", "a white {}",
+)
+
 # Quality words for the tiny CLIP's image-quality training (a CLIP-IQA style antonym pair uses the first two).
 GOOD_QUALITY = ("a good photo", "a sharp clean photo", "a high quality photo", "a clear picture")
 BAD_QUALITY = ("a bad photo", "a noisy blurry photo", "a low quality photo", "a corrupted picture")
 
 
 def captions_for(label: int, split: str = "train") -> list[str]:
-    """All captions of one class for ``split`` ("train", "calib" or "heldout")."""
+    """All captions of one class for ``split`` ("train", "calib", "heldout", or "scorer": the training synonyms in
+    the training and the extra scorer frames, for the tiny CLIP)."""
     syn_train, syn_held = SYNONYMS[label]
     if split == "train":
         syns, temps = syn_train, TRAIN_TEMPLATES
+    elif split == "scorer":
+        syns, temps = syn_train, TRAIN_TEMPLATES + SCORER_TEMPLATES
     elif split == "calib":
         syns, temps = CALIB_SYNONYMS[label], CALIB_TEMPLATES
     elif split == "heldout":
         syns, temps = syn_held, HELDOUT_TEMPLATES
     else:
-        raise ValueError(f"split must be 'train', 'calib' or 'heldout', got {split!r}")
+        raise ValueError(f"split must be 'train', 'calib', 'heldout' or 'scorer', got {split!r}")
     return [t.format(s) for t in temps for s in syns]
 
 

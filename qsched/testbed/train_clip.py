@@ -10,6 +10,12 @@ sneaker"). Many pairs in a batch are true at once (same class, same quality), so
 *multi-positive* targets: caption j is a positive for image i iff its class (if it names one) equals the image's
 class and its quality (if it names one) equals the image's; targets are uniform over the positives.
 
+A class-only caption ("a photo of a sneaker") counts as describing a *clean* image (``--class-clean``, the
+default since session 8): degraded images of the class are its negatives, so TC (CLIPScore) falls with
+degradation, as a real CLIP's does. The earlier scorer made class captions true of degraded images too; its TC
+was then highest for slightly degraded images and moved *against* held-out FD for every schedule tested, which
+kept JAQ validation from confirming schedules that help (``scripts/scorer_probe.py``, BENCHMARKS.md).
+
 MiniLM sentence embeddings of all (~900) caption strings are computed once, so training only runs the image
 encoder and the text projection. Seeded and resumable (``<out>/tiny_clip_ckpt.safetensors`` + ``.json`` every
 ``--ckpt-every`` steps; bit-exact continuation). At the end it measures on the real test set and writes into
@@ -19,6 +25,7 @@ images from degraded ones (fresh random draws, milder and mixed degradations, se
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from pathlib import Path
@@ -114,13 +121,14 @@ def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 # ----------------------------------------------------------------------------------------------- captions
-def caption_bank(small: bool = False) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def caption_bank(small: bool = False, wording: str = "train") -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """All training captions with their class (-1: none) and quality (1 good, 0 bad, -1: none).
 
     ``small`` keeps one class caption per class and one combined caption per (class, quality) (for smoke tests).
+    ``wording`` is the class captions' split: "train" (10 frames) or "scorer" (those and 54 more).
     """
     caps, cls, qual = [], [], []
-    class_caps, class_labels = all_captions("train")
+    class_caps, class_labels = all_captions(wording)
     if small:
         keep = [class_labels.index(c) for c in range(len(CLASS_NAMES))]
         class_caps, class_labels = [class_caps[i] for i in keep], [class_labels[i] for i in keep]
@@ -144,12 +152,14 @@ def caption_bank(small: bool = False) -> tuple[list[str], torch.Tensor, torch.Te
 
 
 def pick_captions(labels: torch.Tensor, quality: torch.Tensor, cap_cls: torch.Tensor, cap_q: torch.Tensor,
-                  gen: torch.Generator, p_class: float = 0.5, p_quality: float = 0.2) -> torch.Tensor:
-    """For each image, the index of one true caption: class-only, quality-only or combined."""
+                  gen: torch.Generator, p_class: float = 0.5, p_quality: float = 0.2,
+                  class_clean: bool = False) -> torch.Tensor:
+    """For each image, the index of one true caption: class-only, quality-only or combined (``class_clean``: a
+    degraded image never gets a class-only caption, which then describes clean images only)."""
     r = torch.rand(labels.shape[0], generator=gen)
     out = torch.empty_like(labels)
     for i in range(labels.shape[0]):
-        if r[i] < p_class:
+        if r[i] < p_class and not (class_clean and quality[i] == 0):
             ok = (cap_cls == labels[i]) & (cap_q < 0)
         elif r[i] < p_class + p_quality:
             ok = (cap_cls < 0) & (cap_q == quality[i])
@@ -196,14 +206,15 @@ def evaluate(model: TinyCLIP, n_zero_shot: int | None = None, n_auc: int = 2000,
 def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int = 192, lr: float = 2e-3,
           seed: int = 0, max_steps: int | None = None, fresh: bool = False, ckpt_every: int = 100,
           log_every: int = 50, eval_limit: int | None = None, p_degraded: float = 0.5,
-          small_captions: bool = False, width: int = 16) -> dict[str, Any]:
+          small_captions: bool = False, width: int = 16, wording: str = "train",
+          class_clean: bool = True) -> dict[str, Any]:
     """Train and save the tiny CLIP; returns the summary written to ``tiny_clip.json``."""
     from qsched.testbed.text import sentence_embeddings, shared_minilm
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     data = load_fashion_mnist("train", limit=limit)
-    caps, cap_cls, cap_q = caption_bank(small_captions)
+    caps, cap_cls, cap_q = caption_bank(small_captions, wording)
     t_text = time.time()
     tok, lm = shared_minilm()
     cap_emb = torch.cat([sentence_embeddings(tok, lm, caps[i:i + 256]) for i in range(0, len(caps), 256)]).float()
@@ -232,9 +243,12 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
         if bad.any():
             x[bad] = degrade(x[bad], gen)
         q = (~bad).long()
-        ci = pick_captions(y, q, cap_cls, cap_q, gen)
+        ci = pick_captions(y, q, cap_cls, cap_q, gen, class_clean=class_clean)
+        cq = cap_q[ci]
+        if class_clean:  # a class-only caption ("a photo of a sneaker") is true of clean images only
+            cq = torch.where((cap_cls[ci] >= 0) & (cq < 0), 1, cq)
         pos = (((cap_cls[ci][None, :] < 0) | (cap_cls[ci][None, :] == y[:, None]))
-               & ((cap_q[ci][None, :] < 0) | (cap_q[ci][None, :] == q[:, None])))
+               & ((cq[None, :] < 0) | (cq[None, :] == q[:, None])))
         loss = multi_positive_loss(model(x, cap_emb[ci]), pos)
         optimizer_step(opt, loss, lr_at(step, steps, lr, warmup=min(100, steps // 10 + 1), final_frac=0.02))
         step += 1
@@ -253,7 +267,8 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
     print(f"[clip] zero-shot acc {ev['zero_shot_accuracy']:.4f}, IQA AUC {ev['iqa_auc']:.4f} "
           f"{ev['iqa_auc_by_kind']} (eval {time.time() - t_eval:.0f}s)", flush=True)
     summary = {**ev, "steps": step, "total_steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-               "n_train": n, "n_captions": len(caps), "p_degraded": p_degraded,
+               "n_train": n, "n_captions": len(caps), "wording": wording, "class_clean": class_clean,
+               "p_degraded": p_degraded,
                "train_time_s": round(train_time, 1), "threads": torch.get_num_threads(), "complete": complete}
     save_tiny_clip(model, out, summary)
     if complete:
@@ -272,11 +287,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
     p.add_argument("--width", type=int, default=16, help="image encoder width (channels of the first conv)")
     p.add_argument("--small-captions", action="store_true", help="a ~50-caption bank (smoke tests only)")
+    p.add_argument("--wording", choices=("train", "scorer"), default="train",
+                   help="class captions: the denoisers' 10 training frames, or those and 54 scorer-only frames")
+    p.add_argument("--class-clean", action=argparse.BooleanOptionalAction, default=True,
+                   help="class-only captions describe clean images only, so TC falls with degradation as real "
+                        "CLIPScore does (--no-class-clean: the pre-session-8 scorer, TC invariant to degradation)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     train(a.out, a.steps, a.limit, a.batch_size, a.lr, a.seed, a.max_steps, a.fresh, a.ckpt_every,
           eval_limit=a.eval_limit, small_captions=a.small_captions,
-          width=a.width)
+          width=a.width, wording=a.wording, class_clean=a.class_clean)
 
 
 if __name__ == "__main__":
