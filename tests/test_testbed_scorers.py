@@ -226,6 +226,42 @@ def test_clip_iqa_prefers_clean_images(clip_model, sample):
     assert roc_auc(clean, torch.cat([noisy, blurred])) >= 0.9
 
 
+def test_clip_score_falls_with_degradation_on_matching_prompts(clip_model, sample):
+    """The shipped scorer's TC, like a real CLIP's CLIPScore, is highest for the clean image of the named class:
+    noise and blur lower it (the pre-session-8 scorer, trained with degradation-invariant class captions, scored
+    slightly blurred images above clean ones, and its TC moved against held-out FD; scripts/scorer_probe.py)."""
+    from qsched.testbed.train_clip import degrade_heldout
+
+    x, y = sample
+    prompts = [f"a photo of a {CLASS_NAMES[int(c)]}" for c in y[:300]]
+    clean = clip_score(clip_model, x[:300], prompts)
+    for kind in ("noise", "blur", "residue", "mixed"):
+        bad = clip_score(clip_model, degrade_heldout(x[:300], kind, seed=1), prompts)
+        assert float((clean - bad).mean()) > 2.0, kind
+
+
+def test_class_clean_captions_are_negatives_for_degraded_images():
+    from qsched.testbed.train_clip import caption_bank, pick_captions
+
+    caps, cls, q = caption_bank(small=True)
+    labels, quality = torch.tensor([7] * 64), torch.tensor([0, 1] * 32)
+    gen = torch.Generator().manual_seed(0)
+    ci = pick_captions(labels, quality, cls, q, gen, p_class=1.0, class_clean=True)
+    class_only = (cls[ci] >= 0) & (q[ci] < 0)
+    assert bool(class_only[quality == 1].all()) and not bool(class_only[quality == 0].any())
+    ci = pick_captions(labels, quality, cls, q, torch.Generator().manual_seed(0), p_class=1.0)
+    assert bool(((cls[ci] >= 0) & (q[ci] < 0)).all())  # without class_clean every image may get one
+
+
+def test_scorer_wording_is_disjoint_from_calibration_and_evaluation():
+    from qsched.testbed import data
+
+    caps = set(data.all_captions("scorer")[0])
+    assert set(data.all_captions("train")[0]) < caps
+    assert not caps & (set(data.all_captions("calib")[0]) | set(data.all_captions("heldout")[0]))
+    assert not set(data.SCORER_TEMPLATES) & set(data.CALIB_TEMPLATES + data.HELDOUT_TEMPLATES)
+
+
 def test_degradations_stay_in_range():
     from qsched.testbed.train_clip import DEGRADATIONS, degrade, degrade_heldout
 

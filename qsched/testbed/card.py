@@ -271,9 +271,13 @@ def render(c: dict, argv: list[str] | None) -> str:
         if j.exists():
             info = json.loads(j.read_text())
             info = info.get("train", {k: v for k, v in info.items() if k in ("epochs", "steps", "batch_size", "lr",
-                                                                              "seed", "train_time_s")})
+                                                                              "seed", "train_time_s",
+                                                                              "class_clean")})
             L.append(f"- {name}: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    L += ["- note: the teacher's first 100 steps ran under a 1,200-step learning-rate schedule before the run was "
+    L += ["- note: the tiny CLIP was retrained in session 8 with class captions that describe clean images only "
+          "(`class_clean`), so that TC falls with degradation as a real CLIP's does (experiments.md); the JAQ column "
+          "of the steps trend below was measured with the previous scorer.",
+          "- note: the teacher's first 100 steps ran under a 1,200-step learning-rate schedule before the run was "
           "resumed with `--steps 2000` (the documented command reproduces a run without that detour).",
           "- wall time by the training logs: teacher about 26 min (CPU); student 4,000 + 1,300 steps of 256 images "
           "in about 7 + 2.5 min on an H200, shared with other runs (see `train_student`'s docstring; the first run "
