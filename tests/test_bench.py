@@ -317,3 +317,18 @@ def test_family_wise_harms_widens_per_draw_intervals():
     assert family_wise_harms([borderline] * 5 + [kept]) == (0, 10)
     assert family_wise_harms([borderline] * 5 + [clear, kept]) == (1, 12)
     assert family_wise_harms([kept]) == (0, 0)
+
+
+def test_units_are_keyed_by_the_jaq_scorer():
+    """A retrained tiny CLIP must not reuse calibrations (or JAQ rows) made with another scorer."""
+    import dataclasses
+
+    from qsched.bench.env import BenchEnv
+    from qsched.testbed.pipeline import WEIGHTS_DIR
+    from qsched.testbed.weights_io import file_digest
+
+    a = BenchEnv(load_pipe=lambda: None, jaq=lambda: None, name="m", scorer="aaaa")
+    assert a.key != dataclasses.replace(a, scorer="bbbb").key and a.key.startswith("m")
+    assert BenchEnv(load_pipe=lambda: None, jaq=lambda: None, name="m").key == "m"
+    tb = BenchEnv.testbed()
+    assert tb.scorer == file_digest(WEIGHTS_DIR / "tiny_clip.safetensors", 8) and tb.scorer in tb.key

@@ -75,7 +75,7 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     specs = list(s.default_specs)
     evalp = load_prompts("testbed-heldout", n=s.default_images, seed=0)
     keys = [(st, sp, dr) for st in s.steps for sp in specs for dr in range(s.default_draws)]
-    base = {"env": env.name, "search": s.default_search_prompts, "val": s.default_val_prompts,
+    base = {"env": env.key, "search": s.default_search_prompts, "val": s.default_val_prompts,
             "trials": s.default_trials, "val_seeds": list(defaults.VALIDATION_SEEDS),
             "search_seeds": list(defaults.SEARCH_SEEDS), "parametrization": defaults.PARAMETRIZATION,
             "defaults": "qsched.defaults/2"}
@@ -88,7 +88,7 @@ def section_default(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     cals = dict(zip(keys, units.run_all(cal_jobs)))
 
     def row(st: int, sp: str, sched: dict | None) -> Job:
-        conf = {"env": env.name, "steps": st, "spec": sp, "schedule": sched, "n": s.default_images,
+        conf = {"env": env.key, "steps": st, "spec": sp, "schedule": sched, "n": s.default_images,
                 "fd2": env.features2 is not None,
                 "eval_seed": s.eval_seed, "prompts_sha1": config_hash(evalp.prompts)}
         name = "original" if sched is None else config_hash(sched)[:8]

@@ -38,6 +38,13 @@ class BenchEnv:
     fid_reference: str = ""  # identifies the FID reference statistics (FID units are keyed by it)
     evaluator: Callable[[], Any] | None = None  # -> .features(images), .predict(images), .reference (mu, sigma)
     features2: Callable[[], Any] | None = None  # -> (features(images), (mu, sigma)) of an independent extractor
+    scorer: str = ""  # identifies the JAQ scorer's weights: units that calibrate or score JAQ are keyed by it
+
+    @property
+    def key(self) -> str:
+        """What keys units whose results depend on the JAQ scorer: the model name, plus the scorer if known (a
+        retrained tiny CLIP must not reuse calibrations made with another one)."""
+        return f"{self.name}+scorer-{self.scorer}" if self.scorer else self.name
 
     @classmethod
     def testbed(cls, variant: str = "student") -> "BenchEnv":
@@ -56,9 +63,11 @@ class BenchEnv:
         ref_id = file_digest(ref, 8) if ref.exists() else ""
         from qsched.testbed.metrics import ClassifierFD
 
+        clip = WEIGHTS_DIR / "tiny_clip.safetensors"
         return cls(load_pipe=functools.partial(load_testbed_pipeline, variant),
                    jaq=functools.partial(make_jaq, "testbed"), name=f"testbed-{variant}-{digest}",
-                   fid_reference=ref_id, evaluator=ClassifierFD, features2=_features2)
+                   fid_reference=ref_id, evaluator=ClassifierFD, features2=_features2,
+                   scorer=file_digest(clip, 8) if clip.exists() else "")
 
     def call_kwargs(self) -> dict[str, Any]:
         """Pipeline call defaults of ``model`` (guidance, resolution, ...; none for the testbed)."""

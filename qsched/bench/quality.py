@@ -185,7 +185,7 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
     jobs = []
     for steps, prec, p, d in keys:
         c_p, v_p = dp[d]
-        conf = {"env": env.name, "calib_prompts_sha1": config_hash(c_p), "calib_seed": s.calib_seed,
+        conf = {"env": env.key, "calib_prompts_sha1": config_hash(c_p), "calib_seed": s.calib_seed,
                 "seed_rule": SEED_RULE, "val_prompts_sha1": config_hash(v_p),
                 "val_seeds": list(defaults.VALIDATION_SEEDS), "kind": "calibration", "steps": steps,
                 "precision": prec, "parametrization": p, "n_trials": s.calib_trials, "sampler": "tpe",
@@ -212,7 +212,7 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
 
     def row_job(steps: int, prec: str, schedule: dict | None, fid: bool = False) -> Job:
         n = s.fid_images if fid else s.eval_images
-        conf = {"env": env.name, "kind": "fid" if fid else "evaluation", "steps": steps, "precision": prec,
+        conf = {"env": env.key, "kind": "fid" if fid else "evaluation", "steps": steps, "precision": prec,
                 "schedule": schedule, "n_images": n, "eval_seed": s.eval_seed, "seed_rule": SEED_RULE,
                 "batch": s.eval_batch, "prompts_sha1": config_hash(evalp.prompts[:n]),
                 **({"fid_reference": env.fid_reference} if fid else

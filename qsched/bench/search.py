@@ -43,7 +43,7 @@ def section_search(s: BenchSettings, env: BenchEnv, models: Models, units: UnitS
 
     units.console.rule("[bold]2. Search cost: grid vs Optuna TPE")
     calib = load_prompts("testbed-calib", s.calib_prompts)
-    base = {"env": env.name, "calib_prompts_sha1": config_hash(calib.prompts), "calib_seed": s.calib_seed,
+    base = {"env": env.key, "calib_prompts_sha1": config_hash(calib.prompts), "calib_seed": s.calib_seed,
             "steps": s.search_steps, "precision": s.search_spec, "parametrization": "linear",
             "grid_range": list(s.grid_range), "seed_rule": SEED_RULE}
     jobs = [Job("search", f"grid{s.grid_points}", {**base, "kind": "grid", "grid_points": s.grid_points},
