@@ -39,30 +39,30 @@ def qpipe():
 
 
 class Blind:
-    """A scorer blind to what the image shows: deterministic noise from its bytes (a search on it only fits noise)."""
+    """A scorer that ignores the image: each prompt's score is fixed by its text, so no schedule can change it."""
 
     def __call__(self, images, prompts=None):
         import hashlib
 
-        return torch.tensor([int(hashlib.sha1(im.numpy().tobytes()).hexdigest()[:6], 16) % 1000 / 100.0
-                             for im in images])
+        prompts = list(prompts) if prompts is not None else [""] * len(images)
+        return torch.tensor([int(hashlib.sha1(p.encode()).hexdigest()[:6], 16) % 1000 / 100.0 for p in prompts])
 
 
-def test_paired_gain_interval():
-    rng = np.random.default_rng(0)
-    base = rng.normal(size=40)
-    up = paired_gain(base + 0.5 + 0.1 * rng.normal(size=40), base)
-    assert up.reliable and up.ci_low < 0.5 < up.ci_high
-    noise = paired_gain(base + 0.3 * rng.normal(size=40), base)
-    assert not noise.reliable and noise.ci_low < 0 < noise.ci_high
-    flat = paired_gain(base, base)
-    assert (flat.mean, flat.ci_low, flat.ci_high) == (0.0, 0.0, 0.0) and not flat.reliable
-    with pytest.raises(ValueError):
-        paired_gain([1.0], [0.0])
+class Overfit:
+    """Brightness is alignment on the search prompts and misalignment on every other prompt: the search finds a
+    schedule that 'helps' there, and it cannot help on validation prompts. (An earlier test scored hash noise of
+    the image bytes; with 4 validation prompts its interval excluded 0 by chance under some thread counts.)"""
+
+    def __call__(self, images, prompts):
+        b = 100 * torch.as_tensor(images).float().mean(dim=(1, 2, 3))
+        return torch.where(torch.tensor([p in SEARCH for p in prompts]), b, -b)
 
 
 def test_do_no_harm_keeps_the_identity_when_no_schedule_can_help(qpipe, tmp_path):
-    r = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(Blind(), ContrastIQ(), k=0.0), n_trials=8,
+    r0 = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(Blind(), ContrastIQ(), k=0.0), n_trials=6,
+                   progress=False, call_kwargs=KW)
+    assert r0.decision == "identity" and r0.schedule.is_identity, r0.verdict  # a scorer blind to the image
+    r = calibrate(qpipe, SEARCH, 2, validation_prompts=VALID, jaq=JAQ(Overfit(), ContrastIQ(), k=0.0), n_trials=8,
                   progress=False, call_kwargs=KW, out_dir=tmp_path)
     assert r.decision == "identity" and r.schedule.is_identity and r.chosen is None
     assert "no reliable gain" in r.verdict and "kept the original schedule" in r.verdict
