@@ -31,7 +31,7 @@ from qsched.schedule import Schedule
 from qsched.scoring import JAQ, TestbedCLIPIQA, TestbedCLIPScore
 from qsched.testbed.clip import load_tiny_clip
 from qsched.testbed.data import all_captions
-from qsched.validation import paired_gain
+from qsched.validation import paired_gain, per_prompt_means
 
 SEEDS = (1, 2, 3)
 STUDENT = "e376ca2d"
@@ -88,8 +88,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             sc = jaq.score(im, prompts * len(SEEDS))
-        tc = np.asarray(sc.tc_per_image).reshape(-1, n).mean(0)
-        iq = np.asarray(sc.iq_per_image).reshape(-1, n).mean(0)
+        tc, iq = per_prompt_means(sc.tc_per_image, n), per_prompt_means(sc.iq_per_image, n)
         return {"tc": tc, "iq": iq, "jaq": tc + jaq.k * iq}
 
     base: dict = {}

@@ -41,10 +41,9 @@ def qpipe():
 class Blind:
     """A scorer that ignores the image: each prompt's score is fixed by its text, so no schedule can change it."""
 
-    def __call__(self, images, prompts=None):
+    def __call__(self, images, prompts):
         import hashlib
 
-        prompts = list(prompts) if prompts is not None else [""] * len(images)
         return torch.tensor([int(hashlib.sha1(p.encode()).hexdigest()[:6], 16) % 1000 / 100.0 for p in prompts])
 
 

@@ -62,10 +62,10 @@ HELDOUT_TEMPLATES: tuple[str, ...] = (
     "a catalogue shot of a {}", "my favourite {}", "a low resolution picture of a {}", "a close-up of the {}",
 )
 
-# Extra sentence frames for the tiny CLIP (the JAQ scorer) only, never for the denoisers: a scorer trained on the
-# ten training frames alone scored the same images differently under new frames (its TC change for one schedule
-# ranged -1.6 .. +0.6 across templates; BENCHMARKS.md, "What validation cannot see"). Disjoint from the calib and
-# heldout frames (tests/test_testbed_scorers.py checks it); used with the training synonyms only.
+# Extra sentence frames for the tiny CLIP (the JAQ scorer) only, never for the denoisers: session 7's proposed
+# remedy for TC's template dependence (``train_clip --wording scorer``). Tested in session 8 and not shipped: it made
+# TC track held-out FD worse (benchmarks/scorer_probe.json). Disjoint from the calib and heldout frames
+# (tests/test_testbed_scorers.py checks it); used with the training synonyms only.
 SCORER_TEMPLATES: tuple[str, ...] = (
     "a photograph of a {}", "a clean photo of a {}", "a cropped photo of a {}", "a centered photo of a {}",
     "a plain {}", "one {}", "the {}", "a single {}", "an example of a {}", "a typical {}", "a simple {}",

@@ -227,6 +227,8 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
         st = load_checkpoint(ckpt, {"model": model}, opt)
         step, elapsed = st["step"], st.get("train_time_s", 0.0)
         print(f"[clip] resumed from {ckpt} at step {step}", flush=True)
+    # the quality each caption asserts when matching images: with class_clean a class-only caption asserts "clean"
+    cap_q_pos = torch.where((cap_cls >= 0) & (cap_q < 0), 1, cap_q) if class_clean else cap_q
     n = data.images.shape[0]
     stop = steps if max_steps is None else min(steps, max_steps)
     t0 = time.time()
@@ -244,9 +246,7 @@ def train(out: Path, steps: int = 700, limit: int | None = None, batch_size: int
             x[bad] = degrade(x[bad], gen)
         q = (~bad).long()
         ci = pick_captions(y, q, cap_cls, cap_q, gen, class_clean=class_clean)
-        cq = cap_q[ci]
-        if class_clean:  # a class-only caption ("a photo of a sneaker") is true of clean images only
-            cq = torch.where((cap_cls[ci] >= 0) & (cq < 0), 1, cq)
+        cq = cap_q_pos[ci]
         pos = (((cap_cls[ci][None, :] < 0) | (cap_cls[ci][None, :] == y[:, None]))
                & ((cq[None, :] < 0) | (cq[None, :] == q[:, None])))
         loss = multi_positive_loss(model(x, cap_emb[ci]), pos)
