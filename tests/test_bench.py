@@ -319,6 +319,30 @@ def test_family_wise_harms_widens_per_draw_intervals():
     assert family_wise_harms([kept]) == (0, 0)
 
 
+def test_default_section_lists_every_draw_with_its_intervals():
+    """The default-path section shows each draw's validation gain and held-out changes with their 95% CIs."""
+    from qsched.bench.default_path import render_default
+
+    def m(d, lo, hi):
+        return {"diff": d, "ci_low": lo, "ci_high": hi}
+
+    kept = {"draw": 0, "decision": "qsched", "chosen": "ramp", "wall_time_s": 99.6,
+            "validation_gain": {"mean": 2.5, "ci_low": 1.25, "ci_high": 3.75},
+            "fd": m(-1.5, -1.75, -1.25), "accuracy": m(0.01, 0.002, 0.018), "jaq": m(0.5, 0.25, 0.75)}
+    ident = {"draw": 1, "decision": "identity", "chosen": "linear", "wall_time_s": 80.0,
+             "validation_gain": {"mean": 0.1, "ci_low": -0.5, "ci_high": 0.7},
+             "fd": m(0.0, 0.0, 0.0), "accuracy": m(0.0, 0.0, 0.0), "jaq": m(0.0, 0.0, 0.0)}
+    row = {"steps": 4, "spec": "w4a8", "original": {"fd": 5.0, "fd2": None, "accuracy": 0.87, "jaq": 57.0},
+           "draws": [kept, ident], "kept_identity": 1, "harm_fd": 0, "help_fd": 1, "harm_accuracy": 0,
+           "help_accuracy": 1}
+    R = {"default": {"rows": {"4:w4a8": row}, "images": 100, "draws": 2, "search_prompts": 4, "val_prompts": 4,
+                     "val_seeds": [1], "trials": 6}}
+    text = "\n".join(render_default(R))
+    assert "| 4 | w4a8 | 0 | ramp | +2.50 [+1.25, +3.75] | -1.50 [-1.75, -1.25] | - | +0.010 [+0.002, +0.018] |" in text
+    assert "| 4 | w4a8 | 1 | original | +0.10 [-0.50, +0.70] | +0.00 [+0.00, +0.00] |" in text
+    assert "1 kept the original schedule" in text
+
+
 def test_units_are_keyed_by_the_jaq_scorer():
     """A retrained tiny CLIP must not reuse calibrations (or JAQ rows) made with another scorer."""
     import dataclasses
