@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["PerImage", "paired_cis", "comparison_lines", "save_per_image", "load_per_image", "N_BOOT",
+__all__ = ["PerImage", "paired_cis", "comparison_lines", "format_ci", "save_per_image", "load_per_image", "N_BOOT",
            "LOWER_IS_BETTER"]
 
 PerImage = dict[str, np.ndarray]
@@ -72,6 +72,11 @@ def paired_cis(a: PerImage, b: PerImage, refs: Mapping[str, tuple[np.ndarray, np
     return res
 
 
+def format_ci(d: dict[str, float], nd: int = 2) -> str:
+    """``"diff [low, high]"`` of one paired difference, signed, ``nd`` decimals."""
+    return f"{d['diff']:+.{nd}f} [{d['ci_low']:+.{nd}f}, {d['ci_high']:+.{nd}f}]"
+
+
 def comparison_lines(comparisons: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     """A Markdown table of paired differences: one row per comparison, "diff [low, high]" per metric, and a
     verdict per metric where the CI excludes 0 (FD/FID: lower is better)."""
@@ -86,7 +91,7 @@ def comparison_lines(comparisons: dict[str, dict[str, dict[str, float]]]) -> lis
                 continue
             d = c[k]
             nd = 3 if k == "accuracy" else 2
-            cells.append(f"{d['diff']:+.{nd}f} [{d['ci_low']:+.{nd}f}, {d['ci_high']:+.{nd}f}]")
+            cells.append(format_ci(d, nd))
             if d["ci_low"] > 0 or d["ci_high"] < 0:
                 better = (d["diff"] < 0) == (k in LOWER_IS_BETTER)
                 verdict.append(f"{k} {'better' if better else 'worse'}")

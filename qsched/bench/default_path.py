@@ -22,7 +22,7 @@ from qsched.bench.env import BenchEnv, Models
 from qsched.bench.settings import BenchSettings
 from qsched.bench.perimage import eval_record_unit, load_record, record_metrics, row_fd
 from qsched.bench.units import Job, UnitStore, config_hash
-from qsched.paired import N_BOOT, paired_cis
+from qsched.paired import N_BOOT, format_ci, paired_cis
 
 __all__ = ["section_default", "render_default", "family_wise_harms"]
 
@@ -190,9 +190,7 @@ def render_default(R: dict[str, Any]) -> list[str]:
 
 
 def _ci(m: dict[str, float] | None, nd: int) -> str:
-    if m is None:
-        return "-"
-    return f"{m['diff']:+.{nd}f} [{m['ci_low']:+.{nd}f}, {m['ci_high']:+.{nd}f}]"
+    return "-" if m is None else format_ci(m, nd)
 
 
 def _per_draw(D: dict[str, Any]) -> list[str]:
