@@ -239,7 +239,7 @@ def render(c: dict, argv: list[str] | None) -> str:
          "| `python -m qsched.testbed.train_teacher` |",
          "| student (default) | latent-consistency distillation of the teacher into a v-prediction student, "
          "guidance embedded, EMA target; LCMScheduler / TCDScheduler | `python -m qsched.testbed.train_student` "
-         "(the three commands in its docstring) |",
+         "(the four commands in its docstring) |",
          "| classifier | CNN evaluator (FD features + class accuracy) | `python -m qsched.testbed.train_classifier` |",
          "| tiny CLIP | JAQ scorers: CLIPScore-style (0-100) and CLIP-IQA-style ([0,1]) | "
          "`python -m qsched.testbed.train_clip` |", "",

@@ -1,7 +1,8 @@
 """Latent-consistency distillation (LCD) of the testbed teacher into a few-step student.
 
-The shipped student (v prediction) came from two runs on one GPU (``--device cuda``; an H200, about 7 + 2.5 min)
-and a multi-step fine-tune of their result on this CPU (session 4, about 65 min; experiments.md):
+The shipped student (v prediction, ``e376ca2d``) came from two runs on one GPU (``--device cuda``; an H200, about
+7 + 2.5 min) and two multi-step fine-tunes of their result on this CPU (session 4, about 65 min, and session 7,
+about 14 min; experiments.md):
 
     python -m qsched.testbed.train_student --device cuda --batch-size 256 --steps 5000 \
         --prediction-type v_prediction --convert-steps 1000 --work runs/student-v --out runs/student-v/out
@@ -10,8 +11,14 @@ and a multi-step fine-tune of their result on this CPU (session 4, about 65 min;
         --work runs/student-v2 --out runs/student-v2/out
     python -m qsched.testbed.train_student --steps 500 --lr 5e-5 --prediction-type v_prediction \
         --init runs/student-v2/out/student.safetensors --aux-denoise 1.0 --aux-t-max 500 --slow-ema 0.999 \
-        --work runs/ft1 --out qsched/testbed/weights
+        --work runs/ft1 --out runs/ft1
+    python -m qsched.testbed.train_student --steps 400 --lr 5e-5 --batch-size 64 --prediction-type v_prediction \
+        --init runs/ft1/student.safetensors --aux-denoise 1.0 --aux-t-max 260 --threads 1 \
+        --work runs/ft2 --out qsched/testbed/weights
 
+The fourth, started from the session-4 student (``git show 622cc98:qsched/testbed/weights/student.safetensors``),
+reproduces the shipped student's quality (re-run on another CPU in session 10: weights within 1.2e-3 relative L2,
+not bit-identical, FD within 0.05 at 1/2/4/8 steps; experiments.md).
 (The third resumed twice with a shorter ``--steps``; experiments.md has the exact history and the session-3
 student is in git history). ``scripts/gpu_train_student.sh`` runs the two GPU runs and then the fine-tune at
 batch 256 on a CUDA GPU in one command of under 10 minutes (``START=C INIT=...`` runs the fine-tune alone).
