@@ -113,6 +113,14 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
             if e["schedule"] is None:
                 assert v["fd"]["diff"] == v["accuracy"]["diff"] == 0.0
             assert ("vs_fp32" in e) == (label == "qsched-best")
+    # "best" also against the fair control: fp32 with the schedule tuned on itself in the same draw
+    tuned = {e["draw"]: e for e in R["row_draws"]["2"]["w4a8"]["fp32-tuned"]}
+    for e in R["row_draws"]["2"]["w4a8"]["qsched-best"]:
+        assert ("vs_fp32_tuned" in e) == ("file" in e and "file" in tuned[e["draw"]])
+        if "vs_fp32_tuned" in e:
+            assert e["vs_fp32_tuned"]["fd"]["diff"] == pytest.approx(
+                e["row"]["fd"] - tuned[e["draw"]]["row"]["fd"], rel=1e-5, abs=1e-9)
+    assert "ΔFD vs fp32 tuned" in md
     orig = R["rows"]["2"]["w4a8"]["original"]["row"]
     for e in R["row_draws"]["2"]["w4a8"]["qsched-linear"]:
         assert e["vs_original"]["fd"]["diff"] == pytest.approx(e["row"]["fd"] - orig["fd"], rel=1e-5, abs=1e-9)

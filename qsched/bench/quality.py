@@ -284,6 +284,10 @@ def section_quality(s: BenchSettings, env: BenchEnv, models: Models, units: Unit
                     targets = {"vs_original": rows[st][prec if label != "fp32-tuned" else "fp32"]["original"]}
                     if label == "qsched-best" and prec != "fp32":
                         targets["vs_fp32"] = rows[st]["fp32"]["original"]
+                        # the fair control: fp32 with the schedule tuned on itself in the same draw
+                        tuned = [x for x in by_label.get("fp32-tuned", []) if x["draw"] == e["draw"]]
+                        if tuned:
+                            targets["vs_fp32_tuned"] = tuned[0]
                     for what, a in targets.items():
                         if e["schedule"] is None and what == "vs_original":
                             e[what] = {k: dict(_ZERO) for k in ("fd", "fd2", "accuracy", "jaq")
