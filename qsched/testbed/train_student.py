@@ -19,6 +19,7 @@ about 14 min; experiments.md):
 The fourth, started from the session-4 student (``git show 622cc98:qsched/testbed/weights/student.safetensors``),
 reproduces the shipped student's quality (re-run on another CPU in session 10: weights within 1.2e-3 relative L2,
 not bit-identical, FD within 0.05 at 1/2/4/8 steps; experiments.md).
+
 (The third resumed twice with a shorter ``--steps``; experiments.md has the exact history and the session-3
 student is in git history). ``scripts/gpu_train_student.sh`` runs the two GPU runs and then the fine-tune at
 batch 256 on a CUDA GPU in one command of under 10 minutes (``START=C INIT=...`` runs the fine-tune alone).
