@@ -121,6 +121,13 @@ def test_quick_path_end_to_end_and_resume(env_factory, tmp_path):
             assert e["vs_fp32_tuned"]["fd"]["diff"] == pytest.approx(
                 e["row"]["fd"] - tuned[e["draw"]]["row"]["fd"], rel=1e-5, abs=1e-9)
     assert "ΔFD vs fp32 tuned" in md
+    # the per-draw table: one line per Q-Sched best draw, its vs-original FD CI as computed
+    per_draw = md.split("### Per-draw paired CIs")[1].split("\n## ")[0]
+    best = R["row_draws"]["2"]["w4a8"]["qsched-best"]
+    lines = [ln for ln in per_draw.splitlines() if ln.startswith("| w4a8 |")]
+    assert len(lines) == len(best) >= 2
+    c = best[0]["vs_original"]["fd"]
+    assert f"{c['diff']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]" in lines[0]
     orig = R["rows"]["2"]["w4a8"]["original"]["row"]
     for e in R["row_draws"]["2"]["w4a8"]["qsched-linear"]:
         assert e["vs_original"]["fd"]["diff"] == pytest.approx(e["row"]["fd"] - orig["fd"], rel=1e-5, abs=1e-9)
