@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,7 +95,7 @@ from qsched.quantization import (
 )
 from qsched.runner import denoiser_of
 
-__all__ = ["BACKENDS", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized", "quantize_activations",
+__all__ = ["BACKENDS", "fast_int8_gemm", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized", "quantize_activations",
            "weight_planes", "scale_grid_plane", "kernel_layers", "small_layer_tokens"]
 
 BACKENDS = ("auto", "int8", "torchao")
@@ -208,6 +209,27 @@ def scale_grid_plane(layer: _QuantBase) -> tuple[torch.Tensor, torch.Tensor] | s
 # Shared int32 scratch for GEMM results (per thread): fresh multi-MB allocations per call cost page faults that
 # were as large as the GEMM itself on SD1.5 shapes.
 _scratch = threading.local()
+
+
+#: CPU instruction sets with int8 dot products; without them torch._int_mm runs a generic loop.
+_INT8_DOT_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def fast_int8_gemm(device: torch.device | str = "cpu") -> str | None:
+    """``None`` when ``torch._int_mm`` has a fast kernel on ``device``, else the reason it does not.
+
+    CUDA: fast. CPU: fast only with an int8 dot-product instruction set (AVX-512 VNNI, AVX-VNNI or AMX). Without
+    one (e.g. an AVX2-only EPYC) it runs a generic loop: measured 20-50x slower than the fp32 GEMM on SD1.5 shapes
+    (experiments in BENCHMARKS.md section 3), so the "real" kernels would make the model far slower, not faster.
+    """
+    if torch.device(device).type == "cuda":
+        return None
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    if any(caps.get(isa) for isa in _INT8_DOT_ISA):
+        return None
+    return ("this CPU has no int8 dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX; torch reports "
+            f"{torch.backends.cpu.get_cpu_capability()}), so torch._int_mm runs a generic loop, measured 20-50x "
+            "slower than the float GEMM")
 
 
 def _int32_buffer(m: int, n: int, device: torch.device) -> torch.Tensor:
@@ -529,18 +551,21 @@ class KernelSummary:
     planes: int = 2
     grid_fallback: dict[str, str] = field(default_factory=dict)
     small: dict[str, str] = field(default_factory=dict)
+    slow_int8: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
         return {"backend": self.backend, "compiled": len(self.compiled), "kept": dict(self.kept),
                 "inexact_layers": len(self.inexact), "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "planes": self.planes, "grid_fallback": dict(self.grid_fallback),
-                "small": dict(self.small)}
+                "small": dict(self.small), "slow_int8": self.slow_int8}
 
     def __str__(self) -> str:
         mib = 2**20
         lines = [f"KernelSummary ({self.backend}): {len(self.compiled)} layers on real kernels, {len(self.kept)} "
                  f"kept simulated; resident {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB"]
+        if self.slow_int8:
+            lines.append(f"  slow int8: {self.slow_int8}")
         if self.inexact:
             lines.append(f"  {len(self.inexact)} layers use {self.planes} int8 weight planes for group-wise scales "
                          f"(approximate to <= 1/(2*127^{self.planes}) of each row's max weight)")
@@ -585,7 +610,9 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     """Swap every qsched simulated layer of a quantized denoiser (pipeline or module) for a real-kernel layer.
 
     ``backend``: ``"int8"`` (``torch._int_mm``; CPU or CUDA, no optional package), ``"torchao"`` (CUDA Linear
-    layers through torchao), ``"auto"`` (torchao on CUDA when importable, else int8). ``planes``: int8 weight
+    layers through torchao), ``"auto"`` (torchao on CUDA when importable, else int8; on a CPU without int8
+    dot-product instructions, where int8 would be slower (:func:`fast_int8_gemm`), nothing is swapped: the
+    summary's backend is ``"none"`` and a warning says why). ``planes``: int8 weight
     planes for group-wise scales (see the module docstring). ``small_layers`` (int8 backend): ``"int8"`` runs
     every layer on int8 kernels; ``"auto"`` lets small layers (at most ``SMALL_WEIGHT`` weights) run the
     simulated computation, on the dequantized weight cached once in the layer's dtype, for calls too small for
@@ -617,7 +644,19 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     elif backend == "torchao":
         raise KernelError(f"backend='torchao' runs on CUDA only; the denoiser is on {device}. Use backend='int8'")
     chosen = "torchao" if tq is not None else "int8"
-    summary = KernelSummary(backend=chosen, bytes_before=_resident_bytes(denoiser), planes=planes)
+    slow = fast_int8_gemm(device) if chosen == "int8" else None
+    summary = KernelSummary(backend=chosen, bytes_before=_resident_bytes(denoiser), planes=planes, slow_int8=slow)
+    if slow and backend == "auto":  # the fastest choice here is the simulated model as it is
+        summary.backend = "none"
+        summary.kept = {name: "auto: int8 kernels would be slower on this device" for name in layers}
+        summary.bytes_after = summary.bytes_before
+        warnings.warn(f"compile_quantized(backend='auto') left the model simulated: {slow}. "
+                      "backend='int8' forces the int8 kernels (smaller resident weights, slower here).",
+                      RuntimeWarning, stacklevel=2)
+        return summary
+    if slow:
+        warnings.warn(f"compile_quantized(backend='int8'): {slow}; the compiled model will be slower than the "
+                      "simulated one on this device.", RuntimeWarning, stacklevel=2)
     memo: dict[int, nn.Module | str] = {}
     for name, layer in layers.items():
         if id(layer) not in memo:

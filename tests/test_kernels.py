@@ -283,12 +283,12 @@ def test_int8_scale_grid_denoiser_is_exact_and_smaller_than_two_planes():
 def test_a16_and_grouped_layers_stay_simulated_with_reason():
     m = nn.Sequential(nn.Linear(64, 64), nn.Conv2d(64, 64, 3, padding=1, groups=2))
     quantize(m, "w8a16")
-    s = compile_quantized(m)
+    s = compile_quantized(m, backend="int8")
     assert s.backend == "int8" and not s.compiled and len(s.kept) == 2
     assert all("float activations" in why for why in s.kept.values())
     m2 = nn.Sequential(nn.Linear(64, 64), nn.Conv2d(64, 64, 3, padding=1, groups=2))
     quantize(m2, "w8a8")
-    s2 = compile_quantized(m2)
+    s2 = compile_quantized(m2, backend="int8")
     assert list(s2.compiled) == ["0"] and "groups=2" in s2.kept["1"]
     assert isinstance(m2[0], Int8Linear) and isinstance(m2[1], QuantConv2d)
 
@@ -299,7 +299,7 @@ def test_compile_a_pipeline_in_place():
     pipe = tiny_pipeline("lcm")
     quantize(pipe, "w8a8")
     sim_img = pipe("a red shoe", generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("lcm")).images
-    s = compile_quantized(pipe)
+    s = compile_quantized(pipe, backend="int8")
     assert s.compiled and kernel_layers(pipe.unet)
     img = pipe("a red shoe", generator=torch.Generator().manual_seed(0), **tiny_call_kwargs("lcm")).images
     assert img.shape == sim_img.shape and abs(img - sim_img).max() < 0.05
@@ -316,9 +316,9 @@ def test_bad_input_clear_errors(tmp_path):
         compile_quantized(m, planes=0)
     with pytest.raises(ValueError, match="CUDA only"):
         compile_quantized(m, backend="torchao")
-    compile_quantized(m)
+    compile_quantized(m, backend="int8")
     with pytest.raises(KernelError, match="already compiled"):
-        compile_quantized(m)
+        compile_quantized(m, backend="int8")
     with pytest.raises(ValueError, match="backend='qsched' only"):
         save_quantized(m, tmp_path / "x")
 
@@ -439,3 +439,37 @@ def test_kernels_profile_smoke(tmp_path):
     assert cats["int8 GEMM (_int_mm)"] > 0 and rows["fp32"]["self_ms_by_category"]["int8 GEMM (_int_mm)"] == 0
     md = (tmp_path / "p.md").read_text()
     assert "| int8 GEMM (_int_mm) |" in md and "**Batch 1**" in md
+
+
+def test_auto_backend_keeps_the_simulated_model_where_int8_is_slow(monkeypatch):
+    import warnings
+
+    import qsched.kernels as K
+
+    # the capability check itself: CUDA is fast; a CPU is fast only with an int8 dot-product ISA
+    assert K.fast_int8_gemm("cuda") is None
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_vnni": False})
+    assert "no int8 dot-product" in K.fast_int8_gemm("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx_vnni": True})
+    assert K.fast_int8_gemm("cpu") is None
+
+    x = torch.randn(5, 64)
+    monkeypatch.setattr(K, "fast_int8_gemm", lambda device="cpu": "no int8 dot products here")
+    m = nn.Sequential(nn.Linear(64, 64))
+    quantize(m, "w8a8")
+    ref = m(x)
+    with pytest.warns(RuntimeWarning, match="left the model simulated"):
+        s = compile_quantized(m)
+    assert s.backend == "none" and not s.compiled and list(s.kept) == ["0"] and s.slow_int8
+    assert isinstance(m[0], QuantLinear) and torch.equal(m(x), ref) and "slow int8" in str(s)
+    with pytest.warns(RuntimeWarning, match="slower than the simulated"):  # forcing int8 still works, with a warning
+        s = compile_quantized(m, backend="int8")
+    assert s.backend == "int8" and isinstance(m[0], Int8Linear)
+
+    monkeypatch.setattr(K, "fast_int8_gemm", lambda device="cpu": None)
+    m2 = nn.Sequential(nn.Linear(64, 64))
+    quantize(m2, "w8a8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        s2 = compile_quantized(m2)
+    assert s2.backend == "int8" and s2.slow_int8 is None and isinstance(m2[0], Int8Linear)

@@ -1,0 +1,79 @@
+"""Does this CPU have fast int8 (and bf16) GEMMs? fp32 vs bf16 vs ``torch._int_mm`` on SD1.5-sized shapes.
+
+``qsched.compile_quantized`` runs quantized layers as ``torch._int_mm``. That is fast only where the CPU has int8
+dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX); elsewhere torch runs a generic loop. This probe measures
+it: per shape, the three GEMMs timed interleaved (order rotated each round, 1 thread), medians, and the speed-up of
+bf16 and int8 over fp32 (> 1 is faster). ``qsched.kernels.fast_int8_gemm`` is the rule ``backend="auto"`` uses.
+
+    python scripts/gemm_probe.py [--rounds 5] [--out benchmarks/gemm_probe.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+# (tokens, in, out): SD1.5 64x64 latent: attention projection at 64x64, a 3x3 conv as GEMM, a 16x16 FF layer.
+SHAPES = ((4096, 320, 320), (4096, 2880, 320), (256, 1280, 5120))
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    from qsched.kernels import fast_int8_gemm
+
+    caps = torch.cpu.get_capabilities()
+    res = {"cpu": caps.get("cpu_name") or platform.processor(), "capability": torch.backends.cpu.get_cpu_capability(),
+           "isa": {k: bool(caps.get(k)) for k in ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                                                   "amx_int8", "amx_bf16")},
+           "fast_int8_gemm": fast_int8_gemm("cpu") or "yes", "torch": torch.__version__, "threads": 1,
+           "rounds": a.rounds, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": []}
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in SHAPES:
+        x, w = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        xi = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+        wi = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g).t()  # column-major, as qsched stores it
+        fns = {"fp32": lambda: x @ w, "bf16": lambda: xb @ wb, "int8": lambda: torch._int_mm(xi, wi)}
+        times: dict[str, list[float]] = {v: [] for v in fns}
+        names = list(fns)
+        for r in range(a.rounds):
+            for v in names[r % 3:] + names[: r % 3]:
+                times[v].append(_time(fns[v], a.reps))
+        med = {v: statistics.median(t) for v, t in times.items()}
+        row = {"shape": [m, k, n], "ms": {v: round(t * 1e3, 3) for v, t in med.items()},
+               "speedup_vs_fp32": {v: round(med["fp32"] / t, 3) for v, t in med.items()}}
+        res["shapes"].append(row)
+        print(f"{m}x{k}x{n}: fp32 {row['ms']['fp32']:.2f} ms; bf16 x{row['speedup_vs_fp32']['bf16']:.2f}, "
+              f"int8 x{row['speedup_vs_fp32']['int8']:.2f} (speed-up over fp32)", flush=True)
+    print(f"{res['cpu']} ({res['capability']}); fast int8 GEMM: {res['fast_int8_gemm']}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        tmp.replace(a.out)
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
