@@ -218,7 +218,7 @@ def test_steps_trend_paired_and_resumable(tmp_path, capsys):
     from qsched.testbed.trend import main as trend
 
     argv = ["--n", "6", "--teacher-n", "4", "--teacher-steps", "2", "--fid-n", "0", "--boot", "10",
-            "--work", str(tmp_path / "w"), "--out", str(tmp_path)]
+            "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out" / "new")]  # --out created, not required
     t = trend(argv)
     assert set(t["rows"]) == {"student-1", "student-2", "student-4", "student-8", "teacher"}
     assert t["rows"]["teacher"]["n"] == 4 and t["rows"]["student-8"]["n"] == 6
@@ -230,7 +230,7 @@ def test_steps_trend_paired_and_resumable(tmp_path, capsys):
         for k in ("fd", "fd2", "accuracy", "jaq"):
             assert p[k]["ci_low"] <= p[k]["diff"] + 1e-9 <= p[k]["ci_high"] + 2e-9, (name, k)
     assert set(t["pairs"]["student-4 vs teacher"]["ratio"]) == {"fd", "fd2"}
-    assert json.loads((tmp_path / "trend.json").read_text())["rows"] == t["rows"]
+    assert json.loads((tmp_path / "out" / "new" / "trend.json").read_text())["rows"] == t["rows"]
     capsys.readouterr()
     again = trend(argv)
     assert "images in" not in capsys.readouterr().out and again["rows"] == t["rows"]  # rows reused, not redrawn

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     prompts, labels = heldout_prompts(a.n, seed=0)
     a.work.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)  # before the long work: a missing folder must not lose it
     tag = f"n{a.n}-t{a.teacher_n}x{a.teacher_steps}-f{a.fid_n}-g{a.guidance}"
     rows: dict[str, dict[str, np.ndarray]] = {}
     todo = [(f"student-{s}", "student", s, a.n) for s in STEPS] + [("teacher", "teacher", a.teacher_steps, a.teacher_n)]
@@ -138,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f" ({time.time() - t1:.0f} s)", flush=True)
     out["wall_time_s"] = time.time() - t0
     out["when"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    (a.out / "trend.json").write_text(json.dumps(out, indent=1))
+    from qsched._util import write_atomic
+
+    write_atomic(a.out / "trend.json", json.dumps(out, indent=1))
     print("\n".join(render(out)))
     return out
 
