@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qsched.paired import load_per_image, paired_cis, save_per_image
+from qsched.paired import format_ci, load_per_image, paired_cis, save_per_image
 
 HERE = Path(__file__).parent
 STEPS = (1, 2, 4, 8)
@@ -151,7 +151,8 @@ def render(t: dict[str, Any]) -> list[str]:
     s = t["settings"]
     cmd = "python -m qsched.testbed.trend" + (" " + " ".join(t["argv"]) if t.get("argv") else "")
     L = [f"## Quality against steps, with paired 95% CIs ({s['n']:,} images per student row)", "",
-         f"Produced by `{cmd}` ({t['wall_time_s'] / 60:.0f} min, {t['when']}). The same held-out prompts and "
+         f"Produced by `{cmd}` ({t['wall_time_s'] / 60:.0f} min for its last invocation, {t['when']}; rows already "
+         "under `--work` are reused, not counted). The same held-out prompts and "
          f"per-image seeds in every row; the teacher ({s['teacher_steps']} DDIM steps) draws the first "
          f"{s['teacher_n']:,}, and Inception features are taken for the first {s['fid_n']:,} images of each row "
          "(absolute FID at that N is inflated; compare rows). FD: testbed-classifier features; FD2: the "
@@ -162,16 +163,15 @@ def render(t: dict[str, Any]) -> list[str]:
                  f"{r['fid']:.2f} | {r['jaq']:.2f} |" if "fid" in r else
                  f"| {name} | {r['n']:,} | {r['accuracy']:.3f} | {r['fd']:.3f} | {r['fd2']:.3f} | - | {r['jaq']:.2f} |")
     L += ["", "Paired differences B - A (bootstrap 95% CI over the same images; FID over the first "
-              f"{s['fid_n']:,}):", "", "| B vs A | images | Δaccuracy | ΔFD | ΔFD2 | ΔFID |", "|---|---|---|---|---|---|"]
+              f"{s['fid_n']:,}):", "", "| B vs A | images | Δaccuracy | ΔFD | ΔFD2 | ΔFID | ΔJAQ |",
+              "|---|---|---|---|---|---|---|"]
 
     def c(p: dict[str, Any], k: str, nd: int = 2) -> str:
-        if k not in p:
-            return "-"
-        v = p[k]
-        return f"{v['diff']:+.{nd}f} [{v['ci_low']:+.{nd}f}, {v['ci_high']:+.{nd}f}]"
+        return format_ci(p[k], nd) if k in p else "-"
 
     for name, p in t["pairs"].items():
-        L.append(f"| {name} | {p['n']:,} | {c(p, 'accuracy', 3)} | {c(p, 'fd')} | {c(p, 'fd2', 3)} | {c(p, 'fid')} |")
+        L.append(f"| {name} | {p['n']:,} | {c(p, 'accuracy', 3)} | {c(p, 'fd')} | {c(p, 'fd2', 3)} | {c(p, 'fid')} | "
+                 f"{c(p, 'jaq')} |")
     for name, p in t["pairs"].items():
         if "ratio" in p:
             L += ["", f"{name.split(' vs ')[0]} / teacher at equal sample counts: " +
