@@ -382,7 +382,7 @@ def _search_section(R: dict[str, Any]) -> list[str]:
                      f"it within {s['search_trials']} trials).")
         else:
             verdict = "meets" if pct <= 4.0 else "misses"
-            L.append(f"- To reach {what}: median **{_f(med)} forwards = {pct:.2f}% of the grid's "
+            L.append(f"- To reach {what}: median **{_f(med, 0 if float(med).is_integer() else 1)} forwards = {pct:.2f}% of the grid's "
                      f"{_f(g['evals'])}** ({ok} of {n} seeds reached it); {verdict} the <= 4% target.")
     L.append("")
     return L
