@@ -95,8 +95,8 @@ from qsched.quantization import (
 )
 from qsched.runner import denoiser_of
 
-__all__ = ["BACKENDS", "fast_int8_gemm", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized", "quantize_activations",
-           "weight_planes", "scale_grid_plane", "kernel_layers", "small_layer_tokens"]
+__all__ = ["BACKENDS", "why_int8_is_slow", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized",
+           "quantize_activations", "weight_planes", "scale_grid_plane", "kernel_layers", "small_layer_tokens"]
 
 BACKENDS = ("auto", "int8", "torchao")
 SMALL_LAYERS = ("int8", "auto")
@@ -215,7 +215,7 @@ _scratch = threading.local()
 _INT8_DOT_ISA = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
-def fast_int8_gemm(device: torch.device | str = "cpu") -> str | None:
+def why_int8_is_slow(device: torch.device | str = "cpu") -> str | None:
     """``None`` when ``torch._int_mm`` has a fast kernel on ``device``, else the reason it does not.
 
     CUDA: fast. CPU: fast only with an int8 dot-product instruction set (AVX-512 VNNI, AVX-VNNI or AMX). Without
@@ -611,7 +611,7 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
 
     ``backend``: ``"int8"`` (``torch._int_mm``; CPU or CUDA, no optional package), ``"torchao"`` (CUDA Linear
     layers through torchao), ``"auto"`` (torchao on CUDA when importable, else int8; on a CPU without int8
-    dot-product instructions, where int8 would be slower (:func:`fast_int8_gemm`), nothing is swapped: the
+    dot-product instructions, where int8 would be slower (:func:`why_int8_is_slow`), nothing is swapped: the
     summary's backend is ``"none"`` and a warning says why). ``planes``: int8 weight
     planes for group-wise scales (see the module docstring). ``small_layers`` (int8 backend): ``"int8"`` runs
     every layer on int8 kernels; ``"auto"`` lets small layers (at most ``SMALL_WEIGHT`` weights) run the
@@ -644,7 +644,7 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     elif backend == "torchao":
         raise KernelError(f"backend='torchao' runs on CUDA only; the denoiser is on {device}. Use backend='int8'")
     chosen = "torchao" if tq is not None else "int8"
-    slow = fast_int8_gemm(device) if chosen == "int8" else None
+    slow = why_int8_is_slow(device) if chosen == "int8" else None
     summary = KernelSummary(backend=chosen, bytes_before=_resident_bytes(denoiser), planes=planes, slow_int8=slow)
     if slow and backend == "auto":  # the fastest choice here is the simulated model as it is
         summary.backend = "none"

@@ -3,7 +3,7 @@
 ``qsched.compile_quantized`` runs quantized layers as ``torch._int_mm``. That is fast only where the CPU has int8
 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX); elsewhere torch runs a generic loop. This probe measures
 it: per shape, the three GEMMs timed interleaved (order rotated each round, 1 thread), medians, and the speed-up of
-bf16 and int8 over fp32 (> 1 is faster). ``qsched.kernels.fast_int8_gemm`` is the rule ``backend="auto"`` uses.
+bf16 and int8 over fp32 (> 1 is faster). ``qsched.kernels.why_int8_is_slow`` is the rule ``backend="auto"`` uses.
 
     python scripts/gemm_probe.py [--rounds 5] [--out benchmarks/gemm_probe.json]
 """
@@ -40,13 +40,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
-    from qsched.kernels import fast_int8_gemm
+    from qsched.kernels import why_int8_is_slow
 
     caps = torch.cpu.get_capabilities()
     res = {"cpu": caps.get("cpu_name") or platform.processor(), "capability": torch.backends.cpu.get_cpu_capability(),
            "isa": {k: bool(caps.get(k)) for k in ("avx2", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16",
                                                    "amx_int8", "amx_bf16")},
-           "fast_int8_gemm": fast_int8_gemm("cpu") or "yes", "torch": torch.__version__, "threads": 1,
+           "fast_int8_gemm": why_int8_is_slow("cpu") or "yes", "torch": torch.__version__, "threads": 1,
            "rounds": a.rounds, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "shapes": []}
     g = torch.Generator().manual_seed(0)
     for m, k, n in SHAPES:

@@ -447,14 +447,14 @@ def test_auto_backend_keeps_the_simulated_model_where_int8_is_slow(monkeypatch):
     import qsched.kernels as K
 
     # the capability check itself: CUDA is fast; a CPU is fast only with an int8 dot-product ISA
-    assert K.fast_int8_gemm("cuda") is None
+    assert K.why_int8_is_slow("cuda") is None
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_vnni": False})
-    assert "no int8 dot-product" in K.fast_int8_gemm("cpu")
+    assert "no int8 dot-product" in K.why_int8_is_slow("cpu")
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx_vnni": True})
-    assert K.fast_int8_gemm("cpu") is None
+    assert K.why_int8_is_slow("cpu") is None
 
     x = torch.randn(5, 64)
-    monkeypatch.setattr(K, "fast_int8_gemm", lambda device="cpu": "no int8 dot products here")
+    monkeypatch.setattr(K, "why_int8_is_slow", lambda device="cpu": "no int8 dot products here")
     m = nn.Sequential(nn.Linear(64, 64))
     quantize(m, "w8a8")
     ref = m(x)
@@ -466,7 +466,7 @@ def test_auto_backend_keeps_the_simulated_model_where_int8_is_slow(monkeypatch):
         s = compile_quantized(m, backend="int8")
     assert s.backend == "int8" and isinstance(m[0], Int8Linear)
 
-    monkeypatch.setattr(K, "fast_int8_gemm", lambda device="cpu": None)
+    monkeypatch.setattr(K, "why_int8_is_slow", lambda device="cpu": None)
     m2 = nn.Sequential(nn.Linear(64, 64))
     quantize(m2, "w8a8")
     with warnings.catch_warnings():

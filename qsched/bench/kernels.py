@@ -614,14 +614,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.runs < 1:
         raise ValueError(f"--runs must be >= 1, got {args.runs}")
     from qsched._util import package_versions
-    from qsched.kernels import fast_int8_gemm
+    from qsched.kernels import why_int8_is_slow
 
     res: dict[str, Any] = {"command": "python -m qsched.bench.kernels " + shlex.join(argv if argv is not None
                                                                                      else sys.argv[1:]),
                            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
                                       f"{torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-                                      f"fast int8 GEMM: {'no' if fast_int8_gemm('cpu') else 'yes'}",
+                                      f"fast int8 GEMM: {'no' if why_int8_is_slow('cpu') else 'yes'}",
                            "versions": package_versions(),
                            "availability": availability()}
     if args.faithfulness:
