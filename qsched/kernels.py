@@ -645,15 +645,15 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
         raise KernelError(f"backend='torchao' runs on CUDA only; the denoiser is on {device}. Use backend='int8'")
     chosen = "torchao" if tq is not None else "int8"
     slow = why_int8_is_slow(device) if chosen == "int8" else None
-    summary = KernelSummary(backend=chosen, bytes_before=_resident_bytes(denoiser), planes=planes, slow_int8=slow)
     if slow and backend == "auto":  # the fastest choice here is the simulated model as it is
-        summary.backend = "none"
-        summary.kept = {name: "auto: int8 kernels would be slower on this device" for name in layers}
-        summary.bytes_after = summary.bytes_before
         warnings.warn(f"compile_quantized(backend='auto') left the model simulated: {slow}. "
                       "backend='int8' forces the int8 kernels (smaller resident weights, slower here).",
                       RuntimeWarning, stacklevel=2)
-        return summary
+        size = _resident_bytes(denoiser)
+        return KernelSummary(backend="none", kept=dict.fromkeys(layers, "auto: int8 kernels would be slower on this "
+                                                                      "device"),
+                             bytes_before=size, bytes_after=size, planes=planes, slow_int8=slow)
+    summary = KernelSummary(backend=chosen, bytes_before=_resident_bytes(denoiser), planes=planes, slow_int8=slow)
     if slow:
         warnings.warn(f"compile_quantized(backend='int8'): {slow}; the compiled model will be slower than the "
                       "simulated one on this device.", RuntimeWarning, stacklevel=2)

@@ -382,7 +382,8 @@ def _search_section(R: dict[str, Any]) -> list[str]:
                      f"it within {s['search_trials']} trials).")
         else:
             verdict = "meets" if pct <= 4.0 else "misses"
-            L.append(f"- To reach {what}: median **{_f(med, 0 if float(med).is_integer() else 1)} forwards = {pct:.2f}% of the grid's "
+            nd = 0 if float(med).is_integer() else 1
+            L.append(f"- To reach {what}: median **{_f(med, nd)} forwards = {pct:.2f}% of the grid's "
                      f"{_f(g['evals'])}** ({ok} of {n} seeds reached it); {verdict} the <= 4% target.")
     L.append("")
     return L
@@ -521,7 +522,7 @@ def render_markdown(R: dict[str, Any]) -> str:
     fnd = _findings(R) if R.get("rows") else []
     if fnd:
         L += ["### Where Q-Sched helps and where it does not", "", *[f"- {x}" for x in fnd], ""]
-    L += _per_draw_cis(R) if R.get("rows") else []
+    L += _per_draw_cis(R)
     from qsched.bench.default_path import render_default
 
     L += render_default(R)

@@ -277,10 +277,10 @@ def render(c: dict, argv: list[str] | None) -> str:
     L += ["- note: the tiny CLIP was retrained in session 8 with class captions that describe clean images only "
           "(`class_clean`), so that TC falls with degradation as a real CLIP's does (experiments.md); the steps "
           "trend below (JAQ column included) was re-measured with it in session 11 (FD, FD2 and accuracy "
-          "reproduced the previous run's numbers exactly, Inception FID within 0.01). JAQ, the reference-free "
-          "score, peaks at 2 steps and "
-          "falls slightly at 4 and 8 (-0.25, -0.20, CIs below 0) while FD and Inception FID improve or hold: JAQ "
-          "does not read the steps trend as the reference-based metrics do.",
+          "reproduced the previous run's to the printed digits, Inception FID within 0.01). JAQ, the "
+          "reference-free score, peaks at 2 steps and falls slightly at 4 and 8 (-0.25, -0.20, CIs below 0) while "
+          "FD and Inception FID improve or hold: JAQ does not read the steps trend as the reference-based metrics "
+          "do.",
           "- note: the teacher's first 100 steps ran under a 1,200-step learning-rate schedule before the run was "
           "resumed with `--steps 2000` (the documented command reproduces a run without that detour).",
           "- wall time by the training logs: teacher about 26 min (CPU); student 4,000 + 1,300 steps of 256 images "
