@@ -338,7 +338,7 @@ def render(c: dict, argv: list[str] | None) -> str:
     s4, s1 = c["student"]["4"] if "4" in c["student"] else c["student"][4], \
         c["student"]["1"] if "1" in c["student"] else c["student"][1]
     tgt += [("student 4-step accuracy >= 0.80", s4["accuracy"], s4["accuracy"] >= 0.8),
-            ("student 1-step accuracy >= 0.60", s1["accuracy"], s1["accuracy"] >= 0.6)]
+            ("student 1-step accuracy >= 0.80", s1["accuracy"], s1["accuracy"] >= 0.8)]
     trend = _trend()
     tgt += trend_targets(trend) if trend else []
     for name, v, ok in tgt:
