@@ -14,6 +14,7 @@ from qsched.kernels import (
     KernelError,
     compile_quantized,
     kernel_layers,
+    onednn_int8_exact,
     quantize_activations,
     scale_grid_plane,
     weight_planes,
@@ -135,8 +136,8 @@ def test_int8_linear_integer_part_is_exact():
     k = Int8Linear.from_quant(q)
     x = torch.randn(25, 200)
     codes, sx = quantize_activations(x, 8)
-    acc = torch._int_mm(codes, k.weight_int8.t())
-    exact = codes.double() @ k.weight_int8.double().t()
+    acc = torch._int_mm(codes, k.int8_weight().t())
+    exact = codes.double() @ k.int8_weight().double().t()
     assert torch.equal(acc.double(), exact)
     ref64 = (codes.double() * sx.double()) @ q.dequantize(torch.float32).double().t()
     assert rel(k(x), ref64) <= 1e-6
@@ -305,6 +306,54 @@ def test_compile_a_pipeline_in_place():
     assert img.shape == sim_img.shape and abs(img - sim_img).max() < 0.05
 
 
+# ------------------------------------------------------------------------------------ oneDNN prepacked GEMM
+
+needs_onednn = pytest.mark.skipif(not onednn_int8_exact(), reason="oneDNN's int8 GEMM is not exact on this CPU "
+                                                                   "(compile_quantized keeps torch._int_mm here)")
+
+
+@needs_onednn
+@pytest.mark.parametrize("spec", ["w8a8", "w4a8", "w4a8-i8", "w4a4"])
+def test_onednn_packed_layers_equal_int_mm_layers_bit_for_bit(spec):
+    """The prepacked oneDNN GEMM gives the same float32 sums as torch._int_mm, so the layer output is identical."""
+    torch.manual_seed(0)
+    lin = QuantLinear.from_float(nn.Linear(96, 40), spec)
+    conv = QuantConv2d.from_float(nn.Conv2d(16, 24, 3, padding=1), spec)
+    strided = QuantConv2d.from_float(nn.Conv2d(16, 8, 3, stride=2, padding=1), spec)
+    cases = [(lin, Int8Linear, torch.randn(3, 11, 96)), (conv, Int8Conv2d, torch.randn(2, 16, 9, 7)),
+             (strided, Int8Conv2d, torch.randn(2, 16, 9, 7))]
+    for q, cls, x in cases:
+        a, b = cls.from_quant(q), cls.from_quant(q)
+        w = b.int8_weight().clone()
+        b.pack_onednn()
+        assert (a.gemm, b.gemm) == ("int_mm", "onednn") and b.weight_int8.numel() == 0
+        assert torch.equal(b.int8_weight(), w)  # the packed weight holds the same codes
+        with torch.no_grad():
+            assert torch.equal(a(x), b(x))
+
+
+def test_compile_gemm_choice_and_resident_bytes():
+    m1, m2 = nn.Sequential(nn.Linear(64, 48), nn.Conv2d(8, 8, 3)), nn.Sequential(nn.Linear(64, 48), nn.Conv2d(8, 8, 3))
+    m2.load_state_dict(m1.state_dict())
+    quantize(m1, "w8a8", include_conv=True)
+    quantize(m2, "w8a8", include_conv=True)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        compile_quantized(m1, backend="int8", gemm="mkl")
+    s1 = compile_quantized(m1, backend="int8", gemm="int_mm")
+    assert s1.gemm == "int_mm" and all(k.gemm == "int_mm" for k in kernel_layers(m1).values())
+    if not onednn_int8_exact():
+        with pytest.raises(KernelError, match="gemm='onednn' needs"):
+            compile_quantized(m2, backend="int8", gemm="onednn")
+        return
+    s2 = compile_quantized(m2, backend="int8")  # auto: oneDNN where it is exact
+    assert s2.gemm == "onednn" and "onednn GEMM" in str(s2)
+    assert all(k.gemm == "onednn" for k in kernel_layers(m2).values())
+    assert s2.bytes_after == s1.bytes_after  # the packed codes are counted, once
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        assert torch.equal(m1[0](x), m2[0](x))
+
+
 def test_bad_input_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no qsched quantized layers"):
         compile_quantized(nn.Sequential(nn.Linear(4, 4)))
@@ -436,9 +485,9 @@ def test_kernels_profile_smoke(tmp_path):
     rows = res["batches"]["1"]
     assert set(rows) == set(kernels_profile.VARIANTS)
     cats = rows["qsched-int8-w8a8"]["self_ms_by_category"]
-    assert cats["int8 GEMM (_int_mm)"] > 0 and rows["fp32"]["self_ms_by_category"]["int8 GEMM (_int_mm)"] == 0
+    assert cats["int8 GEMM (_int_mm, oneDNN)"] > 0 and rows["fp32"]["self_ms_by_category"]["int8 GEMM (_int_mm, oneDNN)"] == 0
     md = (tmp_path / "p.md").read_text()
-    assert "| int8 GEMM (_int_mm) |" in md and "**Batch 1**" in md
+    assert "| int8 GEMM (_int_mm, oneDNN) |" in md and "**Batch 1**" in md
 
 
 def test_auto_backend_keeps_the_simulated_model_where_int8_is_slow(monkeypatch):

@@ -32,7 +32,7 @@ from qsched.bench.units import write_result
 VARIANTS = ("fp32", "bf16", "qsched-sim-w8a8", "qsched-int8-w8a8", "qsched-int8-w8a8-small")
 # category -> aten op names (self CPU time); everything else is "other"
 CATEGORIES: dict[str, tuple[str, ...]] = {
-    "int8 GEMM (_int_mm)": ("aten::_int_mm",),
+    "int8 GEMM (_int_mm, oneDNN)": ("aten::_int_mm", "onednn::qlinear_pointwise"),
     "float conv (oneDNN / slow conv)": ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward",
                                         "aten::convolution", "aten::_convolution", "aten::conv2d"),
     "float GEMM": ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear"),
