@@ -13,8 +13,11 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   clamp), giving the identical integer codes; they go to the GEMM as int8. This covers a2..a8 (a4 codes lie in
   [-7, 7] and run on the int8 kernel: exact, but no faster than a8). a9..a15 codes do not fit int8 and a16
   means float activations: those layers stay simulated (listed in the summary with the reason).
-* **Linear**: ``torch._int_mm`` (int8 x int8 -> exact int32), then ``acc * act_scale * weight_scale + bias`` in
-  float32.
+* **Linear**: an int8 x int8 GEMM with exact integer sums, then ``acc * act_scale * weight_scale + bias`` in
+  float32. The GEMM is oneDNN's with the weight prepacked once at compile time (``gemm="auto"`` on CPUs where
+  :func:`onednn_int8_exact` holds: unit scales, so its float32 output is the integer sum, as with ``_int_mm``;
+  1.3-3.6x faster than ``torch._int_mm`` on SD1.5 shapes on an AMX Xeon, ``scripts/gemm_probe.py``), else
+  ``torch._int_mm``.
 * **Conv2d**: a per-token activation scale differs between the input positions that one output mixes, so it
   cannot be folded into a single int8 convolution (``torch.ops.quantized.conv2d`` takes one activation scale
   per tensor). The convolution is computed as a sum over the ``kh*kw`` kernel offsets of shifted int8 GEMMs
@@ -100,6 +103,11 @@ __all__ = ["BACKENDS", "GEMMS", "why_int8_is_slow", "onednn_int8_exact", "Int8Li
 
 BACKENDS = ("auto", "int8", "torchao")
 GEMMS = ("auto", "onednn", "int_mm")
+# oneDNN's prepacked int8 GEMM beats torch._int_mm from about this size (per GEMM: N x K weights, depth K),
+# measured on an AMX Xeon (torch 2.13, 1 thread): 1.2-2.6x at 320x320 and up for 1,000+ rows; 2-5x slower for
+# 64-row calls and small layers (a fixed ~0.03 ms per call), and a reference kernel at depth 16 (1000x slower).
+ONEDNN_MIN_WEIGHT = 65536
+ONEDNN_MIN_K = 64
 SMALL_LAYERS = ("int8", "auto")
 KERNELS_ATTR = "qsched_kernels"
 _MAX_PLANES = 4
@@ -360,15 +368,22 @@ class _Int8Base(nn.Module):
         """The int8 GEMM this layer calls: "onednn" (prepacked, CPU), "int_mm" (``torch._int_mm``) or "none"."""
         return "none" if self.weight_int8 is None else "onednn" if self._packed is not None else "int_mm"
 
-    def pack_onednn(self) -> None:
+    def pack_onednn(self, force: bool = False) -> bool:
         """Move the int8 weight into oneDNN's prepacked layout (CPU): the same codes, one copy, faster GEMMs
-        (:func:`onednn_int8_exact`). The ``weight_int8`` buffer is emptied; :meth:`int8_weight` rebuilds it."""
+        (:func:`onednn_int8_exact`). The ``weight_int8`` buffer is emptied; :meth:`int8_weight` rebuilds it.
+        Only GEMMs of at least ``ONEDNN_MIN_WEIGHT`` weights and depth ``ONEDNN_MIN_K`` are packed unless
+        ``force``: below that oneDNN's per-call overhead (or, at depth 16, a reference kernel) loses. Returns
+        whether the layer is packed."""
         if self.weight_int8 is None or self._packed is not None or self.weight_int8.device.type != "cpu":
-            return
+            return self._packed is not None
         w = self.weight_int8
+        n, k = w.shape[-2:]
+        if not force and (n * k < ONEDNN_MIN_WEIGHT or k < ONEDNN_MIN_K):
+            return False
         self._packed = [_onednn_pack(w)] if w.dim() == 2 else [_onednn_pack(w[i]) for i in range(w.shape[0])]
         self._wshape = tuple(w.shape)
         self.weight_int8 = w.new_empty(0)
+        return True
 
     def int8_weight(self) -> torch.Tensor | None:
         """The int8 weight the GEMMs use, dense (``(P*N, K)``; convolutions ``(kh*kw, P*N, C)``)."""
@@ -626,6 +641,7 @@ class KernelSummary:
     small: dict[str, str] = field(default_factory=dict)
     slow_int8: str | None = None
     gemm: str = "int_mm"
+    onednn_layers: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
@@ -633,11 +649,12 @@ class KernelSummary:
                 "inexact_layers": len(self.inexact), "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after, "planes": self.planes, "grid_fallback": dict(self.grid_fallback),
                 "small": dict(self.small), "slow_int8": self.slow_int8,
-                "gemm": self.gemm}
+                "gemm": self.gemm, "onednn_layers": self.onednn_layers}
 
     def __str__(self) -> str:
         mib = 2**20
-        gemm = f", {self.gemm} GEMM" if self.backend == "int8" else ""
+        gemm = "" if self.backend != "int8" else ", int_mm GEMM" if self.gemm == "int_mm" else \
+            f", oneDNN GEMM on {self.onednn_layers} layers (the rest torch._int_mm)"
         lines = [f"KernelSummary ({self.backend}{gemm}): {len(self.compiled)} layers on real kernels, {len(self.kept)} "
                  f"kept simulated; resident {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB"]
         if self.slow_int8:
@@ -696,8 +713,9 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     simulated computation, on the dequantized weight cached once in the layer's dtype, for calls too small for
     int8 to gain (:func:`small_layer_tokens`; listed in ``KernelSummary.small`` and each layer's repr). In place;
     returns a :class:`KernelSummary`. Layers the backend cannot run stay simulated and are listed with the reason.
-    ``gemm`` (int8 backend, CPU): ``"onednn"`` packs the int8 weights once for oneDNN's int8 GEMM (exact, faster),
-    ``"int_mm"`` calls ``torch._int_mm``; ``"auto"``: oneDNN where :func:`onednn_int8_exact` holds.
+    ``gemm`` (int8 backend, CPU): ``"onednn"`` packs the int8 weights of large layers (see ``ONEDNN_MIN_WEIGHT``)
+    once for oneDNN's int8 GEMM (exact, faster there), ``"int_mm"`` calls ``torch._int_mm`` everywhere; ``"auto"``:
+    oneDNN where :func:`onednn_int8_exact` holds.
     """
     if backend not in BACKENDS:
         raise KernelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -748,8 +766,8 @@ def compile_quantized(pipe_or_module: Any, backend: str = "auto", planes: int = 
     for name, layer in layers.items():
         if id(layer) not in memo:
             memo[id(layer)] = _compile_layer(layer, chosen, planes, tq, small_layers == "auto")
-            if packed and isinstance(memo[id(layer)], _KERNEL_TYPES):
-                memo[id(layer)].pack_onednn()
+            if packed and isinstance(memo[id(layer)], _KERNEL_TYPES) and memo[id(layer)].pack_onednn():
+                summary.onednn_layers += 1
         new = memo[id(layer)]
         if isinstance(new, str):
             summary.kept[name] = new
