@@ -14,10 +14,11 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   [-7, 7] and run on the int8 kernel: exact, but no faster than a8). a9..a15 codes do not fit int8 and a16
   means float activations: those layers stay simulated (listed in the summary with the reason).
 * **Linear**: an int8 x int8 GEMM with exact integer sums, then ``acc * act_scale * weight_scale + bias`` in
-  float32. The GEMM is oneDNN's with the weight prepacked once at compile time (``gemm="auto"`` on CPUs where
-  :func:`onednn_int8_exact` holds: unit scales, so its float32 output is the integer sum, as with ``_int_mm``;
-  1.3-3.6x faster than ``torch._int_mm`` on SD1.5 shapes on an AMX Xeon, ``scripts/gemm_probe.py``), else
-  ``torch._int_mm``.
+  float32. For large layers (>= ``ONEDNN_MIN_WEIGHT`` weights per GEMM) the GEMM is oneDNN's with the weight
+  prepacked once at compile time (``gemm="auto"`` on CPUs where :func:`onednn_int8_exact` holds: unit scales,
+  so its float32 output is the integer sum, as with ``_int_mm``; 1.3-3.6x faster than ``torch._int_mm`` on
+  SD1.5 shapes on an AMX Xeon, ``scripts/gemm_probe.py``); smaller layers, and other devices, use
+  ``torch._int_mm``. Convolutions use the same two GEMMs per kernel offset.
 * **Conv2d**: a per-token activation scale differs between the input positions that one output mixes, so it
   cannot be folded into a single int8 convolution (``torch.ops.quantized.conv2d`` takes one activation scale
   per tensor). The convolution is computed as a sum over the ``kh*kw`` kernel offsets of shifted int8 GEMMs
