@@ -386,6 +386,18 @@ class _Int8Base(nn.Module):
         self.weight_int8 = w.new_empty(0)
         return True
 
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle: oneDNN's packed tensors have no storage
+        state = dict(super().__getstate__())
+        if state.get("_packed") is not None:
+            state["_packed"] = [torch.ops.aten.to_dense(p).t().contiguous() for p in state["_packed"]]
+            state["_repack"] = True
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if state.pop("_repack", False):
+            state["_packed"] = [_onednn_pack(w) for w in state["_packed"]]
+        super().__setstate__(state)
+
     def int8_weight(self) -> torch.Tensor | None:
         """The int8 weight the GEMMs use, dense (``(P*N, K)``; convolutions ``(kh*kw, P*N, C)``)."""
         if self._packed is None:

@@ -328,8 +328,10 @@ def test_onednn_packed_layers_equal_int_mm_layers_bit_for_bit(spec):
         assert b.pack_onednn(force=True)
         assert (a.gemm, b.gemm) == ("int_mm", "onednn") and b.weight_int8.numel() == 0
         assert torch.equal(b.int8_weight(), w)  # the packed weight holds the same codes
+        c = copy.deepcopy(b)  # packed tensors have no storage: copied as codes and packed again
+        assert c.gemm == "onednn" and torch.equal(c.int8_weight(), w)
         with torch.no_grad():
-            assert torch.equal(a(x), b(x))
+            assert torch.equal(a(x), b(x)) and torch.equal(c(x), b(x))
 
 
 def test_compile_gemm_choice_and_resident_bytes():
