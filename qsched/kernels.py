@@ -18,7 +18,7 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   prepacked once at compile time (``gemm="auto"`` on CPUs where :func:`onednn_int8_exact` holds: unit scales,
   so its float32 output is the integer sum, as with ``_int_mm``; 1.3-3.6x faster than ``torch._int_mm`` on
   SD1.5 shapes on an AMX Xeon, ``scripts/gemm_probe.py``); smaller layers, and other devices, use
-  ``torch._int_mm``. Convolutions use the same two GEMMs per kernel offset.
+  ``torch._int_mm``. Convolutions call the layer's GEMM once per kernel offset.
 * **Conv2d**: a per-token activation scale differs between the input positions that one output mixes, so it
   cannot be folded into a single int8 convolution (``torch.ops.quantized.conv2d`` takes one activation scale
   per tensor). The convolution is computed as a sum over the ``kh*kw`` kernel offsets of shifted int8 GEMMs
@@ -99,8 +99,9 @@ from qsched.quantization import (
 )
 from qsched.runner import denoiser_of
 
-__all__ = ["BACKENDS", "GEMMS", "why_int8_is_slow", "onednn_int8_exact", "Int8Linear", "Int8Conv2d", "KernelSummary", "compile_quantized",
-           "quantize_activations", "weight_planes", "scale_grid_plane", "kernel_layers", "small_layer_tokens"]
+__all__ = ["BACKENDS", "GEMMS", "why_int8_is_slow", "onednn_int8_exact", "Int8Linear", "Int8Conv2d",
+           "KernelSummary", "compile_quantized", "quantize_activations", "weight_planes", "scale_grid_plane",
+           "kernel_layers", "small_layer_tokens"]
 
 BACKENDS = ("auto", "int8", "torchao")
 GEMMS = ("auto", "onednn", "int_mm")
@@ -272,6 +273,7 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
 
 
 _ONEDNN: dict[str, bool] = {}
+_ONEDNN_UNIT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # N -> (unit weight scales, zero points)
 
 
 def onednn_int8_exact() -> bool:
@@ -310,9 +312,6 @@ def _onednn_mm(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         ones = _ONEDNN_UNIT[n] = (torch.ones(n), torch.zeros(n, dtype=torch.int64))
     return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, ones[0], ones[1], None, 1.0, 0, torch.float32,
                                               "none", [], "")
-
-
-_ONEDNN_UNIT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _as_float_(part: torch.Tensor) -> torch.Tensor:
@@ -668,8 +667,9 @@ class KernelSummary:
         mib = 2**20
         gemm = "" if self.backend != "int8" else ", int_mm GEMM" if self.gemm == "int_mm" else \
             f", oneDNN GEMM on {self.onednn_layers} layers (the rest torch._int_mm)"
-        lines = [f"KernelSummary ({self.backend}{gemm}): {len(self.compiled)} layers on real kernels, {len(self.kept)} "
-                 f"kept simulated; resident {self.bytes_before / mib:.2f} MiB -> {self.bytes_after / mib:.2f} MiB"]
+        lines = [f"KernelSummary ({self.backend}{gemm}): {len(self.compiled)} layers on real kernels, "
+                 f"{len(self.kept)} kept simulated; resident {self.bytes_before / mib:.2f} MiB -> "
+                 f"{self.bytes_after / mib:.2f} MiB"]
         if self.slow_int8:
             lines.append(f"  slow int8: {self.slow_int8}")
         if self.inexact:

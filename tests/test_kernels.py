@@ -488,7 +488,8 @@ def test_kernels_profile_smoke(tmp_path):
     rows = res["batches"]["1"]
     assert set(rows) == set(kernels_profile.VARIANTS)
     cats = rows["qsched-int8-w8a8"]["self_ms_by_category"]
-    assert cats["int8 GEMM (_int_mm, oneDNN)"] > 0 and rows["fp32"]["self_ms_by_category"]["int8 GEMM (_int_mm, oneDNN)"] == 0
+    gemm = "int8 GEMM (_int_mm, oneDNN)"
+    assert cats[gemm] > 0 and rows["fp32"]["self_ms_by_category"][gemm] == 0
     md = (tmp_path / "p.md").read_text()
     assert "| int8 GEMM (_int_mm, oneDNN) |" in md and "**Batch 1**" in md
 
