@@ -76,6 +76,7 @@ else ``"int8"``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 import warnings
@@ -272,10 +273,10 @@ def _int_mm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     return torch._int_mm(a, b, out=out)
 
 
-_ONEDNN: dict[str, bool] = {}
 _ONEDNN_UNIT: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # N -> (unit weight scales, zero points)
 
 
+@functools.cache
 def onednn_int8_exact() -> bool:
     """Whether oneDNN's prepacked int8 GEMM (``torch.ops.onednn.qlinear_pointwise``) runs here and returns exact
     int32 sums (as float32), checked once per process on random and saturating (+-127) codes.
@@ -284,18 +285,15 @@ def onednn_int8_exact() -> bool:
     on SD1.5 shapes on an AMX Xeon (weights packed once into oneDNN's blocked layout, float32 out directly).
     CPUs whose int8 instructions saturate 16-bit intermediates would fail the check and keep ``torch._int_mm``.
     """
-    if "ok" not in _ONEDNN:
-        try:
-            g = torch.Generator().manual_seed(0)
-            a = torch.randint(-127, 128, (40, 1280), dtype=torch.int8, generator=g)
-            a[:8] = 127
-            b = torch.randint(-127, 128, (72, 1280), dtype=torch.int8, generator=g)
-            b[:8] = -127
-            got = _onednn_mm(a, _onednn_pack(b))
-            _ONEDNN["ok"] = torch.equal(got, (a.double() @ b.double().t()).float())
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _ONEDNN["ok"] = False
-    return _ONEDNN["ok"]
+    try:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randint(-127, 128, (40, 1280), dtype=torch.int8, generator=g)
+        a[:8] = 127
+        b = torch.randint(-127, 128, (72, 1280), dtype=torch.int8, generator=g)
+        b[:8] = -127
+        return torch.equal(_onednn_mm(a, _onednn_pack(b)), (a.double() @ b.double().t()).float())
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def _onednn_pack(w: torch.Tensor) -> torch.Tensor:
@@ -381,7 +379,6 @@ class _Int8Base(nn.Module):
         if not force and (n * k < ONEDNN_MIN_WEIGHT or k < ONEDNN_MIN_K):
             return False
         self._packed = [_onednn_pack(w)] if w.dim() == 2 else [_onednn_pack(w[i]) for i in range(w.shape[0])]
-        self._wshape = tuple(w.shape)
         self.weight_int8 = w.new_empty(0)
         return True
 
@@ -402,7 +399,7 @@ class _Int8Base(nn.Module):
         if self._packed is None:
             return self.weight_int8
         dense = [torch.ops.aten.to_dense(p).t() for p in self._packed]
-        return dense[0].contiguous() if len(self._wshape) == 2 else torch.stack(dense)
+        return torch.stack(dense) if isinstance(self, Int8Conv2d) else dense[0].contiguous()
 
     def _mm(self, codes: torch.Tensor, i: int | None = None) -> torch.Tensor:
         """Exact int8 products of activation codes ``(M, K)`` with weight ``i`` (a conv's kernel offset), as

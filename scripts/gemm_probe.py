@@ -1,10 +1,10 @@
 """Does this CPU have fast int8 (and bf16) GEMMs? fp32 vs bf16 vs ``torch._int_mm`` vs oneDNN's prepacked int8
 GEMM (what ``compile_quantized`` uses where it is exact) on SD1.5-sized shapes.
 
-``qsched.compile_quantized`` runs quantized layers as ``torch._int_mm``. That is fast only where the CPU has int8
+``qsched.compile_quantized`` runs quantized layers as int8 GEMMs. Those are fast only where the CPU has int8
 dot-product instructions (AVX-512 VNNI, AVX-VNNI, AMX); elsewhere torch runs a generic loop. This probe measures
-it: per shape, the three GEMMs timed interleaved (order rotated each round, 1 thread), medians, and the speed-up of
-bf16 and int8 over fp32 (> 1 is faster). ``qsched.kernels.why_int8_is_slow`` is the rule ``backend="auto"`` uses.
+it: per shape, the GEMMs timed interleaved (order rotated each round, 1 thread), medians, and each one's speed-up
+over fp32 (> 1 is faster); the oneDNN column only where ``qsched.kernels.onednn_int8_exact`` holds. ``qsched.kernels.why_int8_is_slow`` is the rule ``backend="auto"`` uses.
 
     python scripts/gemm_probe.py [--rounds 5] [--out benchmarks/gemm_probe.json]
 """
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     torch.set_num_threads(1)
+    from qsched._util import write_atomic
     from qsched.kernels import _onednn_mm, _onednn_pack, onednn_int8_exact, why_int8_is_slow
 
     caps = torch.cpu.get_capabilities()
@@ -75,9 +76,7 @@ def main() -> None:
     print(f"{res['cpu']} ({res['capability']}); fast int8 GEMM: {res['fast_int8_gemm']}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(a.out)
+        write_atomic(a.out, json.dumps(res, indent=1) + "\n")
         print(f"wrote {a.out}")
 
 
