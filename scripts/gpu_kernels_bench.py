@@ -39,10 +39,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
 
-from measure_quant import SD15_UNET_CONFIG  # noqa: E402
+from qsched.bench.sd15 import SD15_UNET_CONFIG  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, written out.
 SDXL_UNET_CONFIG: dict[str, Any] = dict(

@@ -526,3 +526,19 @@ def test_auto_backend_keeps_the_simulated_model_where_int8_is_slow(monkeypatch):
         warnings.simplefilter("error", RuntimeWarning)
         s2 = compile_quantized(m2)
     assert s2.backend == "int8" and s2.slow_int8 is None and isinstance(m2[0], Int8Linear)
+
+
+def test_gpu_script_runs_on_cpu_smoke(tmp_path):
+    """scripts/gpu_kernels_bench.py is run only where a GPU is lent: keep it working (its --smoke CPU mode)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu.json"
+    p = subprocess.run([sys.executable, str(root / "scripts" / "gpu_kernels_bench.py"), "--smoke", "--device", "cpu",
+                        "--models", "sd15", "--runs", "2", "--warmup", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(out.read_text())["models"]["sd15"]["rows"]
+    assert {"bf16", "qsched w8a8 -> int8"} <= set(rows)
+    assert all(r["ms_per_forward"] > 0 for r in rows.values())
