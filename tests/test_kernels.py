@@ -381,7 +381,8 @@ def test_bench_markdown_from_a_result():
     assert set(availability()) >= {"fp32", "qsched-int8-w8a8"}
     rows = {"fp32": {"s_per_forward_1t": 2.0, "resident_bytes": 4 * 2**20, "file_bytes": 4 * 2**20},
             "bf16": {"s_per_forward_1t": 1.0, "resident_bytes": 2 * 2**20, "file_bytes": 2 * 2**20},
-            "qsched-int8-w8a8": {"s_per_forward_1t": 0.5, "resident_bytes": 2**20, "file_bytes": 2**20}}
+            "qsched-int8-w8a8": {"s_per_forward_1t": 0.5, "resident_bytes": 2**20, "weight_bytes": 2**19,
+                                 "file_bytes": 2**20}}
     _ratios(rows, "s_per_forward_1t", higher_is_better=False)
     assert rows["qsched-int8-w8a8"]["s_per_forward_1t_speedup_vs_bf16"] == 2.0
     res = {"command": "python -m qsched.bench.kernels", "date": "d", "machine": "m",
@@ -389,6 +390,7 @@ def test_bench_markdown_from_a_result():
                     "groups": [rows], "skipped": {"quanto-w8a8": "not installed"}}}
     md = markdown(res)
     assert "| 1 | qsched-int8-w8a8 | 0.50 | 4.00 | 2.00 |" in md and "quanto-w8a8: not installed" in md
+    assert "| 1 | 0.500 | 0 | 0.250 | 1 | 0.500 |" in md  # resident, weights and file columns, x fp16 file
 
 
 def test_bench_i8_variant_and_scale_grid_helpers():

@@ -18,7 +18,9 @@ with the reason when they cannot be imported. Two workloads:
 
 Bytes: ``file`` = the safetensors a user stores (fp32 / fp16 / qsched packed checkpoint; real-kernel variants are
 compiled from the packed checkpoint at load); ``resident`` = RSS growth of the worker after loading and one
-forward (SD1.5) or parameter + buffer bytes of the denoiser (testbed). ``run_testbed`` / ``run_sd15`` return
+forward (SD1.5; it includes the allocator's and the forward's workspace: bf16's is ~1.1x its file) or parameter +
+buffer bytes of the denoiser (testbed); ``weights`` (SD1.5) = those tensor bytes for the SD1.5 variants too
+(parameters, buffers, oneDNN-packed weights; not measured for torchao / quanto tensor subclasses). ``run_testbed`` / ``run_sd15`` return
 dicts; ``main`` writes JSON and a Markdown table (``--out`` with ``.md``).
 """
 
@@ -340,7 +342,12 @@ def _sd15_worker(variant: str, config: dict[str, Any], fp32_path: str, packed: d
         _trim_heap()
         run(m)
         _trim_heap()
-        conn.send({"resident_bytes": _rss_bytes() - r0})
+        from qsched.kernels import _resident_bytes
+
+        # weight_bytes: the tensors the model holds (parameters, buffers, oneDNN-packed weights), without the
+        # allocator's and the forward's workspace that RSS also counts; not for torchao / quanto tensor subclasses
+        weights = None if variant.startswith(("torchao", "quanto")) else _resident_bytes(m)
+        conn.send({"resident_bytes": _rss_bytes() - r0, "weight_bytes": weights})
         while (msg := conn.recv()) != "stop":
             torch.set_num_threads(msg[1])
             t0 = time.perf_counter()
@@ -418,6 +425,7 @@ def run_sd15(runs: int = 3, groups: tuple[tuple[str, ...], ...] = SD15_GROUPS, s
                 conn.send("stop")
                 proc.join()
                 rows[v]["resident_bytes"] = info["resident_bytes"]
+                rows[v]["weight_bytes"] = info.get("weight_bytes")
                 rows[v]["file_bytes"] = file_bytes(v, files)
             for threads in thread_list:
                 _ratios(rows, f"s_per_forward_{threads}t", higher_is_better=False)
@@ -563,8 +571,8 @@ def markdown(res: dict[str, Any]) -> str:
               "interleaved runs; each block is one group of concurrent workers, ratios within the group "
               "(speed-up: >1 is faster)", "",
               "| group | variant | " + " | ".join(f"s {t}t | x fp32 | x bf16" for t in sd["threads"]) +
-              " | resident MiB | resident x fp16 file | file MiB | file x fp16 |",
-              "|---|---|" + "---|---|---|" * len(sd["threads"]) + "---|---|---|---|"]
+              " | resident MiB | resident x fp16 file | weights MiB | weights x fp16 file | file MiB | file x fp16 |",
+              "|---|---|" + "---|---|---|" * len(sd["threads"]) + "---|---|---|---|---|---|"]
         for gi, rows in enumerate(sd["groups"]):
             for v, r in rows.items():
                 cells = []
@@ -572,9 +580,10 @@ def markdown(res: dict[str, Any]) -> str:
                     k = f"s_per_forward_{t}t"
                     cells += [_fmt(r.get(k)), _fmt(r.get(f"{k}_speedup_vs_fp32")),
                               _fmt(r.get(f"{k}_speedup_vs_bf16"))]
-                fb, rb = r.get("file_bytes"), r.get("resident_bytes")
+                fb, rb, wb = r.get("file_bytes"), r.get("resident_bytes"), r.get("weight_bytes")
                 L.append(f"| {gi + 1} | {v} | " + " | ".join(cells) + f" | {_fmt(rb / mib if rb else None, 0)} | "
-                         f"{_fmt(rb / fp16 if rb else None, 3)} | {_fmt(fb / mib if fb else None, 0)} | "
+                         f"{_fmt(rb / fp16 if rb else None, 3)} | {_fmt(wb / mib if wb else None, 0)} | "
+                         f"{_fmt(wb / fp16 if wb else None, 3)} | {_fmt(fb / mib if fb else None, 0)} | "
                          f"{_fmt(fb / fp16 if fb else None, 3)} |")
         L += [f"Skipped: {v}: {why}" for v, why in sd.get("skipped", {}).items()]
     fa = res.get("faithfulness")
