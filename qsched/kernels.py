@@ -26,7 +26,10 @@ What runs (backend ``"int8"``, CPU; also CUDA through ``torch._int_mm`` with pad
   read: exact integer products, per-token scales honoured. The input is quantized once in its own NCHW layout
   and copied (int8) into a zero-padded NHWC image; for stride 1 that image is flattened so that every kernel
   offset's GEMM input and scales are contiguous row slices of it (outputs are computed on the padded grid and
-  cropped), strided convolutions gather each offset's rows.
+  cropped), strided convolutions gather each offset's rows. The result is returned as the NCHW tensor it is, in
+  channels_last memory (what ``unet.to(memory_format=torch.channels_last)`` gives, and what diffusers recommends
+  for UNets on CPU): no copy back to NCHW-contiguous (SD1.5-sized UNet, AMX Xeon, 1 thread: 3.63 -> 3.19 s per
+  W8A8 forward), and the next layer's per-token reduction runs over contiguous channels.
 * **Weights**: one scale per output channel (``w8a8`` and any ``-pc`` spec) maps directly: the stored codes
   become int8 (minus their offset or zero point) with the fp16 scales: integer arithmetic identical to the
   simulated layer, only the float rounding of the final scaling differs (~1e-7 relative).
@@ -324,7 +327,7 @@ def _finish(acc: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) 
     """(..., P*N) float32 activation-scaled accumulators -> (..., N): apply the P plane scales, add the bias."""
     p, n = scales.shape
     if p == 1:  # one fused op: bias + acc * scale
-        return acc.mul_(scales[0]) if bias is None else torch.addcmul(bias.float(), acc, scales[0])
+        return acc * scales[0] if bias is None else torch.addcmul(bias.float(), acc, scales[0])
     y = acc[..., :n].mul(scales[0])
     for i in range(1, p):
         y.addcmul_(acc[..., i * n:(i + 1) * n], scales[i])
@@ -527,7 +530,7 @@ class Int8Conv2d(_Int8Base):
         else:
             acc = self._gathered_offsets(codes, sx, ph, pw, ho, wo).view(b, ho, wo, n_all)
         y = _finish(acc, self.weight_scales, self.bias)
-        y = y.permute(0, 3, 1, 2).to(dtype).contiguous()
+        y = y.permute(0, 3, 1, 2).to(dtype)  # NCHW in channels_last memory: no copy back (see the docstring)
         return y.squeeze(0) if unbatched else y
 
     def _flat_offsets(self, codes: torch.Tensor, sx: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
