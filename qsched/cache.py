@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from qsched.errors import QSchedError
+
 __all__ = ["ForwardCache", "input_key"]
 
 
@@ -97,7 +99,7 @@ class ForwardCache:
 
     def __init__(self, max_entries: int = 64, name: str = "module", enabled: bool = True):
         if max_entries < 1:
-            raise ValueError("max_entries must be >= 1")
+            raise QSchedError("max_entries must be >= 1")
         self.max_entries = int(max_entries)
         self.name = name
         self.enabled = enabled

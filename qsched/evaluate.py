@@ -40,6 +40,7 @@ from qsched.metrics import AccuracyMetric, EvalMetric, build_metrics
 from qsched.pipelines import ModelSpec, resolve_model
 from qsched.prompts import PromptSet, load_prompts
 from qsched.runner import denoiser_of, generate_batches, using_schedule
+from qsched.errors import QSchedError
 
 __all__ = ["evaluate", "EvalResult", "CONFIGS", "DEFAULT_METRICS", "COMPARISONS"]
 
@@ -319,9 +320,9 @@ def evaluate(
     configs = list(configs)
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
-        raise ValueError(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
+        raise QSchedError(f"unknown config(s) {bad}; choose from {', '.join(CONFIGS)}")
     if len(set(configs)) != len(configs):
-        raise ValueError(f"duplicate configs in {configs}")
+        raise QSchedError(f"duplicate configs in {configs}")
     mspec = model if isinstance(model, ModelSpec) else resolve_model(model)
     testbed = mspec.is_testbed
     notes: list[str] = []
@@ -329,14 +330,14 @@ def evaluate(
     # ---------------------------------------------------------------- prompts, seeds
     if prompts is None:
         if not testbed:
-            raise ValueError("pass prompts for a real model, e.g. prompts=load_prompts('meta_data.json') "
+            raise QSchedError("pass prompts for a real model, e.g. prompts=load_prompts('meta_data.json') "
                              "(MJHQ-30K) or a text file")
         prompts = load_prompts("testbed-heldout", n=n_images or TESTBED_DEFAULT_N, seed=seed)
     elif not isinstance(prompts, PromptSet):
         prompts = load_prompts(prompts)
     n = int(n_images) if n_images is not None else len(prompts)
     if n < 1:
-        raise ValueError(f"n_images must be >= 1, got {n_images}")
+        raise QSchedError(f"n_images must be >= 1, got {n_images}")
     all_prompts = [prompts.prompts[i % len(prompts)] for i in range(n)]
     all_labels = None if prompts.labels is None else [prompts.labels[i % len(prompts)] for i in range(n)]
     from qsched.runner import image_seed
@@ -344,14 +345,14 @@ def evaluate(
     seeds = [image_seed(seed, i) for i in range(n)]
     bs = int(batch_size) if batch_size else (50 if testbed else 4)
     if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise QSchedError(f"batch_size must be >= 1, got {batch_size}")
 
     # ---------------------------------------------------------------- schedules, steps
     given = [s for s in (qsched_schedule, fp_schedule) if s is not None]
     T = int(steps) if steps is not None else (int(given[0].steps) if given else mspec.steps)
     for name, s in (("qsched_schedule", qsched_schedule), ("fp_schedule", fp_schedule)):
         if s is not None and s.steps != T:
-            raise ValueError(f"{name} has {s.steps} steps but the evaluation uses steps={T}")
+            raise QSchedError(f"{name} has {s.steps} steps but the evaluation uses steps={T}")
     schedules = {"fp-original": None, "quant-naive": None, "quant-qsched": qsched_schedule, "fp-tuned": fp_schedule}
     run_cfgs = []
     for c in configs:

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qsched.errors import QSchedError
+
 __all__ = ["frechet_distance", "FrechetReference", "feature_stats", "save_stats", "load_stats", "load_reference_stats"]
 
 
@@ -32,11 +34,11 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     s2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     d = mu1.shape[0]
     if mu1.shape != mu2.shape or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"inconsistent shapes: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, "
+        raise QSchedError(f"inconsistent shapes: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, "
                          f"sigma2 {s2.shape}")
     for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
         if not np.isfinite(a).all():
-            raise ValueError(f"{name} contains NaN or inf")
+            raise QSchedError(f"{name} contains NaN or inf")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
@@ -76,7 +78,7 @@ class FrechetReference:
         matrix ``Y Y^T`` instead: the same number, without a D x D product."""
         f = np.asarray(feats, dtype=np.float64)
         if f.ndim != 2 or f.shape[0] < 2:
-            raise ValueError(f"need an (N, D) feature matrix with N >= 2, got {f.shape}")
+            raise QSchedError(f"need an (N, D) feature matrix with N >= 2, got {f.shape}")
         n, d = f.shape
         if n > d:
             return self.distance(*feature_stats(f))
@@ -93,7 +95,7 @@ def feature_stats(feats: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndar
     """(mu, sigma) in float64 of an (N, D) feature matrix (N >= 2)."""
     f = np.asarray(feats.detach().cpu().numpy() if isinstance(feats, torch.Tensor) else feats, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"need an (N, D) feature matrix with N >= 2 to estimate a covariance, got {f.shape}")
+        raise QSchedError(f"need an (N, D) feature matrix with N >= 2 to estimate a covariance, got {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -134,9 +136,9 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]
             sigma = f.get_tensor("sigma").astype(np.float64) if "sigma" in keys else None
             tri = f.get_tensor("sigma_triu").astype(np.float64) if "sigma_triu" in keys else None
     except Exception as e:  # safetensors raises its own error types on damaged files
-        raise ValueError(f"{path} is not a readable safetensors statistics file ({type(e).__name__}: {e})") from None
+        raise QSchedError(f"{path} is not a readable safetensors statistics file ({type(e).__name__}: {e})") from None
     if mu is None or (sigma is None and tri is None):
-        raise ValueError(f"{path} must hold 'mu' and 'sigma' (or 'sigma_triu'), found {sorted(keys)}")
+        raise QSchedError(f"{path} must hold 'mu' and 'sigma' (or 'sigma_triu'), found {sorted(keys)}")
     if sigma is None:
         d = mu.shape[0]
         sigma = np.zeros((d, d))
@@ -154,9 +156,9 @@ def load_reference_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             if "mu" not in z or "sigma" not in z:
-                raise ValueError(f"{path} must hold arrays 'mu' and 'sigma', found {sorted(z.files)}")
+                raise QSchedError(f"{path} must hold arrays 'mu' and 'sigma', found {sorted(z.files)}")
             return np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
     if path.suffix == ".safetensors":
         mu, sigma, _ = load_stats(path)
         return mu, sigma
-    raise ValueError(f"FID reference statistics must be .safetensors or .npz, got {path}")
+    raise QSchedError(f"FID reference statistics must be .safetensors or .npz, got {path}")

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qsched.errors import QSchedError
+
 __all__ = ["to_tensor", "to_uint8", "to_gray", "finite_mask", "check_finite"]
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -26,7 +28,7 @@ def _from_numpy(a: np.ndarray) -> torch.Tensor:
     if a.ndim == 3:
         a = a[None] if a.shape[-1] in (1, 3, 4) else a[..., None]
     if a.ndim != 4:
-        raise ValueError(f"expected a numpy image array (B, H, W, C), (H, W, C) or (B, H, W), got shape {a.shape}")
+        raise QSchedError(f"expected a numpy image array (B, H, W, C), (H, W, C) or (B, H, W), got shape {a.shape}")
     t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
     return t.float() / 255.0 if a.dtype == np.uint8 else t.float()
 
@@ -38,7 +40,7 @@ def to_tensor(images: Any) -> torch.Tensor:
         if x.dim() == 3:
             x = x.unsqueeze(0)
         if x.dim() != 4:
-            raise ValueError(f"expected a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
+            raise QSchedError(f"expected a (B, C, H, W) tensor, got shape {tuple(images.shape)}")
         return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     if isinstance(images, np.ndarray):
         return _from_numpy(images)
@@ -51,11 +53,11 @@ def to_tensor(images: Any) -> torch.Tensor:
             arrs = [np.asarray(im) for im in images]
             arrs = [a[:, :, None] if a.ndim == 2 else a for a in arrs]
             if len({a.shape for a in arrs}) != 1:
-                raise ValueError(f"PIL images must share one size and mode, got shapes {[a.shape for a in arrs]}")
+                raise QSchedError(f"PIL images must share one size and mode, got shapes {[a.shape for a in arrs]}")
             return _from_numpy(np.stack(arrs))
         if all(isinstance(im, (torch.Tensor, np.ndarray)) for im in images):
             return torch.cat([to_tensor(im) for im in images])
-    raise ValueError(f"cannot interpret images of type {type(images).__name__}: expected a (B,C,H,W) tensor, "
+    raise QSchedError(f"cannot interpret images of type {type(images).__name__}: expected a (B,C,H,W) tensor, "
                      "a (B,H,W,C) numpy array or a non-empty list of PIL images")
 
 
@@ -68,7 +70,7 @@ def check_finite(x: torch.Tensor, what: str = "images") -> None:
     """Raise ``ValueError`` naming how many of the B items contain NaN or inf."""
     n = int((~finite_mask(x)).sum())
     if n:
-        raise ValueError(f"{n} of {x.shape[0]} {what} contain NaN or inf values; drop or replace them before scoring")
+        raise QSchedError(f"{n} of {x.shape[0]} {what} contain NaN or inf values; drop or replace them before scoring")
 
 
 def to_uint8(images: Any) -> np.ndarray:
@@ -82,13 +84,13 @@ def to_gray(images: Any, size: int | None = None) -> torch.Tensor:
     given and different."""
     x = to_tensor(images)
     if x.shape[0] == 0:
-        raise ValueError("got an empty batch of images")
+        raise QSchedError("got an empty batch of images")
     if x.shape[1] == 4:
         x = x[:, :3]
     if x.shape[1] == 3:
         x = (x * torch.tensor(_LUMA, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
     elif x.shape[1] != 1:
-        raise ValueError(f"expected 1, 3 or 4 channels, got {x.shape[1]}")
+        raise QSchedError(f"expected 1, 3 or 4 channels, got {x.shape[1]}")
     if size is not None and tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.clamp(0, 1)

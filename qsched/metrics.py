@@ -18,6 +18,7 @@ import torch
 
 from qsched.frechet import feature_stats, frechet_distance, load_reference_stats
 from qsched.pipelines import ModelSpec, resolve_model
+from qsched.errors import QSchedError
 
 __all__ = ["EvalMetric", "FrechetMetric", "AccuracyMetric", "JAQMetric", "build_metrics", "KNOWN_METRICS",
            "TESTBED_ONLY_METRICS"]
@@ -127,7 +128,7 @@ class AccuracyMetric(EvalMetric):
 
     def update(self, images, prompts, labels, finite) -> None:
         if labels is None:
-            raise ValueError("the 'accuracy' metric needs class labels: use a labelled PromptSet "
+            raise QSchedError("the 'accuracy' metric needs class labels: use a labelled PromptSet "
                              "(testbed-heldout / testbed-calib) or drop 'accuracy' from metrics")
         y = torch.as_tensor(list(labels), dtype=torch.long)
         self._s_total += int(y.shape[0])
@@ -203,7 +204,7 @@ def build_metrics(model: str | ModelSpec, names: Sequence[str], device: str | to
     notes = notes if notes is not None else []
     unknown = [n for n in names if n not in KNOWN_METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(KNOWN_METRICS)}")
+        raise QSchedError(f"unknown metric(s) {unknown}; choose from {', '.join(KNOWN_METRICS)}")
     spec = model if isinstance(model, ModelSpec) else resolve_model(model)
     testbed = spec.is_testbed
     out: list[EvalMetric] = []
@@ -237,7 +238,7 @@ def build_metrics(model: str | ModelSpec, names: Sequence[str], device: str | to
         from qsched.testbed.metrics import InceptionFID
 
         if fid_ref is None and not testbed:
-            raise ValueError("FID on a real model needs reference statistics: pass fid_ref=<.safetensors/.npz with "
+            raise QSchedError("FID on a real model needs reference statistics: pass fid_ref=<.safetensors/.npz with "
                              "mu and sigma> (e.g. MJHQ-30K Inception statistics)")
         if fid_ref is None:
             ifid = InceptionFID(device=device)

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from qsched.errors import QSchedError
+
 __all__ = ["PerImage", "paired_cis", "comparison_lines", "format_ci", "save_per_image", "load_per_image", "N_BOOT",
            "LOWER_IS_BETTER"]
 
@@ -44,9 +46,9 @@ def paired_cis(a: PerImage, b: PerImage, refs: Mapping[str, tuple[np.ndarray, np
 
     n = len(a["finite"])
     if len(b["finite"]) != n:
-        raise ValueError(f"paired rows must have the same images, got {n} and {len(b['finite'])}")
+        raise QSchedError(f"paired rows must have the same images, got {n} and {len(b['finite'])}")
     if n < 2:
-        raise ValueError("a paired bootstrap needs at least 2 images")
+        raise QSchedError("a paired bootstrap needs at least 2 images")
     fa, fb = a["finite"].astype(bool), b["finite"].astype(bool)
     frechet = {k: FrechetReference(*refs[k]) for k in LOWER_IS_BETTER
                if k in a and k in b and refs is not None and k in refs and min(fa.sum(), fb.sum()) >= 2}

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qsched.errors import QSchedError
+
 __all__ = ["PromptSet", "load_prompts", "MJHQ_PROTOCOL_SIZE", "BUILTIN_SOURCES"]
 
 MJHQ_PROTOCOL_SIZE = 5000
@@ -49,7 +51,7 @@ class PromptSet:
         for attr in ("labels", "ids", "categories"):
             v = getattr(self, attr)
             if v is not None and len(v) != len(self.prompts):
-                raise ValueError(f"PromptSet.{attr} has {len(v)} entries for {len(self.prompts)} prompts")
+                raise QSchedError(f"PromptSet.{attr} has {len(v)} entries for {len(self.prompts)} prompts")
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -60,7 +62,7 @@ class PromptSet:
     def take(self, n: int) -> PromptSet:
         """The first ``n`` prompts (all of them if fewer)."""
         if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+            raise QSchedError(f"n must be >= 1, got {n}")
         cut = lambda v: None if v is None else list(v[:n])  # noqa: E731
         return PromptSet(list(self.prompts[:n]), cut(self.labels), self.name, cut(self.ids), cut(self.categories),
                          dict(self.meta))
@@ -87,7 +89,7 @@ def _select(n_total: int, n: int | None, order: str, seed: int) -> list[int]:
     if order == "shuffle":
         random.Random(seed).shuffle(idx)
         return sorted(idx[:n])
-    raise ValueError(f"order must be 'file' or 'shuffle', got {order!r}")
+    raise QSchedError(f"order must be 'file' or 'shuffle', got {order!r}")
 
 
 def _testbed_heldout(n: int | None, seed: int) -> PromptSet:
@@ -166,7 +168,7 @@ def _entries_from_yaml(path: Path) -> tuple[list[str], list[str] | None]:
         return prompts, ids
     if isinstance(data, list):
         return _list_prompts(data), None
-    raise ValueError(f"{path}: expected a YAML mapping name -> prompt (sDCI format) or a list, "
+    raise QSchedError(f"{path}: expected a YAML mapping name -> prompt (sDCI format) or a list, "
                      f"got {type(data).__name__}")
 
 
@@ -202,12 +204,12 @@ def _entries_from_json(path: Path) -> tuple[str, list[str], list[str] | None, li
                     prompts.append(v.strip())
                     cats.append("")
             else:
-                raise ValueError(f"{path}: entry {k!r} has no 'prompt' (expected MJHQ-30K meta_data.json: "
+                raise QSchedError(f"{path}: entry {k!r} has no 'prompt' (expected MJHQ-30K meta_data.json: "
                                  "{id: {'prompt': ..., 'category': ...}})")
         return "mjhq", prompts, ids, (cats if any(cats) else None)
     if isinstance(data, list):
         return "list", _list_prompts(data), None, None
-    raise ValueError(f"{path}: unrecognised JSON prompt file (expected MJHQ meta_data.json, COCO captions or a list)")
+    raise QSchedError(f"{path}: unrecognised JSON prompt file (expected MJHQ meta_data.json, COCO captions or a list)")
 
 
 def _unreadable(path: Path, e: Exception) -> Exception:
@@ -244,7 +246,7 @@ def load_prompts(source: str | Path = "testbed-heldout", n: int | None = None, s
     ValueError for an empty set or an unknown format.
     """
     if n is not None and (not isinstance(n, int) or n < 1):
-        raise ValueError(f"n must be a positive integer or None, got {n!r}")
+        raise QSchedError(f"n must be a positive integer or None, got {n!r}")
     if isinstance(source, PromptSet):
         return source if n is None else source.take(n)
     src = str(source)
@@ -289,7 +291,5 @@ def load_prompts(source: str | Path = "testbed-heldout", n: int | None = None, s
         ps = PromptSet([prompts[i] for i in sel], None, path.stem, pick(ids), pick(cats),
                        {"source": str(path), "format": fmt, "order": order or default_order, "seed": seed})
     if len(ps) == 0:
-        from qsched.errors import QSchedError
-
         raise QSchedError(f"no prompts in {src}")
     return ps

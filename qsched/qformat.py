@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from qsched.errors import QSchedError
+
 __all__ = ["QuantSpec", "fake_quant_per_token", "quantize_weight", "dequantize_weight"]
 
 _EXAMPLES = "w4a8, w8a8, w4a4, w4a16, w8a16, w4a8-g64, w4a8-asym, w4a16-g128-asym, w4a8-pc, w4a8-i8"
@@ -49,28 +51,28 @@ class QuantSpec:
     def __post_init__(self) -> None:
         wb = self.weight_bits
         if isinstance(wb, bool) or not isinstance(wb, int) or not 2 <= wb <= 8:
-            raise ValueError(f"weight_bits must be an int in 2..8, got {self.weight_bits!r}. Examples: {_EXAMPLES}")
+            raise QSchedError(f"weight_bits must be an int in 2..8, got {self.weight_bits!r}. Examples: {_EXAMPLES}")
         if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 4 <= self.act_bits <= 16:
-            raise ValueError(f"act_bits must be an int in 4..16 (16 = no activation quantization), got "
+            raise QSchedError(f"act_bits must be an int in 4..16 (16 = no activation quantization), got "
                              f"{self.act_bits!r}. Examples: {_EXAMPLES}")
         if self.group_size == _DEFAULT:
             object.__setattr__(self, "group_size", self.default_group_size(self.weight_bits))
         g = self.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise ValueError(f"group_size must be a positive int or None (per output channel), got {g!r}")
+            raise QSchedError(f"group_size must be a positive int or None (per output channel), got {g!r}")
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric must be a bool, got {self.symmetric!r}")
+            raise QSchedError(f"symmetric must be a bool, got {self.symmetric!r}")
         if self.act_granularity != "per-token":
-            raise ValueError(f"act_granularity must be 'per-token' (dynamic), got {self.act_granularity!r}")
+            raise QSchedError(f"act_granularity must be 'per-token' (dynamic), got {self.act_granularity!r}")
         if not isinstance(self.int8_scales, bool):
-            raise ValueError(f"int8_scales must be a bool, got {self.int8_scales!r}")
+            raise QSchedError(f"int8_scales must be a bool, got {self.int8_scales!r}")
         if self.int8_scales:
             why = ("asymmetric weights (zero points)" if not self.symmetric
                    else f"{wb}-bit weights (codes * 16 must fit int8: 2..4 bits)" if wb > 4
                    else "per-channel scales (-pc: there are no group scales to put on a grid)" if g is None
                    else None)
             if why is not None:
-                raise ValueError(f"int8 scale grid (-i8) is for symmetric group-wise 2..4-bit weights, not {why}. "
+                raise QSchedError(f"int8 scale grid (-i8) is for symmetric group-wise 2..4-bit weights, not {why}. "
                                  f"Examples: {_EXAMPLES}")
 
     @staticmethod
@@ -104,12 +106,12 @@ class QuantSpec:
         if isinstance(spec, QuantSpec):
             return spec
         if not isinstance(spec, str):
-            raise ValueError(f"quantization spec must be a string like 'w4a8', got {type(spec).__name__}. "
+            raise QSchedError(f"quantization spec must be a string like 'w4a8', got {type(spec).__name__}. "
                              f"Examples: {_EXAMPLES}")
         text = spec.strip().lower()
         m = re.fullmatch(r"w(\d+)a(\d+)((?:-[a-z0-9]+)*)", text)
         if m is None:
-            raise ValueError(f"ill-formed quantization spec {spec!r}; expected "
+            raise QSchedError(f"ill-formed quantization spec {spec!r}; expected "
                              f"w<2..8>a<4..16>[-g<N>|-pc][-asym][-i8]. Examples: {_EXAMPLES}")
         wb, ab = int(m.group(1)), int(m.group(2))
         group: int | None | str = _DEFAULT
@@ -120,10 +122,10 @@ class QuantSpec:
             kind = ("g" if re.fullmatch(r"g\d+|pc", opt) else "sym" if opt in ("asym", "sym")
                     else "i8" if opt == "i8" else None)
             if kind is None:
-                raise ValueError(f"unknown option {opt!r} in quantization spec {spec!r}; options are -g<N>, -pc, "
+                raise QSchedError(f"unknown option {opt!r} in quantization spec {spec!r}; options are -g<N>, -pc, "
                                  f"-asym, -sym, -i8. Examples: {_EXAMPLES}")
             if kind in seen:
-                raise ValueError(f"option given twice in quantization spec {spec!r}. Examples: {_EXAMPLES}")
+                raise QSchedError(f"option given twice in quantization spec {spec!r}. Examples: {_EXAMPLES}")
             seen.add(kind)
             if kind == "g":
                 group = None if opt == "pc" else int(opt[1:])
@@ -134,7 +136,7 @@ class QuantSpec:
         try:
             return cls(weight_bits=wb, act_bits=ab, group_size=group, symmetric=symmetric, int8_scales=int8_scales)
         except ValueError as e:
-            raise ValueError(f"invalid quantization spec {spec!r}: {e}") from None
+            raise QSchedError(f"invalid quantization spec {spec!r}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
@@ -223,7 +225,7 @@ def quantize_weight(w2d: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, t
     them as usual (and clamped: a grid scale may be a little below the group's ``max|w| / qmax``).
     """
     if w2d.dim() != 2:
-        raise ValueError(f"quantize_weight expects a 2-D (out, in) weight, got shape {tuple(w2d.shape)}")
+        raise QSchedError(f"quantize_weight expects a 2-D (out, in) weight, got shape {tuple(w2d.shape)}")
     out, k = w2d.shape
     g, ng = _groups(k, spec.group_size)
     b = spec.weight_bits

@@ -46,13 +46,18 @@ def _check_steps(steps: Any) -> int:
     return int(steps)
 
 
+# A coefficient scales one step's noise prediction or sample; the search spans 0.8-1.2 by default. Far outside
+# that the sampler diverges (1e30 gave an all-NaN, all-black image without a word), so values above this fail.
+MAX_COEFF = 10.0
+
+
 def _check_value(name: str, value: Any) -> float:
     try:
         v = float(value)
     except (TypeError, ValueError):
         raise QSchedError(f"Schedule parameter {name} must be a number, got {value!r}.") from None
-    if not math.isfinite(v) or v <= 0.0:
-        raise QSchedError(f"Schedule parameter {name} must be finite and > 0, got {value!r}.")
+    if not math.isfinite(v) or not 0.0 < v <= MAX_COEFF:
+        raise QSchedError(f"Schedule parameter {name} must be finite, > 0 and <= {MAX_COEFF:g}, got {value!r}.")
     return v
 
 

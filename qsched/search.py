@@ -30,8 +30,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from qsched.errors import QSchedError
 from qsched.interrupts import deferred_interrupts, interruptible
-from qsched.schedule import Schedule
+from qsched.schedule import MAX_COEFF, Schedule
 
 __all__ = ["search_space", "grid_candidates", "auto_plan", "PARAMETRIZATIONS", "STRATEGIES", "SAMPLERS",
            "check_storage", "open_study", "per_trial_seed_sampler", "recover_dead_trials", "run_trials",
@@ -433,9 +434,10 @@ def _check_range(grid_range: Sequence[float]) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in grid_range)
     except (TypeError, ValueError):
-        raise ValueError(f"grid_range must be two numbers (low, high), got {grid_range!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
-        raise ValueError(f"grid_range must satisfy 0 < low < high (finite coefficients), got {grid_range!r}")
+        raise QSchedError(f"grid_range must be two numbers (low, high), got {grid_range!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi <= MAX_COEFF):
+        raise QSchedError(f"grid_range must satisfy 0 < low < high <= {MAX_COEFF:g} (finite coefficients), got "
+                          f"{grid_range!r}")
     return lo, hi
 
 

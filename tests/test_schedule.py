@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from qsched.errors import QSchedError
 from qsched.schedule import KINDS, Schedule
 
 
@@ -45,6 +46,8 @@ def test_ramp_and_per_step_and_identity():
         lambda: Schedule.linear(1.0, float("inf"), 3),
         lambda: Schedule.linear(0.0, 1.0, 3),
         lambda: Schedule.ramp(1.0, -0.5, 1.0, 1.0, 3),
+        lambda: Schedule.per_step([1e30, 1.0], [1.0, 1.0]),  # diverges to an all-NaN image: refused (> 10)
+        lambda: Schedule.linear(1.0, 10.5, 3),
         lambda: Schedule.per_step([1.0, "x"], [1.0, 1.0]),
         lambda: Schedule(model_coeff=(1.0, 2.0), sample_coeff=(1.0, 1.0), kind="identity"),
         lambda: Schedule(model_coeff=(0.5, 2.0), sample_coeff=(1.0, 1.0), kind="linear",
@@ -53,7 +56,7 @@ def test_ramp_and_per_step_and_identity():
     ],
 )
 def test_invalid_schedules_raise_value_error(build):
-    with pytest.raises(ValueError):
+    with pytest.raises(QSchedError):
         build()
 
 
