@@ -374,7 +374,8 @@ def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
 def generate(
     prompt: str = typer.Argument(..., help="The prompt."),
     model: str = MODEL_OPTION,
-    schedule: Optional[Path] = typer.Option(None, help="Calibration directory, schedules.json or scheduler dir."),
+    schedule: Optional[Path] = typer.Option(None, help="Calibration directory, schedules.json or scheduler dir "
+                                            "(default: the schedule saved with --model, if any)."),
     model_coeff: Optional[str] = typer.Option(None, help="Per-step c^e values 'a,b,...' (instead of --schedule)."),
     sample_coeff: Optional[str] = typer.Option(None, help="Per-step c^x values 'a,b,...' (with --model-coeff)."),
     spec: str = SPEC_OPTION,
@@ -415,13 +416,27 @@ def generate(
         raise UsageError(f"the schedule has {sched.steps} steps but --steps is {T}")
 
     _, pipe, _ = _pipelines(mspec, spec_name, device)
+    how = "Q-Sched schedule" if sched is not None else "original schedule"
+    saved = _saved_schedule(pipe)
+    if sched is None and saved is not None:  # a checkpoint saved with its schedule runs it, as load_pipeline does
+        if steps is None or steps == saved.steps:
+            sched, T, how = saved, saved.steps, "the Q-Sched schedule saved with the model"
+        else:
+            how = f"original schedule (the one saved with the model is for {saved.steps} steps)"
     _check_steps(mspec, T, pipe)
     call = {**mspec.call_defaults(), **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
     with using_schedule(pipe, sched):
         image = run_generate(pipe, [prompt], T, seed=seed, call_kwargs=call)[0]
     _save_image(image, out)
-    how = "Q-Sched schedule" if sched is not None else "original schedule"
     console.print(f"wrote {out} ({model}, spec {spec_name or 'none'}, {T} steps, seed {seed}, {how})")
+
+
+def _saved_schedule(pipe: Any) -> Any:
+    """The schedule a pipeline was saved with (its scheduler is a QSchedScheduler holding one), else None."""
+    from qsched.scheduler import QSchedScheduler
+
+    sch = getattr(pipe, "scheduler", None)
+    return sch.schedule if isinstance(sch, QSchedScheduler) else None
 
 
 def _save_image(img: Any, path: Path) -> None:

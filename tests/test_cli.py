@@ -182,3 +182,36 @@ def test_generate_schedule_for_missing_spec_is_a_clear_error(tiny, tmp_path):
     r = runner.invoke(cli.app, ["generate", "a bag", "--schedule", str(tmp_path), "--out", str(tmp_path / "i.png")])
     line = _error_line(r)
     assert "w4a8" in line and "w8a8" in line
+
+
+def test_generate_runs_the_schedule_saved_with_the_model(tiny, base_pipe, tmp_path):
+    """A checkpoint saved with a calibrated schedule generates with it (as qsched.load_pipeline does), unless the
+    step count differs; an explicit schedule still wins."""
+    import numpy as np
+    from PIL import Image
+
+    from qsched.checkpoint import save_quantized
+    from qsched.quantization import quantize
+    from qsched.schedule import Schedule
+    from qsched.scheduler import apply_schedule
+
+    pipe = apply_schedule(copy.deepcopy(base_pipe), Schedule.linear(0.8, 1.15, 2))
+    quantize(pipe, "w4a8")
+    save_quantized(pipe, tmp_path / "ckpt")
+    png = lambda name: np.asarray(Image.open(tmp_path / name))  # noqa: E731
+    run = lambda *a: runner.invoke(cli.app, ["generate", "a bag", "--model", str(tmp_path / "ckpt"), *a])  # noqa
+
+    r = run("--out", str(tmp_path / "saved.png"))
+    assert r.exit_code == 0, r.output
+    assert "saved with the model" in " ".join(r.output.split())
+    sched = Schedule.linear(0.8, 1.15, 2)
+    r = run("--model-coeff", ",".join(map(str, sched.model_coeff)), "--sample-coeff",
+            ",".join(map(str, sched.sample_coeff)), "--out", str(tmp_path / "manual.png"))
+    assert r.exit_code == 0, r.output
+    r = run("--model-coeff", "1,1", "--sample-coeff", "1,1", "--out", str(tmp_path / "identity.png"))
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(png("saved.png"), png("manual.png"))
+    assert not np.array_equal(png("saved.png"), png("identity.png"))
+    r = run("--steps", "3", "--out", str(tmp_path / "three.png"))
+    assert r.exit_code == 0, r.output
+    assert "saved with the model is for 2 steps" in " ".join(r.output.split())
