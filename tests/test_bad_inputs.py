@@ -356,7 +356,22 @@ BENCH = [
     ("fid-images-0", lambda f, t: ["--fid-images", "0"], "fid_images"),
     ("out-under-file", lambda f, t: ["--quick", O, str(f["a_file"] / "B.md"), "--work", str(t / "w")],
      "file.txt"),
+    ("out-is-dir", lambda f, t: ["--quick", O, str(t), "--work", str(t / "w")], "is a directory"),
 ]
+
+
+def test_bench_checks_out_before_running_and_quick_keeps_the_published_file(tmp_path, monkeypatch):
+    import qsched.bench.driver as driver
+
+    calls = []
+    monkeypatch.setattr(driver, "run_bench", lambda s, env, out, **kw: calls.append(out) or {})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    r = runner.invoke(cli.app, ["bench", "--quick", O, str(tmp_path / "file.txt" / "B.md")])
+    assert "file.txt" in _error_line(r) and calls == []  # refused before the benchmark ran
+    r = runner.invoke(cli.app, ["bench", "--quick"])
+    assert r.exit_code == 0, r.output
+    assert calls == [Path("runs/bench-quick/BENCHMARKS.md")]  # not ./BENCHMARKS.md
 
 CLI_CASES = [(cmd, *c) for cmd, cases in (("calibrate", CALIBRATE), ("generate", GENERATE), ("quantize", QUANTIZE),
                                           ("evaluate", EVALUATE), ("report", REPORT), ("bench", BENCH))

@@ -266,6 +266,9 @@ def test_cli_errors_are_one_line(study, tmp_path):
     assert r.exit_code == 2 and "w9a8" in r.output and "Traceback" not in r.output
     r = run(app, ["study", "create", str(tmp_path / "s"), "--systems", "fp32:original", "--seeds", "0,x"])
     assert r.exit_code == 2 and "seeds" in r.output
+    (tmp_path / "afile").write_text("x")  # a study directory under a file: one line, nothing loaded
+    r = run(app, ["study", "create", str(tmp_path / "afile" / "s"), "--systems", "fp32:original", "w4a8:original"])
+    assert r.exit_code == 2 and "cannot create study directory" in r.output and "Traceback" not in r.output
     r = run(app, ["study", "results", str(tmp_path)])
     assert r.exit_code == 2 and "not a study directory" in r.output
     (tmp_path / "manifest.json").write_text("{")

@@ -45,7 +45,8 @@ def _command_line(ctx: typer.Context) -> str:
 def bench(
     ctx: typer.Context,
     quick: bool = typer.Option(False, "--quick", help="Reduced settings: a few minutes on a 2-core CPU."),
-    out: Path = typer.Option(Path("BENCHMARKS.md"), "--out", help="Markdown file to write."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Markdown file to write (default BENCHMARKS.md; "
+                                       "runs/bench-quick/BENCHMARKS.md with --quick, so the published file stays)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Unit results directory (default runs/bench, "
                                         "runs/bench-quick with --quick)."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the stored unit results first."),
@@ -85,6 +86,7 @@ def bench(
     from qsched.bench.driver import run_bench
     from qsched.bench.env import BenchEnv
     from qsched.bench.settings import BenchSettings, parse_fid_rows
+    from qsched.cli_inputs import writable_dir
 
     try:
         if jobs < 1:
@@ -111,6 +113,12 @@ def bench(
         if jobs > 1 and threads is None:
             kw["threads"] = max(1, (os.cpu_count() or 1) // jobs)
         s = BenchSettings.quick(**kw) if quick else BenchSettings.full(**kw)
+        out = out or Path("runs/bench-quick/BENCHMARKS.md" if quick else "BENCHMARKS.md")
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; name a Markdown file")
+        writable_dir(out.parent if str(out.parent) else Path("."), "--out directory")  # now, not after the run
+        if out.exists() and not os.access(out, os.W_OK):
+            raise ValueError(f"--out {out} is not writable")
         env = BenchEnv.testbed()
     except _USER_ERRORS as e:
         _fail(e)

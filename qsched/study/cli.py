@@ -62,9 +62,11 @@ def create(
     """Generate every system's images for the same prompts and seeds, plus manifest.json (resumable)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from qsched.cli_inputs import writable_dir
     from qsched.prompts import BUILTIN_SOURCES
     from qsched.study.create import create_study
 
+    writable_dir(directory, "study directory")  # before loading anything: an unwritable path is one error line
     names = _split(systems) + _split(more_systems or [])
     if n_prompts is None and prompts in BUILTIN_SOURCES:
         n_prompts = 40
