@@ -16,8 +16,9 @@ Every name above is that object on every access: importing a submodule of the sa
 ``qsched.evaluate``) does not replace the function on the package (use ``sys.modules["qsched.calibrate"]`` or
 ``from qsched.calibrate import ...`` for the module). ``import qsched`` also makes every folder qsched writes
 loadable by plain diffusers: ``qsched.scheduler`` is registered (lazily) in ``sys.modules``, where diffusers looks
-for a saved ``QSchedScheduler``, and the ``"qsched"`` quantizer is added to diffusers' quantizer mappings as soon as
-diffusers loads them. Neither imports diffusers or torch before they are needed.
+for a saved ``QSchedScheduler``, the ``"qsched"`` quantizer is added to diffusers' quantizer mappings as soon as
+diffusers loads them, and qsched's pipeline classes (``TestbedPipeline``) become attributes of the ``diffusers``
+module, imported on first access. None of this imports diffusers or torch before they are needed.
 """
 
 from __future__ import annotations
@@ -89,15 +90,21 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 
-# diffusers module -> qsched module to import right after it: the quantizer registers itself into diffusers'
-# mappings; diffusers resolves a saved ["qsched.scheduler", "QSchedScheduler"] component from sys.modules.
-_AFTER = {"diffusers.quantizers.auto": "qsched.hf_quantizer",
+# diffusers module -> qsched module (or "module:function" to call) to run right after it: the quantizer registers
+# itself into diffusers' mappings; diffusers resolves a saved ["qsched.scheduler", "QSchedScheduler"] component from
+# sys.modules; DiffusionPipeline.from_pretrained resolves a model_index.json's "_class_name" (TestbedPipeline) as an
+# attribute of the diffusers module, which qsched.components provides (imported on first access).
+_AFTER = {"diffusers": "qsched.components:expose_pipelines",
+          "diffusers.quantizers.auto": "qsched.hf_quantizer",
           "diffusers.pipelines.pipeline_loading_utils": "qsched.scheduler"}
 
 
 def _import_companion(name: str) -> None:
     try:
-        importlib.import_module(name)
+        module, _, function = name.partition(":")
+        module = importlib.import_module(module)
+        if function:
+            getattr(module, function)()
     except Exception as e:  # an incompatible diffusers must not break diffusers itself
         warnings.warn(f"qsched could not import {name} after diffusers ({type(e).__name__}: {e}); folders saved by "
                       "qsched may not load through diffusers' from_pretrained", RuntimeWarning, stacklevel=2)

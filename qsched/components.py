@@ -6,10 +6,12 @@ transformers' own, plus qsched's known pipeline and component classes (older dif
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["QSCHED_PIPELINES", "QSCHED_COMPONENTS", "SAFE_LIBRARIES", "pipeline_class", "check_components"]
+__all__ = ["QSCHED_PIPELINES", "QSCHED_COMPONENTS", "SAFE_LIBRARIES", "pipeline_class", "check_components",
+           "expose_pipelines"]
 
 QSCHED_PIPELINES = {"TestbedPipeline": "qsched.testbed.pipeline"}  # pipeline classes defined in qsched
 QSCHED_COMPONENTS = {"QSchedScheduler": "qsched.scheduler"}  # component classes defined in qsched
@@ -28,6 +30,32 @@ def pipeline_class(name: str) -> type:
         raise ValueError(f"Unknown pipeline class {name!r}: neither a diffusers pipeline nor one of qsched's "
                          f"({', '.join(QSCHED_PIPELINES)}).")
     return cls
+
+
+def expose_pipelines() -> None:
+    """Make qsched's pipeline classes attributes of the ``diffusers`` module, so plain
+    ``DiffusionPipeline.from_pretrained(folder)`` finds a ``model_index.json`` naming one (diffusers resolves
+    ``_class_name`` with ``getattr(diffusers, name)``). Each class is imported on first access, through a module
+    ``__getattr__`` (PEP 562), which Python consults before diffusers' own lazy-module lookup and which hands every
+    other name on to it. Idempotent; does nothing before diffusers is imported (``import qsched`` calls it then)."""
+    module = sys.modules.get("diffusers")
+    if module is None:
+        return
+    previous = module.__dict__.get("__getattr__")
+    if getattr(previous, "_qsched", False):
+        return
+
+    def __getattr__(name: str) -> Any:
+        if name in QSCHED_PIPELINES:
+            cls = getattr(importlib.import_module(QSCHED_PIPELINES[name]), name)
+            setattr(module, name, cls)  # cached: later lookups never come here
+            return cls
+        if previous is not None:
+            return previous(name)
+        raise AttributeError(name)  # diffusers' _LazyModule.__getattr__ runs next and raises its own message
+
+    __getattr__._qsched = True
+    module.__getattr__ = __getattr__
 
 
 def check_components(index: Path, config: Mapping[str, Any]) -> None:

@@ -253,16 +253,14 @@ def test_fresh_process_plain_diffusers_loads_every_family(tmp_path):
         import numpy as np, torch
         torch.set_num_threads(1)  # as conftest: the reference images were made single-threaded
         from diffusers import DiffusionPipeline
+        from qsched.schedule import Schedule
         from qsched.testing import tiny_call_kwargs
         for family in {[*FAMILIES, "testbed"]!r}:
             folder = {str(tmp_path)!r} + "/" + family
-            if family == "testbed":  # a qsched pipeline class: diffusers has no name for it
-                from qsched.testbed.pipeline import TestbedPipeline as cls
-            else:
-                cls = DiffusionPipeline
-            pipe = cls.from_pretrained(folder)
+            pipe = DiffusionPipeline.from_pretrained(folder)  # the testbed too: import qsched names TestbedPipeline
             pipe.set_progress_bar_config(disable=True)
-            assert type(pipe.scheduler).__name__ == "QSchedScheduler" and pipe.scheduler.schedule is not None
+            assert type(pipe.scheduler).__name__ == "QSchedScheduler"
+            assert pipe.scheduler.schedule == Schedule.linear(0.9, 1.05, 2)  # the calibrated schedule came back
             assert qsched.quant_spec_of(pipe) == "w4a8"
             kw = {{**tiny_call_kwargs(family), "num_inference_steps": 2}}
             ref = np.load(folder + ".npy")
@@ -285,6 +283,40 @@ def test_fresh_process_plain_diffusers_loads_every_family(tmp_path):
         # differently (an unquantized pipeline shows it too). Realigned, every image is bit-identical.
         assert aligned == 0.0, (family, aligned)
         assert plain <= 1e-2, (family, plain)
+
+
+def test_fresh_process_plain_diffusers_quantizes_a_testbed_folder_at_load(tmp_path):
+    """An unquantized testbed folder, PipelineQuantizationConfig, plain diffusers imported before qsched: diffusers
+    finds TestbedPipeline, quantizes its UNet while loading, and makes the in-process quantized pipeline's images."""
+    pipe = tiny_pipeline("testbed")
+    pipe.save_pretrained(tmp_path / "fp")
+    quantize(pipe, "w4a8")
+    np.save(tmp_path / "ref.npy", _images(pipe, "testbed"))
+    code = f"""
+        import numpy as np, torch
+        torch.set_num_threads(1)
+        import sys
+        import diffusers  # before qsched this time
+        import qsched
+        from diffusers import DiffusionPipeline, PipelineQuantizationConfig
+        assert "qsched.testbed.pipeline" not in sys.modules  # imported when diffusers first asks for the class
+        from qsched.hf_quantizer import _realign
+        from qsched.testing import tiny_call_kwargs
+        config = PipelineQuantizationConfig(quant_mapping={{"unet": qsched.QSchedConfig("w4a8")}})
+        pipe = DiffusionPipeline.from_pretrained({str(tmp_path / "fp")!r}, quantization_config=config)
+        pipe.set_progress_bar_config(disable=True)
+        assert type(pipe).__name__ == "TestbedPipeline" and qsched.quant_spec_of(pipe) == "w4a8"
+        kw = {{**tiny_call_kwargs("testbed"), "num_inference_steps": 2}}
+        ref = np.load({str(tmp_path / "ref.npy")!r})
+        plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                _realign(module)
+        aligned = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kw).images
+        print(float(np.abs(plain - ref).max()), float(np.abs(aligned - ref).max()))
+    """
+    plain, aligned = (float(x) for x in _subprocess(code).split())
+    assert aligned == 0.0 and plain <= 1e-2, (plain, aligned)  # as in the test above
 
 
 def test_register_refuses_a_diffusers_without_the_hooks(monkeypatch):
