@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from qsched.errors import QSchedError
 from qsched.testbed import data
 from qsched.testbed.pipeline import TestbedPipeline, load_testbed_pipeline, tiny_testbed_pipeline
 
@@ -66,6 +67,11 @@ def test_pipeline_output_types_and_determinism(tiny):
         tiny("x", output_type="latent")
     with pytest.raises(ValueError):
         tiny([], output_type="pt")
+
+
+def test_zero_steps_is_a_clear_error(tiny):
+    with pytest.raises(QSchedError, match="num_inference_steps must be an integer >= 1"):  # was ZeroDivisionError
+        tiny("a", num_inference_steps=0)
 
 
 def test_guidance_scale_changes_student_output(tiny):

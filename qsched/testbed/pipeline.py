@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import load_file
+
+from qsched.errors import QSchedError
 
 from .models import NOISE_SCHEDULE, guidance_embedding
 from .text import MAX_TOKENS, load_minilm, tokenize, warn_truncated
@@ -66,6 +69,9 @@ class TestbedPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt must be a non-empty string or list of strings")
+        if (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
+                or num_inference_steps < 1):
+            raise QSchedError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if guidance_scale is None:
