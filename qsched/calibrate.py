@@ -270,6 +270,7 @@ def calibrate(
         steps: denoising steps (default: the model table's, else 4).
         validation_prompts: prompts to validate the chosen schedule on (disjoint from ``prompts``). None: the
             last third of ``prompts`` when there are at least 6 (the search uses the rest), else no validation.
+            Empty (``[]``): no validation; every prompt is searched.
         validation_seeds: seeds of the validation images (default (1,): other noise than the search's).
         do_no_harm: keep the identity schedule unless the validation gain's interval is above zero.
         confidence: confidence level of the validation interval (widened for the number of candidates).
@@ -309,12 +310,13 @@ def calibrate(
         prompts, validation_prompts = prompts[:-n_val], prompts[-n_val:]
         notes.append(f"validating on the last {n_val} of the given prompts; searching on the other {len(prompts)}")
     val_prompts = [str(p) for p in validation_prompts] if validation_prompts is not None else []
-    if validation_prompts is not None and (len(val_prompts) < 2 or any(not p.strip() for p in val_prompts)):
+    if val_prompts and (len(val_prompts) < 2 or any(not p.strip() for p in val_prompts)):
         raise ValueError("validation needs at least 2 non-empty prompts")
     if set(val_prompts) & set(prompts):
         raise ValueError("validation prompts must be disjoint from the search prompts")
     if not val_prompts:
-        notes.append("not validated: fewer than 6 prompts and no validation prompts given")
+        notes.append("not validated: no validation prompts given (all prompts are searched)" if validation_prompts
+                     is not None else "not validated: fewer than 6 prompts and no validation prompts given")
     model = model_name or _model_name(pipe)
     if steps is None:
         from qsched.pipelines import resolve_model

@@ -313,7 +313,7 @@ def calibrate(
         n_trials=trials if trials is not None else (None if strategy == "grid" else DEFAULT_TRIALS),
         sampler=sampler, grid_range=tuple(lo_hi), grid_points=grid_points, seeds=seed_list,
         guidance_scale=guidance_scale, storage=storage, study_name=study_name, out_dir=out, progress=progress,
-        call_kwargs=call_kwargs, model_name=model, validation_prompts=val or None,
+        call_kwargs=call_kwargs, model_name=model, validation_prompts=val,
         validation_seeds=val_seed_list, do_no_harm=do_no_harm,
     )
     from qsched.report import calibration_samples, write_report

@@ -147,6 +147,18 @@ def test_a_quality_gain_not_confirmed_by_jaq_is_reported():
     assert "raised image quality" not in verdict(res)
 
 
+def test_empty_validation_prompts_mean_no_validation(qpipe):
+    """validation_prompts=[] (the CLI's --n-validation 0): every prompt is searched, nothing is split off."""
+    ps = SEARCH + VALID
+    r = calibrate(qpipe, ps, 2, validation_prompts=[], jaq=JAQ(BrightTC(), ContrastIQ()), n_trials=3,
+                  parametrization="linear", progress=False, call_kwargs=KW)
+    assert r.prompts == ps and r.validation is None and r.decision != "qsched"
+    assert not any("validating on" in n for n in r.notes) and any("not validated" in n for n in r.notes)
+    auto = calibrate(qpipe, ps, 2, jaq=JAQ(BrightTC(), ContrastIQ()), n_trials=3, parametrization="linear",
+                     progress=False, call_kwargs=KW)  # None: the last third validates
+    assert len(auto.prompts) == 5 and len(auto.validation["prompts"]) == 2
+
+
 def test_validation_prompts_must_be_disjoint(qpipe):
     with pytest.raises(ValueError, match="disjoint"):
         calibrate(qpipe, SEARCH, 2, validation_prompts=SEARCH[:2], jaq=JAQ(Blind(), ContrastIQ()), progress=False,

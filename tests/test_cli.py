@@ -215,3 +215,18 @@ def test_generate_runs_the_schedule_saved_with_the_model(tiny, base_pipe, tmp_pa
     r = run("--steps", "3", "--out", str(tmp_path / "three.png"))
     assert r.exit_code == 0, r.output
     assert "saved with the model is for 2 steps" in " ".join(r.output.split())
+
+
+# ---------------------------------------------------------------------------------------------- calibrate: one
+# output directory for several specs, shared with the Python API, and options that mean what their help says
+
+
+def test_calibrate_n_validation_0_searches_every_prompt(tiny, tmp_path):
+    out = tmp_path / "c"
+    r = runner.invoke(cli.app, ["calibrate", "--steps", "2", "--n-prompts", "6", "--n-validation", "0", "--trials",
+                                "4", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.output.split())
+    assert "validating on" not in flat and "not validated: no validation prompts given" in flat
+    data = json.loads((out / "calibration.json").read_text())
+    assert len(data["prompts"]) == 6 and data["validation"] is None
