@@ -285,8 +285,9 @@ def calibrate(
         out_dir: where the result, ``scheduler/`` and ``schedules.json`` are written (nothing when None).
         call_kwargs: extra pipeline call arguments (e.g. height/width).
         cache: memoise the denoiser and text-encoder forwards (identical results; False only counts them).
-        n_trials counts completed trials in the study (with "auto": over all parametrizations), the identity
-        trial included.
+        n_trials counts completed trials in the study (with "auto": over all parametrizations, exactly: each
+        searched one gets at least 2, so fewer trials search fewer of them; see :func:`qsched.search.auto_plan`),
+        the identity trial included.
     """
     t0 = time.perf_counter()
     if parametrization != "auto":
@@ -338,8 +339,8 @@ def calibrate(
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
     if parametrization == "auto":
         plan = auto_plan(steps, int(n_trials) if n_trials is not None else 40)
-        if strategy == "grid":
-            plan = [(kind, 1 + grid_sizes[kind]) for kind, _ in plan]
+        if strategy == "grid":  # every parametrization's whole grid
+            plan = [(kind, 1 + grid_sizes[kind]) for kind in kinds]
     else:
         plan = [(parametrization, int(n_trials) if n_trials is not None else
                  (1 + grid_sizes[parametrization] if strategy == "grid" else 40))]

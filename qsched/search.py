@@ -462,8 +462,15 @@ def grid_candidates(parametrization: str, steps: int, grid_range: Sequence[float
 
 def auto_plan(steps: int, n_trials: int) -> list[tuple[str, int]]:
     """The parametrizations ``"auto"`` searches for ``steps`` and how many trials each gets out of ``n_trials``
-    (spaces that coincide at small T are searched once: T = 1 all are linear; T = 2 ramp = per-step)."""
+    (spaces that coincide at small T are searched once: T = 1 all are linear; T = 2 ramp = per-step).
+
+    The shares add up to ``n_trials`` exactly. Each parametrization gets at least 2 (its identity trial and one
+    searched point), so with fewer than 2 per parametrization the last ones (per-step, then ramp) are left out:
+    1 to 3 trials search linear only, 4 or 5 linear and ramp (at T >= 3)."""
     kinds = ["linear"] if steps == 1 else (["linear", "per-step"] if steps == 2 else ["linear", "ramp", "per-step"])
+    kinds = kinds[:max(1, int(n_trials) // 2)]
+    if len(kinds) == 1:
+        return [(kinds[0], int(n_trials))]
     weights = {"linear": 0.3, "ramp": 0.3, "per-step": 0.4}
     total = sum(weights[k] for k in kinds)
     shares = [max(2, int(round(n_trials * weights[k] / total))) for k in kinds]

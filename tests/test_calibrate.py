@@ -224,6 +224,23 @@ def test_other_parametrizations(qpipe, kind, n):
     assert r.schedule.steps == 2
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8])
+def test_auto_plan_gives_exactly_the_trials_asked(steps):
+    from qsched.search import auto_plan
+
+    for n in range(1, 80):
+        plan = auto_plan(steps, n)
+        assert sum(b for _, b in plan) == n, (steps, n, plan)
+        assert plan[0][0] == "linear" and (len(plan) == 1 or min(b for _, b in plan) >= 2), (steps, n, plan)
+    assert [k for k, _ in auto_plan(steps, 60)] == (["linear"] if steps == 1 else ["linear", "per-step"] if steps == 2
+                                                    else ["linear", "ramp", "per-step"])
+
+
+def test_auto_with_fewer_trials_than_parametrizations(qpipe):
+    r = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), n_trials=3, progress=False, call_kwargs=KW)
+    assert list(r.searches) == ["linear"] and sum(t["state"] == "COMPLETE" for t in r.trials) == 3
+
+
 def test_cmaes_sampler(qpipe):
     r = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), parametrization="linear", sampler="cmaes", n_trials=3, progress=False,
                   call_kwargs=KW)

@@ -230,3 +230,14 @@ def test_calibrate_n_validation_0_searches_every_prompt(tiny, tmp_path):
     assert "validating on" not in flat and "not validated: no validation prompts given" in flat
     data = json.loads((out / "calibration.json").read_text())
     assert len(data["prompts"]) == 6 and data["validation"] is None
+
+
+@pytest.mark.parametrize("trials", [1, 2, 3, 5])
+def test_calibrate_runs_exactly_the_trials_asked(tiny, tmp_path, trials):
+    out = tmp_path / "c"
+    r = runner.invoke(cli.app, ["calibrate", "--steps", "3", "--n-prompts", "2", "--n-validation", "0", "--trials",
+                                str(trials), "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert f"trials: {trials} complete" in " ".join(r.output.split())
+    data = json.loads((out / "calibration.json").read_text())
+    assert sum(t["state"] == "COMPLETE" for t in data["trials"]) == trials
