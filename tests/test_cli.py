@@ -241,3 +241,25 @@ def test_calibrate_runs_exactly_the_trials_asked(tiny, tmp_path, trials):
     assert f"trials: {trials} complete" in " ".join(r.output.split())
     data = json.loads((out / "calibration.json").read_text())
     assert sum(t["state"] == "COMPLETE" for t in data["trials"]) == trials
+
+
+def test_readme_cli_synopsis_shows_the_real_defaults():
+    """The README's `qsched calibrate [--option default] ...` line matches the command's defaults."""
+    import re
+    from pathlib import Path
+
+    import typer.main
+
+    from qsched.pipelines import MODELS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("qsched calibrate ["))
+    shown = dict(re.findall(r"\[(--[\w-]+) ([^\]]+)\]", line))
+    params = {o: p for p in typer.main.get_command(cli.app).commands["calibrate"].params for o in p.opts}
+    implied = {"--steps": MODELS["testbed"].steps, "--trials": cli.DEFAULT_TRIALS}  # None in the code: resolved
+    assert len(shown) >= 8
+    for opt, value in shown.items():
+        if value.isupper():  # a placeholder (FILE)
+            continue
+        default = params[opt].default
+        assert str(implied[opt] if default is None else default) == value, (opt, value, default)
