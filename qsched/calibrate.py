@@ -39,7 +39,7 @@ import torch
 from qsched._util import package_versions
 from qsched.cache import ForwardCache
 from qsched.quantization import quant_spec_of
-from qsched.runner import denoiser_of, generate, text_encoders_of, using_schedule
+from qsched.runner import denoiser_of, generate, image_seed, text_encoders_of, using_schedule
 from qsched.schedule import Schedule, save_schedule
 from qsched.scoring import JAQ, JAQScore
 from qsched.search import (  # noqa: F401 - the search space, importable from here too
@@ -305,6 +305,8 @@ def calibrate(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("calibrate needs at least one seed")
+    for s in [*seeds, *validation_seeds]:
+        image_seed(s, 0)  # out of range: a QSchedError now, before any output or study is created
     notes: list[str] = []
     if validation_prompts is None and len(prompts) >= 6:
         n_val = len(prompts) // 3

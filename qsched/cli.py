@@ -29,6 +29,7 @@ from qsched.cli_inputs import check_model as _check_model
 from qsched.cli_inputs import check_spec as _check_spec
 from qsched.cli_inputs import writable_dir as _writable_dir
 from qsched.cli_inputs import ints as _ints
+from qsched.cli_inputs import seeds as _seeds
 from qsched.cli_inputs import floats as _floats
 from qsched.cli_inputs import prompts_for as _prompts
 from qsched.cli_inputs import check_finite as _check_finite
@@ -264,8 +265,8 @@ def calibrate(
     mspec = _check_model(model)
     spec_name = _check_spec(spec)
     _check_device(device)
-    seed_list = _ints(seeds, "--seeds")
-    val_seed_list = _ints(validation_seeds, "--validation-seeds")
+    seed_list = _seeds(_ints(seeds, "--seeds"), "--seeds")
+    val_seed_list = _seeds(_ints(validation_seeds, "--validation-seeds"), "--validation-seeds")
     if n_prompts < 1:
         raise UsageError(f"--n-prompts must be >= 1, got {n_prompts}")
     if n_validation < 0 or n_validation == 1:
@@ -399,6 +400,7 @@ def generate(
     _check_device(device)
     _check_steps(mspec, steps)
     _check_finite(guidance_scale, "--guidance-scale")
+    _seeds([seed], "--seed")
     manual = None
     if model_coeff is not None or sample_coeff is not None:
         if schedule is not None:
@@ -515,6 +517,7 @@ def evaluate(
 
     mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    _seeds([seed], "--seed")
     _check_device(device)
     out = _writable_dir(out)
     if n_images is not None and n_images < 1:

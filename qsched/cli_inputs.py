@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional
 
 from qsched.errors import QSchedError
 
-__all__ = ["UsageError", "check_device", "check_model", "check_spec", "writable_dir", "ints", "floats",
+__all__ = ["UsageError", "check_device", "check_model", "check_spec", "writable_dir", "ints", "seeds", "floats",
            "prompts_for", "check_finite", "check_steps", "one_line"]
 
 
@@ -96,6 +96,19 @@ def _numbers(text: str, what: str, cast: Callable[[str], Any], kind: str) -> lis
 
 def ints(text: str, what: str) -> list[int]:
     return _numbers(text, what, int, "integers")
+
+
+def seeds(values: list[int], what: str) -> list[int]:
+    """``values`` if each is a base seed the runner accepts (0 to the largest whose image seeds fit in 63 bits),
+    else a UsageError naming ``what``: checked before any model loads or output is written."""
+    from qsched.runner import image_seed
+
+    for v in values:
+        try:
+            image_seed(v, 0)
+        except QSchedError as e:
+            raise UsageError(f"{what}: {e}") from None
+    return values
 
 
 def floats(text: str, what: str) -> list[float]:

@@ -241,6 +241,16 @@ def test_auto_with_fewer_trials_than_parametrizations(qpipe):
     assert list(r.searches) == ["linear"] and sum(t["state"] == "COMPLETE" for t in r.trials) == 3
 
 
+def test_seeds_are_checked_before_anything_is_written(qpipe, tmp_path):
+    from qsched.errors import QSchedError
+
+    for kw in ({"seeds": [-1]}, {"validation_seeds": [0, 2**62]}):
+        with pytest.raises(QSchedError, match="out of range"):
+            calibrate(qpipe, PROMPTS, 2, jaq=fake_jaq(), n_trials=2, progress=False, call_kwargs=KW,
+                      out_dir=tmp_path / "o", **kw)
+        assert not (tmp_path / "o").exists()
+
+
 def test_cmaes_sampler(qpipe):
     r = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), parametrization="linear", sampler="cmaes", n_trials=3, progress=False,
                   call_kwargs=KW)

@@ -263,3 +263,17 @@ def test_readme_cli_synopsis_shows_the_real_defaults():
             continue
         default = params[opt].default
         assert str(implied[opt] if default is None else default) == value, (opt, value, default)
+
+
+
+def test_bad_seeds_fail_before_anything_loads_or_is_written(tiny, tmp_path):
+    for args, needle in [(["calibrate", "--seeds=-1"], "--seeds"), (["calibrate", "--validation-seeds", "1,-3"],
+                                                                      "--validation-seeds"),
+                         (["calibrate", "--seeds", str(2**62)], "--seeds"), (["evaluate", "--seed", "-1"], "--seed")]:
+        out = tmp_path / "o"
+        line = _error_line(runner.invoke(cli.app, [*args, "--out", str(out), "--no-progress"]))
+        assert not out.exists()  # no output directory, no study.db
+        assert needle in line and "out of range" in line, line
+    line = _error_line(runner.invoke(cli.app, ["generate", "a bag", "--seed", "-1", "--out", str(tmp_path / "i.png")]))
+    assert "--seed" in line
+    assert tiny == []
