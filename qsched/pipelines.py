@@ -252,8 +252,18 @@ def load_pipeline(
     ``dtype`` (torch dtype or "float16"/"bfloat16"/"float32") defaults to the table's dtype on an accelerator and
     float32 on CPU; quantized directories keep their saved dtypes. Extra ``kw`` go to the loader /
     ``from_pretrained``. Offline, a model missing from the cache raises :class:`ModelNotFoundError`.
+
+    The pipeline's ``name_or_path`` is ``name_or_path`` as given (an alias stays the alias, not its hub id), the
+    model identity the CLI records for ``--model`` too: a study or ``schedules.json`` written by one is the
+    other's.
     """
-    name = os.fspath(name_or_path)
+    pipe = _load(os.fspath(name_or_path), device, dtype, **kw)
+    if hasattr(pipe, "register_to_config"):
+        pipe.register_to_config(_name_or_path=os.fspath(name_or_path))
+    return pipe
+
+
+def _load(name: str, device: str | torch.device, dtype: Any, **kw: Any) -> Any:
     if name in MODELS:
         spec = MODELS[name]
         torch_dtype = _resolve_dtype(dtype, device, spec)

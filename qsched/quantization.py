@@ -516,6 +516,8 @@ def quantized_copy(pipe: Any, spec: "QuantSpec | str", **kwargs: Any) -> tuple[A
     comps[name] = qden
     comps["scheduler"] = copy.deepcopy(pipe.scheduler)
     out = type(pipe)(**comps)
+    if getattr(pipe, "name_or_path", None) and hasattr(out, "register_to_config"):
+        out.register_to_config(_name_or_path=pipe.name_or_path)  # the same model identity (calibrate records it)
     if hasattr(out, "set_progress_bar_config"):
         out.set_progress_bar_config(disable=True)
     return out, summary

@@ -103,7 +103,7 @@ def _rdb(url: str) -> Any:
 
 
 def open_study(name: str, storage: str | Any | None, out_dir: Path | None, config: dict[str, Any]) -> Any:
-    """Create or load study ``name``; a stored study created with another ``config`` is refused (ValueError
+    """Create or load study ``name``; a stored study created with another ``config`` is refused (QSchedError
     naming the differing keys), so trials of other settings, weights or hardware are never mixed."""
     import optuna
 
@@ -130,8 +130,8 @@ def open_study(name: str, storage: str | Any | None, out_dir: Path | None, confi
         study.set_user_attr("qsched_config", config)
     elif old != config:
         diff = {k: (old.get(k), config.get(k)) for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)}
-        raise ValueError(f"study {name!r} in this storage was created with other settings {diff}; use another "
-                         "study name or output directory")
+        raise QSchedError(f"study {name!r} in this storage was created with other settings {diff}; use another "
+                          "study name or output directory")
     return study
 
 

@@ -251,6 +251,16 @@ def test_seeds_are_checked_before_anything_is_written(qpipe, tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_model_identity_survives_quantized_copy():
+    from qsched.calibrate import _model_name
+    from qsched.quantization import quantized_copy
+
+    pipe = tiny_pipeline("pcm")
+    pipe.register_to_config(_name_or_path="testbed")  # as qsched.load_pipeline("testbed") names it
+    q, _ = quantized_copy(pipe, "w4a8")
+    assert _model_name(pipe) == _model_name(q) == "testbed"
+
+
 def test_cmaes_sampler(qpipe):
     r = calibrate(qpipe, PROMPTS[:1], 2, jaq=fake_jaq(), parametrization="linear", sampler="cmaes", n_trials=3, progress=False,
                   call_kwargs=KW)

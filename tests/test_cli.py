@@ -277,3 +277,31 @@ def test_bad_seeds_fail_before_anything_loads_or_is_written(tiny, tmp_path):
     line = _error_line(runner.invoke(cli.app, ["generate", "a bag", "--seed", "-1", "--out", str(tmp_path / "i.png")]))
     assert "--seed" in line
     assert tiny == []
+
+
+SMALL = ["--steps", "2", "--n-prompts", "2", "--n-validation", "0", "--parametrization", "linear", "--trials", "2",
+         "--no-progress"]
+
+
+def test_cli_and_python_api_share_a_study(tiny, base_pipe, tmp_path, monkeypatch):
+    """`qsched calibrate`, then the README's Python snippet (qsched.load_pipeline("testbed"), quantize, calibrate)
+    on the same output directory: both name the model "testbed", so the API continues the CLI's study."""
+    from qsched import pipelines
+    from qsched.errors import QSchedError
+    from qsched.prompts import load_prompts
+    from qsched.quantization import quantize
+
+    out = tmp_path / "calib"
+    r = runner.invoke(cli.app, ["calibrate", *SMALL, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setattr(pipelines, "_import_loader", lambda path: lambda device: copy.deepcopy(base_pipe))
+    pipe = qsched.load_pipeline("testbed")
+    assert pipe.name_or_path == "testbed"
+    quantize(pipe, "w4a8")
+    ps = load_prompts("testbed-calib", 2).prompts
+    kw = dict(parametrization="linear", n_trials=2, validation_prompts=[], out_dir=out, progress=False,
+              jaq=JAQ(BrightTC(), ContrastIQ()))
+    res = qsched.calibrate(pipe, ps, 2, **kw)
+    assert res.model == "testbed" and res.resumed and res.model_evals == 0
+    with pytest.raises(QSchedError, match="other settings"):  # one line for the user, not a bare ValueError
+        qsched.calibrate(pipe, ps[:1], 2, **kw)
