@@ -159,11 +159,24 @@ class CalibrationResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``calibration.json``, a ``scheduler/`` directory (QSchedScheduler.from_pretrained loads it) and
-        merge the schedule into ``schedules.json``, each atomically. Returns the directory."""
+        merge the schedule into ``schedules.json``, each atomically. Returns the directory.
+
+        One directory holds every quantization spec calibrated into it: ``schedules.json`` maps each spec to its
+        schedule; the top-level ``calibration.json`` and ``scheduler/`` are the last result saved, and each
+        spec's own are kept in :meth:`spec_dir` (a complete calibration directory for that spec alone)."""
         from qsched.interrupts import deferred_interrupts
 
-        with deferred_interrupts():  # Ctrl-C waits until the three are written: they always agree
-            return self._save(Path(directory))
+        d = Path(directory)
+        with deferred_interrupts():  # Ctrl-C waits until all are written: they always agree
+            self._save(self.spec_dir(d))
+            return self._save(d)
+
+    def spec_dir(self, directory: str | os.PathLike) -> Path:
+        """Where :meth:`save` keeps this spec's own files under ``directory``: ``directory/<spec>`` ("none" for
+        full precision)."""
+        from qsched.schedule import FP_SPEC
+
+        return Path(directory) / (self.quant_spec or FP_SPEC)
 
     def _save(self, d: Path) -> Path:
         from qsched._util import write_atomic
@@ -281,8 +294,10 @@ def calibrate(
             per axis over ``grid_range``; ``n_trials`` defaults to the whole grid plus the identity trial).
         seeds: one search image per (seed, prompt); identical noise for every candidate.
         storage / study_name: Optuna storage (URL or object; default SQLite ``out_dir/study.db``, in memory
-            without ``out_dir``) and study name; the same call resumes the study.
-        out_dir: where the result, ``scheduler/`` and ``schedules.json`` are written (nothing when None).
+            without ``out_dir``) and study name (default ``qsched-<spec>-<parametrization>-<strategy>-<T>steps``,
+            so each spec calibrated into one directory has its own); the same call resumes the study.
+        out_dir: where the result, ``scheduler/`` and ``schedules.json`` are written (nothing when None); see
+            :meth:`CalibrationResult.save` for several specs in one directory.
         call_kwargs: extra pipeline call arguments (e.g. height/width).
         cache: memoise the denoiser and text-encoder forwards (identical results; False only counts them).
         n_trials counts completed trials in the study (with "auto": over all parametrizations, exactly: each
@@ -416,8 +431,9 @@ def calibrate(
         # ------------------------------------------------------------ search, one study per parametrization
         for kind, budget in plan:
             names = list(spaces[kind])
+            # the default name tells apart the specs one output directory (and its schedules.json) may hold
             name = (study_name if len(plan) == 1 else f"{study_name}-{kind}") if study_name else \
-                f"qsched-{kind}-{strategy}-{steps}steps"
+                f"qsched-{spec or 'none'}-{kind}-{strategy}-{steps}steps"
             study = search.open_study(name, storage, out, {**base_config, "parametrization": kind})
             study.sampler = search.per_trial_seed_sampler(_sampler_factory(sampler), sampler_seed)
             before = search.n_complete(study)

@@ -323,8 +323,9 @@ def calibrate(
 
     call = {**call_kwargs, **({} if guidance_scale is None else {"guidance_scale": guidance_scale})}
     samples = calibration_samples(res, pipe, list(ps.prompts)[:8], fp_pipe=fp, call_kwargs=call)
-    report_path = write_report(out / "report", calibration=res, samples=samples,
-                               title=f"Q-Sched calibration: {model}")
+    for d in (res.spec_dir(out), out):  # this spec's own report, and the directory's (the last run's)
+        report_path = write_report(d / "report", calibration=res, samples=samples,
+                                   title=f"Q-Sched calibration: {model}")
     _print_calibration(res, out, report_path)
 
 
@@ -363,8 +364,9 @@ def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
                   f"({res.cache_hits} cache hits), text encoder {res.text_encoder_evals} ({res.text_encoder_hits} "
                   f"hits); wall time {res.wall_time_s:.1f} s", highlight=False)
     console.print(f"[bold]{escape(res.verdict[0].upper() + res.verdict[1:])}[/]", highlight=False)
-    console.print(f"results: {out / 'calibration.json'}, schedules: {out / 'schedules.json'}, "
-                  f"scheduler: {out / 'scheduler'}")
+    console.print(f"results: {out / 'calibration.json'}, scheduler: {out / 'scheduler'}, schedules: "
+                  f"{out / 'schedules.json'} (one per spec calibrated here); {res.quant_spec or 'none'}'s own "
+                  f"results, scheduler and report: {res.spec_dir(out)}", highlight=False)
     if report_path is not None:
         console.print(f"report: {report_path}")
 
@@ -542,7 +544,7 @@ def evaluate(
     path = res.to_json(out / "evaluation.json")
     from qsched.report import write_report
 
-    calib = schedule if schedule is not None and (schedule / "calibration.json").exists() else None
+    calib = _calibration_of(schedule, spec_name) if schedule is not None else None
     report = write_report(out, calibration=calib, evaluation=res, title=f"Q-Sched evaluation: {model}")
     _print_rows(res)
     from rich.markup import escape
@@ -550,6 +552,21 @@ def evaluate(
     for note in getattr(res, "notes", []) or []:
         console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"results: {path}\nreport: {report}")
+
+
+def _calibration_of(schedule: Path, spec: str | None) -> Path | None:
+    """The calibration directory behind ``--schedule`` for ``spec`` (its own copy in a directory that holds
+    several specs), or None: a report never shows another spec's calibration."""
+    from qsched.errors import read_json
+    from qsched.schedule import FP_SPEC
+
+    for d in (schedule / (spec or FP_SPEC), schedule):
+        f = d / "calibration.json"
+        if f.is_file():
+            data = read_json(f, "calibration result")
+            if isinstance(data, dict) and (data.get("quant_spec") or FP_SPEC) == (spec or FP_SPEC):
+                return d
+    return None
 
 
 _EVAL_COLUMNS = ("fd", "fd2", "fid", "accuracy", "clipscore", "iq", "jaq", "images_per_s", "n_nonfinite")

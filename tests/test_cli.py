@@ -305,3 +305,32 @@ def test_cli_and_python_api_share_a_study(tiny, base_pipe, tmp_path, monkeypatch
     assert res.model == "testbed" and res.resumed and res.model_evals == 0
     with pytest.raises(QSchedError, match="other settings"):  # one line for the user, not a bare ValueError
         qsched.calibrate(pipe, ps[:1], 2, **kw)
+
+
+def test_second_spec_in_the_same_out_dir_keeps_the_first(tiny, tmp_path):
+    """The README's sequence: calibrate (w4a8), then --spec w4a4 into the same directory; each spec has its own
+    study, schedules.json holds both, each spec's calibration/scheduler/report is kept, and evaluating either
+    spec reports that spec's calibration."""
+    out = tmp_path / "calib"
+    for spec in ("w4a8", "w4a4"):
+        r = runner.invoke(cli.app, ["calibrate", "--spec", spec, *SMALL, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+    table = json.loads((out / "schedules.json").read_text())["schedules"]
+    assert set(table) == {"w4a8", "w4a4"}
+    for spec in ("w4a8", "w4a4"):
+        own = json.loads((out / spec / "calibration.json").read_text())
+        assert own["quant_spec"] == spec and own["study_name"] == f"qsched-{spec}-linear-optuna-2steps"
+        assert own["schedule"] == table[spec]["schedule"]
+        assert json.loads((out / spec / "scheduler" / "qsched_schedule.json").read_text())["quant_spec"] == spec
+        assert (out / spec / "report" / "report.html").is_file()
+    assert json.loads((out / "calibration.json").read_text())["quant_spec"] == "w4a4"  # the last run's
+    # the first spec's command resumes its own study
+    r = runner.invoke(cli.app, ["calibrate", "--spec", "w4a8", *SMALL, "--out", str(out)])
+    assert r.exit_code == 0 and "continued the stored study" in r.output, r.output
+    assert json.loads((out / "w4a8" / "calibration.json").read_text())["model_evals"] == 0
+    for spec in ("w4a8", "w4a4"):
+        ev = tmp_path / f"ev-{spec}"
+        r = runner.invoke(cli.app, ["evaluate", "--spec", spec, "--schedule", str(out), "--steps", "2",
+                                    "--n-images", "2", "--metrics", "jaq", "--out", str(ev), "--no-progress"])
+        assert r.exit_code == 0, r.output
+        assert json.loads((ev / "report.json").read_text())["calibration"]["spec"] == spec
