@@ -520,6 +520,15 @@ def evaluate(
     mspec = _check_model(model)
     spec_name = _check_spec(spec)
     _seeds([seed], "--seed")
+    if spec_name is None:
+        raise UsageError(f"evaluate compares full precision with a quantized model: --spec must be a quantization "
+                         f"spec (w4a8, w8a8, w4a4, ...), got {spec!r}")
+    metric_list = [m for m in metrics.replace(" ", "").split(",") if m]
+    if not metric_list:
+        raise UsageError("--metrics is empty; name one or more of fd, fd2, accuracy, clipscore, jaq, fid")
+    if prompts is None and not mspec.is_testbed:
+        raise UsageError(f"--prompts is needed for {model}: an MJHQ-30K meta_data.json, COCO captions or a text file "
+                         "(the built-in held-out prompts are the testbed's)")
     _check_device(device)
     out = _writable_dir(out)
     if n_images is not None and n_images < 1:
@@ -536,7 +545,7 @@ def evaluate(
     res = run_evaluation(
         model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
         n_images=n_images, seed=seed, batch_size=batch_size,
-        metrics=[m for m in metrics.replace(" ", "").split(",") if m], device=device, progress=progress,
+        metrics=metric_list, device=device, progress=progress,
         fid_ref=fid_ref, pipe_loader=lambda: _quiet_pipe(_load_pipeline(model, device)),
     )
     if int(os.environ.get("RANK", "0")) != 0:
