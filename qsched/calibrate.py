@@ -58,6 +58,7 @@ from qsched.search import (  # noqa: F401 - the search space, importable from he
 from qsched.validation import candidate as _candidate
 from qsched.validation import validate as _validate
 from qsched.validation import verdict
+from qsched.errors import QSchedError
 
 __all__ = [
     "calibrate",
@@ -308,18 +309,18 @@ def calibrate(
     if parametrization != "auto":
         parametrization = _check_parametrization(parametrization)
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise QSchedError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise QSchedError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not (0.5 <= float(confidence) < 1):
-        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+        raise QSchedError(f"confidence must be in [0.5, 1), got {confidence}")
     lo, hi = _check_range(grid_range)
     prompts = [str(p) for p in prompts]
     if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError("calibrate needs at least one non-empty prompt")
+        raise QSchedError("calibrate needs at least one non-empty prompt")
     seeds = [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("calibrate needs at least one seed")
+        raise QSchedError("calibrate needs at least one seed")
     for s in [*seeds, *validation_seeds]:
         image_seed(s, 0)  # out of range: a QSchedError now, before any output or study is created
     notes: list[str] = []
@@ -329,9 +330,9 @@ def calibrate(
         notes.append(f"validating on the last {n_val} of the given prompts; searching on the other {len(prompts)}")
     val_prompts = [str(p) for p in validation_prompts] if validation_prompts is not None else []
     if val_prompts and (len(val_prompts) < 2 or any(not p.strip() for p in val_prompts)):
-        raise ValueError("validation needs at least 2 non-empty prompts")
+        raise QSchedError("validation needs at least 2 non-empty prompts")
     if set(val_prompts) & set(prompts):
-        raise ValueError("validation prompts must be disjoint from the search prompts")
+        raise QSchedError("validation prompts must be disjoint from the search prompts")
     if not val_prompts:
         notes.append("not validated: no validation prompts given (all prompts are searched)" if validation_prompts
                      is not None else "not validated: fewer than 6 prompts and no validation prompts given")
@@ -341,7 +342,7 @@ def calibrate(
 
         steps = resolve_model(model_name).steps if model_name else 4
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        raise QSchedError(f"steps must be a positive integer, got {steps!r}")
     from qsched.runner import check_call_kwargs, check_steps
 
     check_steps(pipe.scheduler, steps)
@@ -350,10 +351,10 @@ def calibrate(
     spaces = {kind: search_space(kind, steps, (lo, hi), grid_points) for kind in kinds}
     grid_sizes = {kind: int(grid_points) ** len(sp) for kind, sp in spaces.items()}
     if strategy == "grid" and max(grid_sizes.values()) > MAX_GRID:
-        raise ValueError(f"a grid with {grid_points} points per axis has {max(grid_sizes.values()):,} candidates "
+        raise QSchedError(f"a grid with {grid_points} points per axis has {max(grid_sizes.values()):,} candidates "
                          f"(more than {MAX_GRID:,}); use fewer grid points or strategy='optuna'")
     if n_trials is not None and int(n_trials) < 1:
-        raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+        raise QSchedError(f"n_trials must be >= 1, got {n_trials}")
     if parametrization == "auto":
         plan = auto_plan(steps, int(n_trials) if n_trials is not None else 40)
         if strategy == "grid":  # every parametrization's whole grid
@@ -374,9 +375,9 @@ def calibrate(
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"cannot create output directory {out}: {e}") from e
+            raise QSchedError(f"cannot create output directory {out}: {e}") from e
         if not os.access(out, os.W_OK):
-            raise ValueError(f"output directory {out} is not writable")
+            raise QSchedError(f"output directory {out} is not writable")
 
     from qsched import search
 

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from qsched.errors import QSchedError
+
 __all__ = ["QSCHED_PIPELINES", "QSCHED_COMPONENTS", "SAFE_LIBRARIES", "pipeline_class", "check_components",
            "expose_pipelines"]
 
@@ -27,7 +29,7 @@ def pipeline_class(name: str) -> type:
     else:
         cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
-        raise ValueError(f"Unknown pipeline class {name!r}: neither a diffusers pipeline nor one of qsched's "
+        raise QSchedError(f"Unknown pipeline class {name!r}: neither a diffusers pipeline nor one of qsched's "
                          f"({', '.join(QSCHED_PIPELINES)}).")
     return cls
 
@@ -71,5 +73,5 @@ def check_components(index: Path, config: Mapping[str, Any]) -> None:
         if cls in QSCHED_COMPONENTS and library in ("qsched", QSCHED_COMPONENTS[cls]):
             importlib.import_module(QSCHED_COMPONENTS[cls])
             continue
-        raise ValueError(f"{index}: component {key!r} names {library}.{cls}; qsched loads only diffusers and "
+        raise QSchedError(f"{index}: component {key!r} names {library}.{cls}; qsched loads only diffusers and "
                          f"transformers components and its own ({', '.join(QSCHED_COMPONENTS)}).")

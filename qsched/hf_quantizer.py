@@ -29,6 +29,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from torch import nn
 
+from qsched.errors import QSchedError
 from qsched.integrity import CheckpointError, digest_metadata, verify_safetensors
 from qsched.quantization import (BACKEND_ATTR, SPEC_ATTR, QuantConv2d, QuantLinear, QuantSpec, _QuantBase,
                                  _set_submodule, quantize, quantized_layers, set_diffusers_marker)
@@ -90,7 +91,7 @@ class QSchedConfig(QuantizationConfigMixin):
 
 
 def _refuse_lora(*args: Any, **kwargs: Any) -> Any:
-    raise ValueError("LoRA cannot be loaded into a qsched-quantized model (its layers hold integer codes): load the "
+    raise QSchedError("LoRA cannot be loaded into a qsched-quantized model (its layers hold integer codes): load the "
                      "LoRA into the full-precision model, fuse_lora() and unload_lora_weights(), then quantize")
 
 

@@ -21,6 +21,7 @@ import torch
 from qsched.components import QSCHED_PIPELINES as _QSCHED_PIPELINES
 from qsched.components import check_components as _check_components
 from qsched.components import pipeline_class
+from qsched.errors import QSchedError
 
 __all__ = ["MODELS", "ModelSpec", "ModelNotFoundError", "load_pipeline", "resolve_model"]
 
@@ -179,7 +180,7 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 def _resolve_dtype(dtype: Any, device: str | torch.device, spec: ModelSpec | None) -> torch.dtype | None:
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"Unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}.")
+            raise QSchedError(f"Unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}.")
         return _DTYPES[dtype]
     if dtype is not None or spec is None:
         return dtype
@@ -277,7 +278,7 @@ def _load(name: str, device: str | torch.device, dtype: Any, **kw: Any) -> Any:
     if path.exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"No saved pipeline directory at {name!r}.")
     if not _HUB_ID.match(name):
-        raise ValueError(f"Unknown model {name!r}: not an alias ({', '.join(MODELS)}), not a directory and not a "
+        raise QSchedError(f"Unknown model {name!r}: not an alias ({', '.join(MODELS)}), not a directory and not a "
                          "hub id of the form 'org/name'.")
     import diffusers
 

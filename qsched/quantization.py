@@ -74,6 +74,7 @@ from qsched.qformat import (  # noqa: F401 - the number format, re-exported here
     quantize_weight,
 )
 from qsched.runner import denoiser_of
+from qsched.errors import QSchedError
 
 __all__ = [
     "QuantSpec",
@@ -396,12 +397,12 @@ def quantize(pipe_or_module: Any, spec: QuantSpec | str = "w4a8", skip: list[str
     """
     spec = QuantSpec.parse(spec)
     if backend not in ("qsched", "torchao"):
-        raise ValueError(f"backend must be 'qsched' or 'torchao', got {backend!r}")
+        raise QSchedError(f"backend must be 'qsched' or 'torchao', got {backend!r}")
     skip_list = [skip] if isinstance(skip, str) else list(skip or [])
     name, denoiser = denoiser_of(pipe_or_module)
     prior = getattr(denoiser, SPEC_ATTR, None)
     if prior is not None or quantized_layers(denoiser):
-        raise ValueError(f"the denoiser is already quantized ({prior or 'contains quantized layers'}); "
+        raise QSchedError(f"the denoiser is already quantized ({prior or 'contains quantized layers'}); "
                          f"re-quantizing is not supported: reload the full-precision model and quantize it once")
     _refuse_adapters(denoiser)
     before = _state_bytes(denoiser)
@@ -436,7 +437,7 @@ def _refuse_adapters(denoiser: nn.Module) -> None:
         return
     names = [n for n, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer)]
     if names:
-        raise ValueError(f"the denoiser holds {len(names)} peft adapter (LoRA) layers, e.g. {names[0]!r}: call "
+        raise QSchedError(f"the denoiser holds {len(names)} peft adapter (LoRA) layers, e.g. {names[0]!r}: call "
                          "pipe.fuse_lora() and pipe.unload_lora_weights() before quantize (quantizing them "
                          "would drop the LoRA)")
 
@@ -446,14 +447,14 @@ def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, sk
     """torchao backend: int8 weight-only (w8a16), int8 dynamic (w8a8), int4 weight-only (w4a16, CUDA)."""
     supported = "w8a16 (int8 weight-only), w8a8 (int8 dynamic activations + int8 weights), w4a16 (CUDA only)"
     if not spec.symmetric or spec.act_granularity != "per-token":
-        raise ValueError(f"backend='torchao' does not support {spec.name}: only symmetric specs; "
+        raise QSchedError(f"backend='torchao' does not support {spec.name}: only symmetric specs; "
                          f"supported: {supported}")
     if spec.int8_scales:
-        raise ValueError(f"backend='torchao' does not support {spec.name}: torchao derives its own scales, so the "
+        raise QSchedError(f"backend='torchao' does not support {spec.name}: torchao derives its own scales, so the "
                          f"int8 scale grid (-i8) is a backend='qsched' format; supported: {supported}")
     key = (spec.weight_bits, spec.act_bits)
     if key not in ((8, 16), (8, 8), (4, 16)) or (spec.weight_bits == 8 and spec.group_size is not None):
-        raise ValueError(f"backend='torchao' does not support {spec.name}; supported: {supported}. "
+        raise QSchedError(f"backend='torchao' does not support {spec.name}; supported: {supported}. "
                          f"Use backend='qsched' (simulated, any spec) instead")
     try:
         p = next(denoiser.parameters())
@@ -462,10 +463,10 @@ def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, sk
         device = torch.device("cpu")
     if key == (4, 16):
         if device.type != "cuda":
-            raise ValueError(f"backend='torchao' w4a16 (int4 weight-only) needs a CUDA device; the denoiser is on "
+            raise QSchedError(f"backend='torchao' w4a16 (int4 weight-only) needs a CUDA device; the denoiser is on "
                              f"{device}. Move it to CUDA first, or use backend='qsched'")
         if spec.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"torchao int4 weight-only supports group sizes 32, 64, 128, 256; got {spec.name}")
+            raise QSchedError(f"torchao int4 weight-only supports group sizes 32, 64, 128, 256; got {spec.name}")
     try:
         tq = importlib.import_module("torchao.quantization")
     except ImportError as e:
@@ -509,7 +510,7 @@ def quantized_copy(pipe: Any, spec: "QuantSpec | str", **kwargs: Any) -> tuple[A
 
     name, den = denoiser_of(pipe)
     if name is None:
-        raise ValueError("quantized_copy needs a pipeline; for a bare module use quantize(copy.deepcopy(m), spec)")
+        raise QSchedError("quantized_copy needs a pipeline; for a bare module use quantize(copy.deepcopy(m), spec)")
     qden = copy.deepcopy(den)
     summary = quantize(qden, spec, **kwargs)
     comps = dict(pipe.components)

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from qsched._util import json_default, write_atomic
+from qsched.errors import QSchedError
 
 __all__ = ["write_report", "calibration_samples", "calibration_summary", "landscape_figure", "coefficients_figure",
            "image_grid"]
@@ -65,7 +66,7 @@ def _schedule_dict(s: Any) -> dict[str, Any] | None:
         return dict(s)
     if hasattr(s, "to_dict"):
         return s.to_dict()
-    raise ValueError(f"cannot read a schedule from {type(s).__name__}")
+    raise QSchedError(f"cannot read a schedule from {type(s).__name__}")
 
 
 def _load_calibration(calibration: Any) -> Any:
@@ -283,7 +284,7 @@ def _as_uint8_images(x: Any) -> np.ndarray:
     if a.ndim == 3:
         a = a[..., None]
     if a.ndim != 4:
-        raise ValueError(f"expected images (N, H, W, C), got shape {a.shape}")
+        raise QSchedError(f"expected images (N, H, W, C), got shape {a.shape}")
     if a.dtype != np.uint8:
         a = (np.nan_to_num(a.astype(np.float64), nan=0.0).clip(0, 1) * 255).round().astype(np.uint8)
     return a
@@ -368,7 +369,7 @@ def write_report(out_dir: str | Path, calibration: Any = None, evaluation: Any =
     evaluation's samples. Column j of every row shows the same prompt and seed.
     """
     if calibration is None and evaluation is None and not samples:
-        raise ValueError("nothing to report: pass calibration=, evaluation= and/or samples=")
+        raise QSchedError("nothing to report: pass calibration=, evaluation= and/or samples=")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cal = _load_calibration(calibration) if calibration is not None else None

@@ -18,6 +18,7 @@ import torch
 
 from qsched.images import to_tensor
 from qsched.schedule import Schedule
+from qsched.errors import QSchedError
 
 __all__ = ["image_seed", "denoiser_of", "text_encoders_of", "using_schedule", "generate", "generate_batches",
            "check_steps", "check_call_kwargs", "SEED_STRIDE"]
@@ -72,7 +73,7 @@ def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return name, module
-    raise ValueError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module.")
+    raise QSchedError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module.")
 
 
 def text_encoders_of(pipe: Any) -> list[torch.nn.Module]:
@@ -127,7 +128,7 @@ def generate_batches(pipe: Any, prompts: Sequence[str], steps: int, *, seed: int
     prompts = [str(p) for p in prompts]
     bs = int(batch_size) if batch_size else max(1, len(prompts))
     if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise QSchedError(f"batch_size must be >= 1, got {batch_size}")
     kw = check_call_kwargs(call_kwargs)
     for off in range(0, len(prompts), bs):
         chunk = prompts[off:off + bs]
@@ -141,5 +142,5 @@ def generate(pipe: Any, prompts: Sequence[str], steps: int, *, seed: int = 0, st
     parts = [imgs for _, imgs in generate_batches(pipe, prompts, steps, seed=seed, start=start,
                                                   batch_size=batch_size, call_kwargs=call_kwargs)]
     if not parts:
-        raise ValueError("generate needs at least one prompt")
+        raise QSchedError("generate needs at least one prompt")
     return torch.cat(parts)

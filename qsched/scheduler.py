@@ -18,6 +18,7 @@ from diffusers import ConfigMixin, SchedulerMixin  # SchedulerMixin here also le
 from diffusers.configuration_utils import FrozenDict
 
 from qsched.schedule import Schedule
+from qsched.errors import QSchedError
 
 __all__ = ["QSchedScheduler", "apply_schedule", "ScheduleDroppedWarning"]
 
@@ -92,7 +93,7 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
         if params != ["model_output", "timestep", "sample"]:
             raise TypeError(f"{type(base).__name__}.step must take (model_output, timestep, sample, ...); got {params}.")
         if getattr(base, "order", 1) != 1:
-            raise ValueError(f"{type(base).__name__} has order {base.order} (several step calls per denoising "
+            raise QSchedError(f"{type(base).__name__} has order {base.order} (several step calls per denoising "
                              "step); Q-Sched needs a scheduler that calls step once per denoising step.")
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_counts_itself", not hasattr(type(base), "step_index"))
@@ -125,7 +126,7 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
         object.__setattr__(self, "_count", 0)
         n = len(self._base.timesteps)
         if self._schedule is not None and self._schedule.steps != n:
-            raise ValueError(f"The Q-Sched schedule has {self._schedule.steps} steps but the pipeline asked for {n} "
+            raise QSchedError(f"The Q-Sched schedule has {self._schedule.steps} steps but the pipeline asked for {n} "
                              f"inference steps; build the schedule for {n} steps (e.g. Schedule.linear(a, b, {n})).")
         return out
 
@@ -140,7 +141,7 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
                     base._init_step_index(timestep)  # exactly what base.step does first; idempotent
                 i = base.step_index or 0
             if i >= sched.steps:
-                raise ValueError(f"Step {i} called but the Q-Sched schedule has only {sched.steps} steps.")
+                raise QSchedError(f"Step {i} called but the Q-Sched schedule has only {sched.steps} steps.")
             ce, cx = sched.model_coeff[i], sched.sample_coeff[i]
             if ce != 1.0:
                 model_output = model_output * ce
@@ -191,7 +192,7 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
         name = cfg.pop("base_scheduler_class", None)
         base_cls = getattr(diffusers, str(name), None)
         if not (isinstance(base_cls, type) and issubclass(base_cls, SchedulerMixin)):
-            raise ValueError(f"QSchedScheduler config names no diffusers scheduler class (base_scheduler_class={name!r}).")
+            raise QSchedError(f"QSchedScheduler config names no diffusers scheduler class (base_scheduler_class={name!r}).")
         schedule = cfg.pop("schedule", None)
         base_cfg = cfg.pop("base_config", None)
         if base_cfg is None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from qsched.schedule import Schedule
+from qsched.errors import QSchedError
 
 if TYPE_CHECKING:
     from qsched.scoring import JAQScore
@@ -53,7 +54,7 @@ def per_prompt_means(values: Sequence[float], n_prompts: int) -> np.ndarray:
     """Per-prompt means of seed-major per-image values (all prompts for seed 0, then seed 1, ...)."""
     v = np.asarray(values, dtype=np.float64)
     if n_prompts < 1 or v.size % n_prompts:
-        raise ValueError(f"{v.size} per-image values do not split into {n_prompts} prompts")
+        raise QSchedError(f"{v.size} per-image values do not split into {n_prompts} prompts")
     return v.reshape(-1, n_prompts).mean(axis=0)
 
 
@@ -64,9 +65,9 @@ def paired_gain(candidate: Sequence[float], baseline: Sequence[float], confidenc
 
     d = np.asarray(candidate, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
     if d.ndim != 1 or d.size < 2:
-        raise ValueError(f"a paired bootstrap needs at least 2 paired values, got {d.size}")
+        raise QSchedError(f"a paired bootstrap needs at least 2 paired values, got {d.size}")
     if not np.isfinite(d).all():
-        raise ValueError("paired values contain NaN or inf")
+        raise QSchedError("paired values contain NaN or inf")
     mean = float(d.mean())
     if np.ptp(d) < 1e-12:  # no spread: the interval is the point (bootstrap would be degenerate)
         return Gain(mean, mean, mean, int(d.size), float(confidence))
