@@ -264,6 +264,8 @@ def calibrate(
 
     mspec = _check_model(model)
     spec_name = _check_spec(spec)
+    if study_name is not None and not study_name.strip():
+        raise UsageError("--study-name is empty; leave it out for the default name")
     _check_device(device)
     seed_list = _seeds(_ints(seeds, "--seeds"), "--seeds")
     val_seed_list = _seeds(_ints(validation_seeds, "--validation-seeds"), "--validation-seeds")
@@ -472,7 +474,8 @@ def quantize(
     model: str = MODEL_OPTION,
     device: str = typer.Option("cpu", help="Torch device."),
 ) -> None:
-    """Quantize a model's denoiser and save it (load it back with qsched.load_quantized)."""
+    """Quantize a model's denoiser and save it (load it back with qsched.load_pipeline, or with
+    DiffusionPipeline.from_pretrained after import qsched)."""
     from qsched.checkpoint import save_quantized
 
     mspec = _check_model(model)
@@ -500,9 +503,11 @@ def evaluate(
     fp_schedule: Optional[Path] = typer.Option(None, help="Calibration directory of the full-precision model."),
     steps: Optional[int] = STEPS_OPTION,
     prompts: Optional[str] = typer.Option(None, help="Prompt file or set (default: testbed held-out)."),
-    n_images: Optional[int] = typer.Option(None, help="Images per configuration."),
+    n_images: Optional[int] = typer.Option(None, help="Images per configuration (default: 500 on the testbed, "
+                                           "else every prompt)."),
     seed: int = typer.Option(0, help="Base seed (image i uses generator seed seed*100003+i)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per pipeline call."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per pipeline call (default: 50 on the testbed, "
+                                             "else 4)."),
     metrics: str = typer.Option("fd,fd2,accuracy,clipscore,jaq", help="Comma-separated metrics (fd, fd2, accuracy, "
                                 "clipscore, jaq, fid)."),
     fid_ref: Optional[Path] = typer.Option(None, help="Reference statistics for fid."),
@@ -512,8 +517,8 @@ def evaluate(
 ) -> None:
     """Side-by-side evaluation: full precision vs naive quantization vs Q-Sched (vs FP + tuned).
 
-    Several processes (``accelerate launch -m qsched evaluate ...`` or ``torchrun --nproc_per_node N -m qsched
-    evaluate ...``) share the batches and give the numbers of a single-process run; the first one writes.
+    Several processes (accelerate launch -m qsched evaluate ..., or torchrun --nproc_per_node N -m qsched
+    evaluate ...) share the batches and give the numbers of a single-process run; the first one writes.
     """
     from qsched.schedule import load_schedule
 
@@ -586,7 +591,7 @@ def _print_rows(res: Any) -> None:
     rows = getattr(res, "rows", {}) or {}
     keys = [k for k in _EVAL_COLUMNS if any(r.get(k) is not None for r in rows.values())]
     t = Table(title="evaluation", header_style="bold")
-    t.add_column("config")
+    t.add_column("config", no_wrap=True, min_width=max(map(len, rows), default=6))  # legible in a piped 80 columns
     for key in keys:
         t.add_column(key, justify="right")
     for name, r in rows.items():

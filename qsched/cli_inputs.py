@@ -50,6 +50,8 @@ def check_model(model: str) -> Any:
 
     from qsched.pipelines import MODELS, resolve_model
 
+    if not model.strip():
+        raise UsageError(f"--model is empty; name an alias ({', '.join(MODELS)}), a saved pipeline or a hub id")
     if model in MODELS or Path(model).expanduser().exists():
         return resolve_model(model)
     if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) and not model.startswith((".", "/", "~")):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qsched.errors import QSchedError
 from qsched.images import to_gray, to_tensor
 
 __all__ = [
@@ -132,10 +133,10 @@ class JAQ:
 
     def __init__(self, tc: AlignmentScorer, iq: QualityScorer, k: float = 2.0, blank_std: float = BLANK_STD):
         if not callable(tc) or not callable(iq):
-            raise ValueError("JAQ needs callable tc (alignment) and iq (quality) scorers")
+            raise QSchedError("JAQ needs callable tc (alignment) and iq (quality) scorers")
         k = float(k)
         if not math.isfinite(k) or k < 0:
-            raise ValueError(f"k must be a finite number >= 0, got {k}")
+            raise QSchedError(f"k must be a finite number >= 0, got {k}")
         self.tc = tc
         self.iq = iq
         self.k = k
@@ -153,9 +154,9 @@ class JAQ:
             prompts = [prompts] * b
         prompts = list(prompts)
         if len(prompts) != b:
-            raise ValueError(f"got {b} images but {len(prompts)} prompts")
+            raise QSchedError(f"got {b} images but {len(prompts)} prompts")
         if b == 0:
-            raise ValueError("no images to score")
+            raise QSchedError("no images to score")
         nonfinite, blank = invalid_mask(x, self.blank_std)
         bad = nonfinite | blank
         if bad.any():
@@ -199,7 +200,7 @@ def _as_scores(s: Any, n: int, what: str) -> torch.Tensor:
     """Validate a scorer output as (n,) float64 on CPU; non-finite scores become 0 with a warning."""
     t = torch.as_tensor(s).detach().reshape(-1).to("cpu", torch.float64)
     if t.numel() != n:
-        raise ValueError(f"{what} scorer returned {t.numel()} scores for {n} images")
+        raise QSchedError(f"{what} scorer returned {t.numel()} scores for {n} images")
     if not torch.isfinite(t).all():
         warnings.warn(f"JAQ: {what} scorer returned non-finite scores; they count as 0", RuntimeWarning, stacklevel=3)
         t = torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
@@ -286,7 +287,7 @@ def _load_clip(model: Any, processor: Any, device: str | torch.device, dtype: to
         except OSError as e:
             raise _hub_error(pname, e) from e
     if processor is None:
-        raise ValueError("pass a processor (CLIPProcessor or its id/path) together with a CLIPModel object")
+        raise QSchedError("pass a processor (CLIPProcessor or its id/path) together with a CLIPModel object")
     model = model.to(device).eval()
     model.requires_grad_(False)
     return model, processor
@@ -441,7 +442,7 @@ class HPSv2:
             model.load_state_dict(state.get("state_dict", state))
             tokenizer = tokenizer or open_clip.get_tokenizer("ViT-H-14")
         if tokenizer is None:
-            raise ValueError("pass the OpenCLIP tokenizer together with an HPSv2 model object")
+            raise QSchedError("pass the OpenCLIP tokenizer together with an HPSv2 model object")
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.image_size = image_size
@@ -504,4 +505,4 @@ def make_jaq(preset: str = "testbed", device: str | torch.device = "cpu", k: flo
         return JAQ(tc, CLIPIQA(tc.model, tc.processor, device=device), k=k)
     if preset == "sdxl":
         return JAQ(CLIPScore(CLIP_L14, device=device), HPSv2(device=device), k=k)
-    raise ValueError(f"unknown JAQ preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    raise QSchedError(f"unknown JAQ preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -76,7 +76,7 @@ def check_storage(storage: str | None) -> str | None:
         try:
             url = make_url(storage)
         except Exception:  # noqa: BLE001 - SQLAlchemy raises ArgumentError on malformed URLs
-            raise ValueError(f"--storage {redact(storage)!r} is not a valid database URL") from None
+            raise QSchedError(f"--storage {redact(storage)!r} is not a valid database URL") from None
         driver = url.get_driver_name()
         wanted = {"psycopg": "psycopg", "psycopg2": "psycopg2", "pymysql": "pymysql", "mysqldb": "MySQLdb"}
         mod = wanted.get(driver, _DRIVERS[base][0])
@@ -84,13 +84,13 @@ def check_storage(storage: str | None) -> str | None:
 
         if importlib.util.find_spec(mod) is None:
             extra = "postgres" if base == "postgresql" else "mysql"
-            raise ValueError(f"--storage {redact(storage)!r} needs the {mod} driver: pip install 'qsched[{extra}]' "
+            raise QSchedError(f"--storage {redact(storage)!r} needs the {mod} driver: pip install 'qsched[{extra}]' "
                              f"(or name an installed driver, e.g. postgresql+psycopg2://...)")
         return storage
     if storage.endswith((".log", ".journal")) or scheme == "":
-        raise ValueError(f"--storage {redact(storage)!r} is not a storage URL: use sqlite:///PATH.db, "
+        raise QSchedError(f"--storage {redact(storage)!r} is not a storage URL: use sqlite:///PATH.db, "
                          "postgresql://USER@HOST/DB or mysql://... (default: SQLite in the output directory)")
-    raise ValueError(f"--storage {redact(storage)!r}: unknown database scheme {scheme!r}; use sqlite:///PATH.db, "
+    raise QSchedError(f"--storage {redact(storage)!r}: unknown database scheme {scheme!r}; use sqlite:///PATH.db, "
                      "postgresql://... or mysql://...")
 
 
@@ -426,7 +426,8 @@ class Progress:
 def _check_parametrization(p: str) -> str:
     p = {"per_step": "per-step", "perstep": "per-step"}.get(p, p)
     if p not in PARAMETRIZATIONS:
-        raise ValueError(f"unknown parametrization {p!r}; choose one of {', '.join(PARAMETRIZATIONS)}")
+        raise QSchedError(f"unknown parametrization {p!r}; choose one of {', '.join(PARAMETRIZATIONS)} (calibrate "
+                          "also takes auto: all of them, chosen by validation)")
     return p
 
 
@@ -447,7 +448,7 @@ def search_space(parametrization: str, steps: int, grid_range: Sequence[float] =
     kind = _check_parametrization(parametrization)
     lo, hi = _check_range(grid_range)
     if int(grid_points) < 1:
-        raise ValueError(f"grid_points must be >= 1, got {grid_points}")
+        raise QSchedError(f"grid_points must be >= 1, got {grid_points}")
     axis = [float(v) for v in np.linspace(lo, hi, int(grid_points))]
     return {name: list(axis) for name in Schedule.param_names(kind, steps)}
 
@@ -494,4 +495,4 @@ def _sampler_factory(sampler: str) -> Callable[[int], Any]:
         except ImportError as e:
             raise ImportError("the CMA-ES sampler needs the cmaes package: pip install cmaes") from e
         return lambda seed: optuna.samplers.CmaEsSampler(sigma0=0.1, seed=seed, warn_independent_sampling=False)
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    raise QSchedError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
