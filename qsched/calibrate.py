@@ -55,10 +55,10 @@ from qsched.search import (  # noqa: F401 - the search space, importable from he
     grid_candidates,
     search_space,
 )
+from qsched.errors import QSchedError
 from qsched.validation import candidate as _candidate
 from qsched.validation import validate as _validate
 from qsched.validation import verdict
-from qsched.errors import QSchedError
 
 __all__ = [
     "calibrate",
@@ -352,7 +352,7 @@ def calibrate(
     grid_sizes = {kind: int(grid_points) ** len(sp) for kind, sp in spaces.items()}
     if strategy == "grid" and max(grid_sizes.values()) > MAX_GRID:
         raise QSchedError(f"a grid with {grid_points} points per axis has {max(grid_sizes.values()):,} candidates "
-                         f"(more than {MAX_GRID:,}); use fewer grid points or strategy='optuna'")
+                          f"(more than {MAX_GRID:,}); use fewer grid points or strategy='optuna'")
     if n_trials is not None and int(n_trials) < 1:
         raise QSchedError(f"n_trials must be >= 1, got {n_trials}")
     if parametrization == "auto":

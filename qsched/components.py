@@ -30,7 +30,7 @@ def pipeline_class(name: str) -> type:
         cls = getattr(diffusers, name, None) if isinstance(name, str) and name.isidentifier() else None
     if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
         raise QSchedError(f"Unknown pipeline class {name!r}: neither a diffusers pipeline nor one of qsched's "
-                         f"({', '.join(QSCHED_PIPELINES)}).")
+                          f"({', '.join(QSCHED_PIPELINES)}).")
     return cls
 
 
@@ -74,4 +74,4 @@ def check_components(index: Path, config: Mapping[str, Any]) -> None:
             importlib.import_module(QSCHED_COMPONENTS[cls])
             continue
         raise QSchedError(f"{index}: component {key!r} names {library}.{cls}; qsched loads only diffusers and "
-                         f"transformers components and its own ({', '.join(QSCHED_COMPONENTS)}).")
+                          f"transformers components and its own ({', '.join(QSCHED_COMPONENTS)}).")

@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from qsched._util import fmt_num, json_default, package_versions
+from qsched.errors import QSchedError
 from qsched.images import finite_mask, to_uint8
 from qsched.metrics import AccuracyMetric, EvalMetric, build_metrics
 from qsched.pipelines import ModelSpec, resolve_model
 from qsched.prompts import PromptSet, load_prompts
 from qsched.runner import denoiser_of, generate_batches, using_schedule
-from qsched.errors import QSchedError
 
 __all__ = ["evaluate", "EvalResult", "CONFIGS", "DEFAULT_METRICS", "COMPARISONS"]
 
@@ -331,7 +331,7 @@ def evaluate(
     if prompts is None:
         if not testbed:
             raise QSchedError("pass prompts for a real model, e.g. prompts=load_prompts('meta_data.json') "
-                             "(MJHQ-30K) or a text file")
+                              "(MJHQ-30K) or a text file")
         prompts = load_prompts("testbed-heldout", n=n_images or TESTBED_DEFAULT_N, seed=seed)
     elif not isinstance(prompts, PromptSet):
         prompts = load_prompts(prompts)

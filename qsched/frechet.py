@@ -35,7 +35,7 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     d = mu1.shape[0]
     if mu1.shape != mu2.shape or s1.shape != (d, d) or s2.shape != (d, d):
         raise QSchedError(f"inconsistent shapes: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, "
-                         f"sigma2 {s2.shape}")
+                          f"sigma2 {s2.shape}")
     for name, a in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
         if not np.isfinite(a).all():
             raise QSchedError(f"{name} contains NaN or inf")

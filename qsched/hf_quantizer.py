@@ -92,7 +92,7 @@ class QSchedConfig(QuantizationConfigMixin):
 
 def _refuse_lora(*args: Any, **kwargs: Any) -> Any:
     raise QSchedError("LoRA cannot be loaded into a qsched-quantized model (its layers hold integer codes): load the "
-                     "LoRA into the full-precision model, fuse_lora() and unload_lora_weights(), then quantize")
+                      "LoRA into the full-precision model, fuse_lora() and unload_lora_weights(), then quantize")
 
 
 def _save_pretrained(self: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:

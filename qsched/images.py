@@ -58,7 +58,7 @@ def to_tensor(images: Any) -> torch.Tensor:
         if all(isinstance(im, (torch.Tensor, np.ndarray)) for im in images):
             return torch.cat([to_tensor(im) for im in images])
     raise QSchedError(f"cannot interpret images of type {type(images).__name__}: expected a (B,C,H,W) tensor, "
-                     "a (B,H,W,C) numpy array or a non-empty list of PIL images")
+                      "a (B,H,W,C) numpy array or a non-empty list of PIL images")
 
 
 def finite_mask(x: torch.Tensor) -> torch.Tensor:

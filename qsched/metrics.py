@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from qsched.errors import QSchedError
 from qsched.frechet import feature_stats, frechet_distance, load_reference_stats
 from qsched.pipelines import ModelSpec, resolve_model
-from qsched.errors import QSchedError
 
 __all__ = ["EvalMetric", "FrechetMetric", "AccuracyMetric", "JAQMetric", "build_metrics", "KNOWN_METRICS",
            "TESTBED_ONLY_METRICS"]
@@ -129,7 +129,7 @@ class AccuracyMetric(EvalMetric):
     def update(self, images, prompts, labels, finite) -> None:
         if labels is None:
             raise QSchedError("the 'accuracy' metric needs class labels: use a labelled PromptSet "
-                             "(testbed-heldout / testbed-calib) or drop 'accuracy' from metrics")
+                              "(testbed-heldout / testbed-calib) or drop 'accuracy' from metrics")
         y = torch.as_tensor(list(labels), dtype=torch.long)
         self._s_total += int(y.shape[0])
         hits = torch.zeros(y.shape[0], dtype=torch.bool)
@@ -239,7 +239,7 @@ def build_metrics(model: str | ModelSpec, names: Sequence[str], device: str | to
 
         if fid_ref is None and not testbed:
             raise QSchedError("FID on a real model needs reference statistics: pass fid_ref=<.safetensors/.npz with "
-                             "mu and sigma> (e.g. MJHQ-30K Inception statistics)")
+                              "mu and sigma> (e.g. MJHQ-30K Inception statistics)")
         if fid_ref is None:
             ifid = InceptionFID(device=device)
             out.append(FrechetMetric("fid", ifid.features, lambda: ifid.reference))

@@ -279,7 +279,7 @@ def _load(name: str, device: str | torch.device, dtype: Any, **kw: Any) -> Any:
         raise FileNotFoundError(f"No saved pipeline directory at {name!r}.")
     if not _HUB_ID.match(name):
         raise QSchedError(f"Unknown model {name!r}: not an alias ({', '.join(MODELS)}), not a directory and not a "
-                         "hub id of the form 'org/name'.")
+                          "hub id of the form 'org/name'.")
     import diffusers
 
     try:

@@ -169,7 +169,7 @@ def _entries_from_yaml(path: Path) -> tuple[list[str], list[str] | None]:
     if isinstance(data, list):
         return _list_prompts(data), None
     raise QSchedError(f"{path}: expected a YAML mapping name -> prompt (sDCI format) or a list, "
-                     f"got {type(data).__name__}")
+                      f"got {type(data).__name__}")
 
 
 def _list_prompts(data: list) -> list[str]:
@@ -205,7 +205,7 @@ def _entries_from_json(path: Path) -> tuple[str, list[str], list[str] | None, li
                     cats.append("")
             else:
                 raise QSchedError(f"{path}: entry {k!r} has no 'prompt' (expected MJHQ-30K meta_data.json: "
-                                 "{id: {'prompt': ..., 'category': ...}})")
+                                  "{id: {'prompt': ..., 'category': ...}})")
         return "mjhq", prompts, ids, (cats if any(cats) else None)
     if isinstance(data, list):
         return "list", _list_prompts(data), None, None

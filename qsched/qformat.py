@@ -54,7 +54,7 @@ class QuantSpec:
             raise QSchedError(f"weight_bits must be an int in 2..8, got {self.weight_bits!r}. Examples: {_EXAMPLES}")
         if isinstance(self.act_bits, bool) or not isinstance(self.act_bits, int) or not 4 <= self.act_bits <= 16:
             raise QSchedError(f"act_bits must be an int in 4..16 (16 = no activation quantization), got "
-                             f"{self.act_bits!r}. Examples: {_EXAMPLES}")
+                              f"{self.act_bits!r}. Examples: {_EXAMPLES}")
         if self.group_size == _DEFAULT:
             object.__setattr__(self, "group_size", self.default_group_size(self.weight_bits))
         g = self.group_size
@@ -73,7 +73,7 @@ class QuantSpec:
                    else None)
             if why is not None:
                 raise QSchedError(f"int8 scale grid (-i8) is for symmetric group-wise 2..4-bit weights, not {why}. "
-                                 f"Examples: {_EXAMPLES}")
+                                  f"Examples: {_EXAMPLES}")
 
     @staticmethod
     def default_group_size(weight_bits: int) -> int | None:
@@ -107,12 +107,12 @@ class QuantSpec:
             return spec
         if not isinstance(spec, str):
             raise QSchedError(f"quantization spec must be a string like 'w4a8', got {type(spec).__name__}. "
-                             f"Examples: {_EXAMPLES}")
+                              f"Examples: {_EXAMPLES}")
         text = spec.strip().lower()
         m = re.fullmatch(r"w(\d+)a(\d+)((?:-[a-z0-9]+)*)", text)
         if m is None:
             raise QSchedError(f"ill-formed quantization spec {spec!r}; expected "
-                             f"w<2..8>a<4..16>[-g<N>|-pc][-asym][-i8]. Examples: {_EXAMPLES}")
+                              f"w<2..8>a<4..16>[-g<N>|-pc][-asym][-i8]. Examples: {_EXAMPLES}")
         wb, ab = int(m.group(1)), int(m.group(2))
         group: int | None | str = _DEFAULT
         symmetric = True
@@ -123,7 +123,7 @@ class QuantSpec:
                     else "i8" if opt == "i8" else None)
             if kind is None:
                 raise QSchedError(f"unknown option {opt!r} in quantization spec {spec!r}; options are -g<N>, -pc, "
-                                 f"-asym, -sym, -i8. Examples: {_EXAMPLES}")
+                                  f"-asym, -sym, -i8. Examples: {_EXAMPLES}")
             if kind in seen:
                 raise QSchedError(f"option given twice in quantization spec {spec!r}. Examples: {_EXAMPLES}")
             seen.add(kind)

@@ -73,8 +73,8 @@ from qsched.qformat import (  # noqa: F401 - the number format, re-exported here
     fake_quant_per_token,
     quantize_weight,
 )
-from qsched.runner import denoiser_of
 from qsched.errors import QSchedError
+from qsched.runner import denoiser_of
 
 __all__ = [
     "QuantSpec",
@@ -403,7 +403,7 @@ def quantize(pipe_or_module: Any, spec: QuantSpec | str = "w4a8", skip: list[str
     prior = getattr(denoiser, SPEC_ATTR, None)
     if prior is not None or quantized_layers(denoiser):
         raise QSchedError(f"the denoiser is already quantized ({prior or 'contains quantized layers'}); "
-                         f"re-quantizing is not supported: reload the full-precision model and quantize it once")
+                          f"re-quantizing is not supported: reload the full-precision model and quantize it once")
     _refuse_adapters(denoiser)
     before = _state_bytes(denoiser)
     if backend == "torchao":
@@ -438,8 +438,8 @@ def _refuse_adapters(denoiser: nn.Module) -> None:
     names = [n for n, m in denoiser.named_modules() if isinstance(m, BaseTunerLayer)]
     if names:
         raise QSchedError(f"the denoiser holds {len(names)} peft adapter (LoRA) layers, e.g. {names[0]!r}: call "
-                         "pipe.fuse_lora() and pipe.unload_lora_weights() before quantize (quantizing them "
-                         "would drop the LoRA)")
+                          "pipe.fuse_lora() and pipe.unload_lora_weights() before quantize (quantizing them "
+                          "would drop the LoRA)")
 
 
 def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, skip: list[str],
@@ -448,14 +448,14 @@ def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, sk
     supported = "w8a16 (int8 weight-only), w8a8 (int8 dynamic activations + int8 weights), w4a16 (CUDA only)"
     if not spec.symmetric or spec.act_granularity != "per-token":
         raise QSchedError(f"backend='torchao' does not support {spec.name}: only symmetric specs; "
-                         f"supported: {supported}")
+                          f"supported: {supported}")
     if spec.int8_scales:
         raise QSchedError(f"backend='torchao' does not support {spec.name}: torchao derives its own scales, so the "
-                         f"int8 scale grid (-i8) is a backend='qsched' format; supported: {supported}")
+                          f"int8 scale grid (-i8) is a backend='qsched' format; supported: {supported}")
     key = (spec.weight_bits, spec.act_bits)
     if key not in ((8, 16), (8, 8), (4, 16)) or (spec.weight_bits == 8 and spec.group_size is not None):
         raise QSchedError(f"backend='torchao' does not support {spec.name}; supported: {supported}. "
-                         f"Use backend='qsched' (simulated, any spec) instead")
+                          f"Use backend='qsched' (simulated, any spec) instead")
     try:
         p = next(denoiser.parameters())
         device = p.device
@@ -464,7 +464,7 @@ def _quantize_torchao(denoiser: nn.Module, name: str | None, spec: QuantSpec, sk
     if key == (4, 16):
         if device.type != "cuda":
             raise QSchedError(f"backend='torchao' w4a16 (int4 weight-only) needs a CUDA device; the denoiser is on "
-                             f"{device}. Move it to CUDA first, or use backend='qsched'")
+                              f"{device}. Move it to CUDA first, or use backend='qsched'")
         if spec.group_size not in (32, 64, 128, 256):
             raise QSchedError(f"torchao int4 weight-only supports group sizes 32, 64, 128, 256; got {spec.name}")
     try:

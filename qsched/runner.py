@@ -16,9 +16,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from qsched.errors import QSchedError
 from qsched.images import to_tensor
 from qsched.schedule import Schedule
-from qsched.errors import QSchedError
 
 __all__ = ["image_seed", "denoiser_of", "text_encoders_of", "using_schedule", "generate", "generate_batches",
            "check_steps", "check_call_kwargs", "SEED_STRIDE"]

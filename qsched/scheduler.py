@@ -17,8 +17,8 @@ import diffusers
 from diffusers import ConfigMixin, SchedulerMixin  # SchedulerMixin here also lets diffusers' loader find us
 from diffusers.configuration_utils import FrozenDict
 
-from qsched.schedule import Schedule
 from qsched.errors import QSchedError
+from qsched.schedule import Schedule
 
 __all__ = ["QSchedScheduler", "apply_schedule", "ScheduleDroppedWarning"]
 
@@ -94,7 +94,7 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
             raise TypeError(f"{type(base).__name__}.step must take (model_output, timestep, sample, ...); got {params}.")
         if getattr(base, "order", 1) != 1:
             raise QSchedError(f"{type(base).__name__} has order {base.order} (several step calls per denoising "
-                             "step); Q-Sched needs a scheduler that calls step once per denoising step.")
+                              "step); Q-Sched needs a scheduler that calls step once per denoising step.")
         object.__setattr__(self, "_base", base)
         object.__setattr__(self, "_counts_itself", not hasattr(type(base), "step_index"))
         object.__setattr__(self, "_count", 0)
@@ -127,7 +127,7 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
         n = len(self._base.timesteps)
         if self._schedule is not None and self._schedule.steps != n:
             raise QSchedError(f"The Q-Sched schedule has {self._schedule.steps} steps but the pipeline asked for {n} "
-                             f"inference steps; build the schedule for {n} steps (e.g. Schedule.linear(a, b, {n})).")
+                              f"inference steps; build the schedule for {n} steps (e.g. Schedule.linear(a, b, {n})).")
         return out
 
     def _step(self, model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
@@ -192,7 +192,8 @@ class QSchedScheduler(SchedulerMixin, ConfigMixin):
         name = cfg.pop("base_scheduler_class", None)
         base_cls = getattr(diffusers, str(name), None)
         if not (isinstance(base_cls, type) and issubclass(base_cls, SchedulerMixin)):
-            raise QSchedError(f"QSchedScheduler config names no diffusers scheduler class (base_scheduler_class={name!r}).")
+            raise QSchedError(f"QSchedScheduler config names no diffusers scheduler class "
+                              f"(base_scheduler_class={name!r}).")
         schedule = cfg.pop("schedule", None)
         base_cfg = cfg.pop("base_config", None)
         if base_cfg is None:

@@ -85,13 +85,13 @@ def check_storage(storage: str | None) -> str | None:
         if importlib.util.find_spec(mod) is None:
             extra = "postgres" if base == "postgresql" else "mysql"
             raise QSchedError(f"--storage {redact(storage)!r} needs the {mod} driver: pip install 'qsched[{extra}]' "
-                             f"(or name an installed driver, e.g. postgresql+psycopg2://...)")
+                              f"(or name an installed driver, e.g. postgresql+psycopg2://...)")
         return storage
     if storage.endswith((".log", ".journal")) or scheme == "":
         raise QSchedError(f"--storage {redact(storage)!r} is not a storage URL: use sqlite:///PATH.db, "
-                         "postgresql://USER@HOST/DB or mysql://... (default: SQLite in the output directory)")
+                          "postgresql://USER@HOST/DB or mysql://... (default: SQLite in the output directory)")
     raise QSchedError(f"--storage {redact(storage)!r}: unknown database scheme {scheme!r}; use sqlite:///PATH.db, "
-                     "postgresql://... or mysql://...")
+                      "postgresql://... or mysql://...")
 
 
 def _rdb(url: str) -> Any:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from qsched.schedule import Schedule
 from qsched.errors import QSchedError
+from qsched.schedule import Schedule
 
 if TYPE_CHECKING:
     from qsched.scoring import JAQScore

@@ -688,7 +688,8 @@ def test_sigint_then_sigterm_during_calibrate_then_resume(tmp_path):
         assert "qsched calibrate" in err and str(out) in err  # the command that resumes
         assert "Loading weights" not in err and "it/s" not in err  # not a terminal: no third-party bars
         assert not any(out.glob("**/*.tmp"))
-        study = optuna.load_study(study_name="qsched-w4a8-linear-optuna-2steps", storage=f"sqlite:///{out / 'study.db'}")
+        study = optuna.load_study(study_name="qsched-w4a8-linear-optuna-2steps",
+                                  storage=f"sqlite:///{out / 'study.db'}")
         assert not [t for t in study.trials if t.state.name == "RUNNING"]
         runs.append([(t.number, t.params) for t in study.trials if t.state.name == "COMPLETE"])
     first, second = runs

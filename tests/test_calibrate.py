@@ -301,7 +301,8 @@ def test_resume_keeps_completed_trials(qpipe, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         calibrate(qpipe, PROMPTS, 2, **{**args, "jaq": JAQ(Killer(3), ContrastIQ())})
     assert (out / "study.db").exists()
-    study = optuna.load_study(study_name="qsched-w4a8-linear-optuna-2steps", storage=f"sqlite:///{out / 'study.db'}")
+    study = optuna.load_study(study_name="qsched-w4a8-linear-optuna-2steps",
+                              storage=f"sqlite:///{out / 'study.db'}")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 3 and done[0].user_attrs["role"] == "identity"
     kept = {t.number: (t.params, t.value) for t in done}

@@ -178,7 +178,8 @@ def test_killed_and_restarted_equals_uninterrupted(tmp_path):
     assert killed.returncode == -9  # SIGKILL mid-trial: the fifth scoring's trial stays RUNNING in the store
     import optuna
 
-    study = optuna.load_study(study_name="qsched-w4a8-linear-optuna-2steps", storage=f"sqlite:///{tmp_path / 'k' / 'study.db'}")
+    study = optuna.load_study(study_name="qsched-w4a8-linear-optuna-2steps",
+                              storage=f"sqlite:///{tmp_path / 'k' / 'study.db'}")
     assert [t.state.name for t in study.trials].count("RUNNING") == 1
     again = json.loads(_run(tmp_path / "k", "--trials", "8").stdout.strip().splitlines()[-1])
     assert again["schedule"] == ref["schedule"] and again["best"] == ref["best"]

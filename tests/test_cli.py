@@ -122,8 +122,8 @@ def test_calibrate_end_to_end_then_generate_and_report(tiny, tmp_path):
     assert (rep / "report.html").exists()
 
     ev = tmp_path / "ev"
-    r = runner.invoke(cli.app, ["evaluate", "--schedule", str(out), "--steps", "2", "--n-images", "2", "--metrics", "jaq",
-                                "--out", str(ev), "--no-progress"])
+    r = runner.invoke(cli.app, ["evaluate", "--schedule", str(out), "--steps", "2", "--n-images", "2", "--metrics",
+                                "jaq", "--out", str(ev), "--no-progress"])
     assert r.exit_code == 0, r.output
     rows = json.loads((ev / "evaluation.json").read_text())["rows"]
     assert {"fp-original", "quant-naive", "quant-qsched"} <= set(rows)

@@ -20,8 +20,8 @@ Bytes: ``file`` = the safetensors a user stores (fp32 / fp16 / qsched packed che
 compiled from the packed checkpoint at load); ``resident`` = RSS growth of the worker after loading and one
 forward (SD1.5; it includes the allocator's and the forward's workspace: bf16's is ~1.1x its file) or parameter +
 buffer bytes of the denoiser (testbed); ``weights`` (SD1.5) = those tensor bytes for the SD1.5 variants too
-(parameters, buffers, oneDNN-packed weights; not measured for torchao / quanto tensor subclasses). ``run_testbed`` / ``run_sd15`` return
-dicts; ``main`` writes JSON and a Markdown table (``--out`` with ``.md``).
+(parameters, buffers, oneDNN-packed weights; not measured for torchao / quanto tensor subclasses).
+``run_testbed`` / ``run_sd15`` return dicts; ``main`` writes JSON and a Markdown table (``--out`` with ``.md``).
 """
 
 from __future__ import annotations
