@@ -77,6 +77,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'qsched' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The lazy exports too (``dir(qsched)``, tab completion), not only what has been imported."""
+    return sorted(set(globals()) | set(__all__))
+
+
 class _Package(types.ModuleType):
     """The qsched package's module type: when the import system binds a freshly imported submodule whose name is
     also an export (``qsched.calibrate``, ``qsched.evaluate``), the documented export is bound instead."""

@@ -55,6 +55,7 @@ from qsched.search import (  # noqa: F401 - the search space, importable from he
     grid_candidates,
     search_space,
 )
+from qsched import defaults
 from qsched.errors import QSchedError
 from qsched.validation import candidate as _candidate
 from qsched.validation import validate as _validate
@@ -291,8 +292,9 @@ def calibrate(
         jaq: the score (default ``make_jaq("testbed", k=k)``); selection is the argmax of JAQ itself.
         parametrization: "auto" (linear, ramp and per-step within one budget, picked by validation), "linear"
             (2 params, the paper), "ramp" (4) or "per-step" (2T).
-        strategy: "optuna" (``sampler`` "tpe" or "cmaes", ``n_trials`` default 40) or "grid" (``grid_points``
-            per axis over ``grid_range``; ``n_trials`` defaults to the whole grid plus the identity trial).
+        strategy: "optuna" (``sampler`` "tpe" or "cmaes", ``n_trials`` default ``qsched.defaults.TRIALS``, 60, as
+            the CLI's) or "grid" (``grid_points`` per axis over ``grid_range``; ``n_trials`` defaults to the whole
+            grid plus the identity trial).
         seeds: one search image per (seed, prompt); identical noise for every candidate.
         storage / study_name: Optuna storage (URL or object; default SQLite ``out_dir/study.db``, in memory
             without ``out_dir``) and study name (default ``qsched-<spec>-<parametrization>-<strategy>-<T>steps``,
@@ -356,12 +358,12 @@ def calibrate(
     if n_trials is not None and int(n_trials) < 1:
         raise QSchedError(f"n_trials must be >= 1, got {n_trials}")
     if parametrization == "auto":
-        plan = auto_plan(steps, int(n_trials) if n_trials is not None else 40)
+        plan = auto_plan(steps, int(n_trials) if n_trials is not None else defaults.TRIALS)
         if strategy == "grid":  # every parametrization's whole grid
             plan = [(kind, 1 + grid_sizes[kind]) for kind in kinds]
     else:
         plan = [(parametrization, int(n_trials) if n_trials is not None else
-                 (1 + grid_sizes[parametrization] if strategy == "grid" else 40))]
+                 (1 + grid_sizes[parametrization] if strategy == "grid" else defaults.TRIALS))]
     if jaq is None:
         from qsched.scoring import make_jaq
 

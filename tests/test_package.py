@@ -79,3 +79,9 @@ def test_diffusers_imported_before_qsched_still_registers():
         print("ok")
     """)
     assert out.strip() == "ok"
+
+
+def test_dir_lists_the_lazy_exports():
+    import qsched
+
+    assert {"load_pipeline", "quantize", "calibrate", "QSchedError", "__version__"} <= set(dir(qsched))
