@@ -304,7 +304,7 @@ def calibrate(
         call_kwargs: extra pipeline call arguments (e.g. height/width).
         cache: memoise the denoiser and text-encoder forwards (identical results; False only counts them).
         n_trials counts completed trials in the study (with "auto": over all parametrizations, exactly: each
-        searched one gets at least 2, so fewer trials search fewer of them; see :func:`qsched.search.auto_plan`),
+        searched one gets at least 5, so fewer trials search fewer of them; see :func:`qsched.search.auto_plan`),
         the identity trial included.
     """
     t0 = time.perf_counter()

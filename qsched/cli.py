@@ -245,8 +245,8 @@ def calibrate(
     sampler: str = typer.Option("tpe", help="Optuna sampler: tpe or cmaes."),
     trials: Optional[int] = typer.Option(None, help=f"Completed trials, the identity included (default "
                                          f"{DEFAULT_TRIALS}; grid: the whole grid). auto shares them out over "
-                                         "linear, ramp and per-step, at least 2 each, so fewer trials search fewer "
-                                         "parametrizations (1 to 3 trials: linear only)."),
+                                         "linear, ramp and per-step, at least 5 each, so fewer trials search fewer "
+                                         "parametrizations (up to 9 trials: linear only)."),
     grid_points: int = typer.Option(10, help="Grid points per axis (strategy grid)."),
     grid_range: str = typer.Option("0.8,1.2", help="Coefficient search range 'low,high'."),
     storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: SQLite in --out)."),

@@ -461,21 +461,26 @@ def grid_candidates(parametrization: str, steps: int, grid_range: Sequence[float
     return [dict(zip(names, combo)) for combo in itertools.product(*(space[n] for n in names))]
 
 
+AUTO_MIN_TRIALS = 5  # per parametrization "auto" searches: the identity trial and 4 searched points
+
+
 def auto_plan(steps: int, n_trials: int) -> list[tuple[str, int]]:
     """The parametrizations ``"auto"`` searches for ``steps`` and how many trials each gets out of ``n_trials``
     (spaces that coincide at small T are searched once: T = 1 all are linear; T = 2 ramp = per-step).
 
-    The shares add up to ``n_trials`` exactly. Each parametrization gets at least 2 (its identity trial and one
-    searched point), so with fewer than 2 per parametrization the last ones (per-step, then ramp) are left out:
-    1 to 3 trials search linear only, 4 or 5 linear and ramp (at T >= 3)."""
+    The shares add up to ``n_trials`` exactly. Each parametrization searched gets at least ``AUTO_MIN_TRIALS``
+    (its identity trial and 4 searched points): a small budget spread thinner finds nothing (6 trials over three
+    parametrizations, one searched point each, kept the original where 3 on linear alone gained), so with fewer
+    the last ones (per-step, then ramp) are left out: up to 9 trials search linear only, 10 to 14 linear and ramp
+    (at T >= 3)."""
     kinds = ["linear"] if steps == 1 else (["linear", "per-step"] if steps == 2 else ["linear", "ramp", "per-step"])
-    kinds = kinds[:max(1, int(n_trials) // 2)]
+    kinds = kinds[:max(1, int(n_trials) // AUTO_MIN_TRIALS)]
     if len(kinds) == 1:
         return [(kinds[0], int(n_trials))]
     weights = {"linear": 0.3, "ramp": 0.3, "per-step": 0.4}
     total = sum(weights[k] for k in kinds)
-    shares = [max(2, int(round(n_trials * weights[k] / total))) for k in kinds]
-    shares[-1] = max(2, n_trials - sum(shares[:-1]))
+    shares = [max(AUTO_MIN_TRIALS, int(round(n_trials * weights[k] / total))) for k in kinds]
+    shares[-1] = n_trials - sum(shares[:-1])
     return list(zip(kinds, shares))
 
 

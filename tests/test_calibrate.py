@@ -231,7 +231,8 @@ def test_auto_plan_gives_exactly_the_trials_asked(steps):
     for n in range(1, 80):
         plan = auto_plan(steps, n)
         assert sum(b for _, b in plan) == n, (steps, n, plan)
-        assert plan[0][0] == "linear" and (len(plan) == 1 or min(b for _, b in plan) >= 2), (steps, n, plan)
+        assert plan[0][0] == "linear" and (len(plan) == 1 or min(b for _, b in plan) >= 5), (steps, n, plan)
+    assert auto_plan(steps, 6) == [("linear", 6)]  # a small budget is not spread one point per parametrization
     assert [k for k, _ in auto_plan(steps, 60)] == (["linear"] if steps == 1 else ["linear", "per-step"] if steps == 2
                                                     else ["linear", "ramp", "per-step"])
 
