@@ -78,7 +78,9 @@ def writable_dir(path: Path, what: str = "output directory") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (OSError, FileExistsError) as e:
-        raise UsageError(f"cannot create {what} {path}: {e.strerror or e}") from None
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a directory" if blocker is not None else e.strerror or e
+        raise UsageError(f"cannot create {what} {path}: {why}") from None
     if not path.is_dir():
         raise UsageError(f"{what} {path} exists and is not a directory")
     if not os.access(path, os.W_OK | os.X_OK):
@@ -87,12 +89,17 @@ def writable_dir(path: Path, what: str = "output directory") -> Path:
 
 
 def _numbers(text: str, what: str, cast: Callable[[str], Any], kind: str) -> list[Any]:
+    parts = text.replace(" ", "").split(",")
+    if not any(parts):
+        raise UsageError(f"{what} is empty")
+    if parts[-1] == "":
+        parts = parts[:-1]  # a trailing comma is harmless
+    if "" in parts:
+        raise UsageError(f"{what} has an empty entry (entry {parts.index('') + 1} of {text!r})")
     try:
-        vals = [cast(v) for v in text.replace(" ", "").split(",") if v != ""]
+        vals = [cast(v) for v in parts]
     except ValueError:
         raise UsageError(f"{what} must be comma-separated {kind}, got {text!r}") from None
-    if not vals:
-        raise UsageError(f"{what} is empty")
     return vals
 
 

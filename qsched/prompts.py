@@ -125,8 +125,11 @@ def _testbed_calib(n: int | None, seed: int) -> PromptSet:
 
 
 def _read_text(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    if "\x00" in text:  # valid UTF-8, but no prompt file holds NUL bytes: a binary file
+        raise UnicodeDecodeError("utf-8", b"\x00", text.index("\x00"), text.index("\x00") + 1, "NUL byte")
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         s = line.strip()
         if s and not s.startswith("#"):
             out.append(s)

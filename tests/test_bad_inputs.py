@@ -119,6 +119,7 @@ def F(tmp_path_factory, base_pipe):
     # prompt files of every format
     f["p_empty"] = _write(d / "p" / "empty.txt", "\n  \n# only a comment\n")
     f["p_bin_txt"] = _write(d / "p" / "bin.txt", b"\x00\xff\xfe" + os.urandom(64))
+    f["p_nul_txt"] = _write(d / "p" / "nul.txt", b"a red bag\n\x00\x01\x02\nshoes\n")  # valid UTF-8, still binary
     f["p_bin_csv"] = _write(d / "p" / "bin.csv", b"prompt\n\xff\xfe\x00" + os.urandom(32))
     f["p_trunc_json"] = _write(d / "p" / "trunc.json", '{"1": {"prompt": "a bag", "categ')
     f["p_type_json"] = _write(d / "p" / "type.json", json.dumps({"1": 5, "2": 6}))
@@ -184,6 +185,7 @@ CALIBRATE = [
     ("prompts-missing", lambda f, t: ["--prompts", str(t / "missing.txt")], "missing.txt"),
     ("prompts-empty", lambda f, t: ["--prompts", str(f["p_empty"])], "empty.txt"),
     ("prompts-binary-txt", lambda f, t: ["--prompts", str(f["p_bin_txt"])], "bin.txt"),
+    ("prompts-nul-txt", lambda f, t: ["--prompts", str(f["p_nul_txt"])], "nul.txt is not UTF-8 text (binary?)"),
     ("prompts-binary-csv", lambda f, t: ["--prompts", str(f["p_bin_csv"])], "bin.csv"),
     ("prompts-truncated-json", lambda f, t: ["--prompts", str(f["p_trunc_json"])], "trunc.json"),
     ("prompts-json-wrong-types", lambda f, t: ["--prompts", str(f["p_type_json"])], "type.json"),
@@ -204,7 +206,7 @@ CALIBRATE = [
     ("device-cuda-7", lambda f, t: ["--device", "cuda:7"], "cuda:7"),
     ("device-banana", lambda f, t: ["--device", "banana"], "banana"),
     ("device-mps", lambda f, t: ["--device", "mps"], "mps"),
-    ("out-under-file", lambda f, t: [O, str(f["a_file"] / "sub")], "file.txt"),
+    ("out-under-file", lambda f, t: [O, str(f["a_file"] / "sub")], "file.txt is a file, not a directory"),
     ("out-is-file", lambda f, t: [O, str(f["a_file"])], "file.txt"),
     ("grid-range-zero", lambda f, t: ["--grid-range", "0,1.2"], "grid-range"),
     ("grid-range-reversed", lambda f, t: ["--grid-range", "1.2,0.8"], "1.2,0.8"),
@@ -253,6 +255,7 @@ GENERATE = [
     ("coeff-inf", lambda f, t: ["a bag", "--model-coeff", "1,inf"], "inf"),
     ("coeff-words", lambda f, t: ["a bag", "--model-coeff", "a,b"], "a,b"),
     ("coeff-lengths", lambda f, t: ["a bag", "--model-coeff", "1,1", "--sample-coeff", "1"], "same length"),
+    ("coeff-empty-entry", lambda f, t: ["a bag", "--model-coeff", "1,,1,1"], "empty entry (entry 2 of '1,,1,1')"),
     ("sample-coeff-zero", lambda f, t: ["a bag", "--model-coeff", "1,1", "--sample-coeff", "0,1"], "0"),
     ("model-coeff-huge", lambda f, t: ["a bag", "--model-coeff", "1e30,1", "--sample-coeff", "1,1"], "<= 10"),
     ("schedule-missing", lambda f, t: ["a bag", "--schedule", str(t / "nope")], "nope"),

@@ -269,6 +269,9 @@ def test_cli_errors_are_one_line(study, tmp_path):
     (tmp_path / "afile").write_text("x")  # a study directory under a file: one line, nothing loaded
     r = run(app, ["study", "create", str(tmp_path / "afile" / "s"), "--systems", "fp32:original", "w4a8:original"])
     assert r.exit_code == 2 and "cannot create study directory" in r.output and "Traceback" not in r.output
+    r = run(app, ["study", "create", str(tmp_path / "s"), "--systems", "fp32:original", "w4a8:original",
+                  "--n-prompts", "0"])
+    assert r.exit_code == 2 and "--n-prompts must be >= 1" in r.output
     r = run(app, ["study", "results", str(tmp_path)])
     assert r.exit_code == 2 and "not a study directory" in r.output
     (tmp_path / "manifest.json").write_text("{")

@@ -67,6 +67,8 @@ def create(
     from qsched.study.create import create_study
 
     writable_dir(directory, "study directory")  # before loading anything: an unwritable path is one error line
+    if n_prompts is not None and n_prompts < 1:
+        raise StudyError(f"--n-prompts must be >= 1, got {n_prompts}")
     names = _split(systems) + _split(more_systems or [])
     if n_prompts is None and prompts in BUILTIN_SOURCES:
         n_prompts = 40
