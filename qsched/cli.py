@@ -354,7 +354,8 @@ def _print_calibration(res: Any, out: Path, report_path: Any) -> None:
     console.print(f"JAQ = TC + {res.k:g} x IQ, higher is better. c^e multiplies the model's prediction and c^x the "
                   "sample at each step (all 1: the original sampler).", highlight=False)
     sched = res.schedule
-    console.print(f"schedule ({sched.kind}): c^e = [{', '.join(f'{x:.4f}' for x in sched.model_coeff)}], "
+    label = res.chosen if res.chosen and res.chosen != sched.kind else sched.kind  # e.g. per-step-shrunk
+    console.print(f"schedule ({label}): c^e = [{', '.join(f'{x:.4f}' for x in sched.model_coeff)}], "
                   f"c^x = [{', '.join(f'{x:.4f}' for x in sched.sample_coeff)}]", highlight=False)
     for note in res.notes:
         console.print(f"note: {escape(note)}", highlight=False)
