@@ -23,7 +23,7 @@ from rich.table import Table
 import qsched
 from qsched import defaults
 from qsched._util import fmt_num as _fmt
-from qsched.cli_inputs import UsageError
+from qsched.cli_inputs import UsageError, forget_created, remove_created_if_empty
 from qsched.cli_inputs import check_device as _check_device
 from qsched.cli_inputs import check_model as _check_model
 from qsched.cli_inputs import check_spec as _check_spec
@@ -75,16 +75,21 @@ def _fail(msg: str) -> None:
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user-input errors raised anywhere below a command into one 'error: ...' line and exit code 2."""
+    """Turn user-input errors raised anywhere below a command into one 'error: ...' line and exit code 2; a
+    command that fails removes the output directories it created while they are still empty."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        forget_created()
+        done = False
         try:
             _quiet_third_party(kwargs.get("progress", True))
             with terminate_as_interrupt(), warnings.catch_warnings():
                 warnings.simplefilter("default", QSchedWarning)
                 warnings.showwarning = _show_warning
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+            done = True
+            return result
         except typer.Exit:
             raise
         except KeyboardInterrupt as e:
@@ -103,6 +108,9 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if type(e).__name__ in _USER_ERROR_NAMES or any(c.__name__ in _USER_ERROR_NAMES for c in type(e).__mro__):
                 _fail(_one_line(e))
             raise
+        finally:
+            if not done:
+                remove_created_if_empty()
 
     return wrapper
 
@@ -291,7 +299,6 @@ def calibrate(
         raise UsageError(f"unknown --sampler {sampler!r}; choose tpe or cmaes")
     if grid_points < 1:
         raise UsageError(f"--grid-points must be >= 1, got {grid_points}")
-    out = _writable_dir(out)
     both = _prompts(prompts, mspec, n_prompts + n_validation)
     if len(both) < n_prompts + n_validation:
         raise UsageError(f"{prompts} holds {len(both)} prompts; --n-prompts {n_prompts} + --n-validation "
@@ -306,6 +313,7 @@ def calibrate(
     from qsched.search import check_storage
 
     check_storage(storage)
+    out = _writable_dir(out)  # after the checks above (a command refused later removes it while empty)
     fp, pipe, _ = _pipelines(mspec, spec_name, device)
     _check_steps(mspec, T, pipe)
     jaq = _make_jaq(preset, device, k)
@@ -536,21 +544,26 @@ def evaluate(
         raise UsageError(f"--prompts is needed for {model}: an MJHQ-30K meta_data.json, COCO captions or a text file "
                          "(the built-in held-out prompts are the testbed's)")
     _check_device(device)
-    out = _writable_dir(out)
     if n_images is not None and n_images < 1:
         raise UsageError(f"--n-images must be >= 1, got {n_images}")
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     _check_steps(mspec, steps)
-    if prompts is not None and not prompts.startswith("testbed-") and not Path(prompts).exists():
-        raise FileNotFoundError(f"prompt file not found: {prompts}")
+    prompt_set = None
+    if prompts is not None and not prompts.startswith("testbed-"):
+        if not Path(prompts).exists():
+            raise FileNotFoundError(f"prompt file not found: {prompts}")
+        from qsched.prompts import load_prompts
+
+        prompt_set = load_prompts(prompts)  # read now: a bad file is refused before anything is created
     q_sched = load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None
     fp_sched = load_schedule(fp_schedule, spec=None, steps=steps) if fp_schedule is not None else None
+    out = _writable_dir(out)  # after the checks above (a command refused later removes it while empty)
     from qsched.evaluate import evaluate as run_evaluation
 
     res = run_evaluation(
-        model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched, prompts=prompts,
-        n_images=n_images, seed=seed, batch_size=batch_size,
+        model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched,
+        prompts=prompt_set if prompt_set is not None else prompts, n_images=n_images, seed=seed, batch_size=batch_size,
         metrics=metric_list, device=device, progress=progress,
         fid_ref=fid_ref, pipe_loader=lambda: _quiet_pipe(_load_pipeline(model, device)),
     )

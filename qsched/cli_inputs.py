@@ -73,8 +73,13 @@ def check_spec(spec: str) -> str | None:
         raise UsageError(msg if spec in msg else f"unknown quantization spec {spec!r}: {msg}") from None
 
 
+_created: list[Path] = []  # directories writable_dir made during the current command, outermost first
+
+
 def writable_dir(path: Path, what: str = "output directory") -> Path:
-    """Create ``path`` (a directory) if needed and check it is writable."""
+    """Create ``path`` (a directory) if needed and check it is writable (a command that then fails removes it
+    again while it is still empty: :func:`remove_created_if_empty`)."""
+    new = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (OSError, FileExistsError) as e:
@@ -83,9 +88,25 @@ def writable_dir(path: Path, what: str = "output directory") -> Path:
         raise UsageError(f"cannot create {what} {path}: {why}") from None
     if not path.is_dir():
         raise UsageError(f"{what} {path} exists and is not a directory")
+    _created.extend(reversed(new))
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {path} is not writable")
     return path
+
+
+def remove_created_if_empty() -> None:
+    """After a failed command: remove the directories it created that are still empty (never one holding a file,
+    e.g. an interrupted calibration's study), so refused input leaves nothing behind."""
+    while _created:
+        try:
+            _created.pop().rmdir()
+        except OSError:
+            pass
+
+
+def forget_created() -> None:
+    """At the start of a command: earlier commands' directories are theirs."""
+    _created.clear()
 
 
 def _numbers(text: str, what: str, cast: Callable[[str], Any], kind: str) -> list[Any]:

@@ -400,6 +400,8 @@ def test_cli_bad_input_is_one_error_line(cmd, case, argv, needle, F, tiny, tmp_p
     r = runner.invoke(cli.app, args)
     line = _error_line(r)
     assert needle in line, (args, line)
+    if cmd in ("calibrate", "evaluate"):  # refused input leaves no empty output directory behind
+        assert not (tmp_path / "out").exists() or any((tmp_path / "out").iterdir()), (args, line)
 
 
 # ============================================================================================== Python entry points
