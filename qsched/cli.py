@@ -549,13 +549,9 @@ def evaluate(
     if batch_size is not None and batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     _check_steps(mspec, steps)
-    prompt_set = None
-    if prompts is not None and not prompts.startswith("testbed-"):
-        if not Path(prompts).exists():
-            raise FileNotFoundError(f"prompt file not found: {prompts}")
-        from qsched.prompts import load_prompts
+    from qsched.prompts import load_prompts
 
-        prompt_set = load_prompts(prompts)  # read now: a bad file is refused before anything is created
+    prompt_set = load_prompts(prompts) if prompts is not None else None  # a bad file fails before anything is made
     q_sched = load_schedule(schedule, spec=spec_name, steps=steps) if schedule is not None else None
     fp_sched = load_schedule(fp_schedule, spec=None, steps=steps) if fp_schedule is not None else None
     out = _writable_dir(out)  # after the checks above (a command refused later removes it while empty)
@@ -563,7 +559,7 @@ def evaluate(
 
     res = run_evaluation(
         model=mspec, spec=spec_name, steps=steps, qsched_schedule=q_sched, fp_schedule=fp_sched,
-        prompts=prompt_set if prompt_set is not None else prompts, n_images=n_images, seed=seed, batch_size=batch_size,
+        prompts=prompt_set, n_images=n_images, seed=seed, batch_size=batch_size,
         metrics=metric_list, device=device, progress=progress,
         fid_ref=fid_ref, pipe_loader=lambda: _quiet_pipe(_load_pipeline(model, device)),
     )

@@ -86,7 +86,7 @@ def bench(
     from qsched.bench.driver import run_bench
     from qsched.bench.env import BenchEnv
     from qsched.bench.settings import BenchSettings, parse_fid_rows
-    from qsched.cli_inputs import writable_dir
+    from qsched.cli_inputs import UsageError, writable_dir
 
     try:
         if jobs < 1:
@@ -115,10 +115,10 @@ def bench(
         s = BenchSettings.quick(**kw) if quick else BenchSettings.full(**kw)
         out = out or Path("runs/bench-quick/BENCHMARKS.md" if quick else "BENCHMARKS.md")
         if out.is_dir():
-            raise ValueError(f"--out {out} is a directory; name a Markdown file")
+            raise UsageError(f"--out {out} is a directory; name a Markdown file")
         writable_dir(out.parent if str(out.parent) else Path("."), "--out directory")  # now, not after the run
         if out.exists() and not os.access(out, os.W_OK):
-            raise ValueError(f"--out {out} is not writable")
+            raise UsageError(f"--out {out} is not writable")
         env = BenchEnv.testbed()
     except _USER_ERRORS as e:
         _fail(e)
